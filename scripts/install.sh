@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Install mergekit-lrp with its dependencies into a virtual environment.
+#   bash scripts/install.sh [EXTRAS]      (EXTRAS defaults to "dev"; VENV defaults to .venv)
+# Order matters: torch first (a bare torch requirement can pull a multi-GB CUDA build;
+# override with TORCH_SPEC), then lxt without its dependencies (lxt 2.1 declares
+# torchvision/open_clip/bitsandbytes, which mergekit-lrp does not use and which break
+# beside a CPU torch), then this package in editable mode.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+EXTRAS=${1:-dev}
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+PY="$VENV/bin/python"
+pip_q() { "$PY" -m pip install -q --disable-pip-version-check "$@" 2>&1 | grep -v "^WARNING: Location" || true; }
+"$PY" -c "import torch" 2>/dev/null || pip_q "$TORCH_SPEC"
+"$PY" -c "import importlib.util as u, sys; sys.exit(u.find_spec('lxt') is None)" || pip_q --no-deps "lxt==2.1"
+pip_q -e ".[$EXTRAS]"
+"$PY" -c "import importlib.util as u, torch, mergekit, mergekit_lrp; assert u.find_spec('lxt')"
+echo "installed into $VENV (python: $PY)" >&2

@@ -1,0 +1,76 @@
+"""Arm the plugin at interpreter start-up (run by ``mergekit_lrp.pth``).
+
+mergekit discovers no plugins, so this module installs an import hook that runs a
+callback right after selected mergekit modules finish executing: the merge-method
+registry (to register ``lrp``) and ``mergekit.merge`` (to guard ``run_merge``).
+Nothing heavy is imported here: programs that never import mergekit pay for a
+dictionary lookup per import and nothing else.
+
+Set ``MERGEKIT_LRP_DISABLE=1`` to start an interpreter without the plugin.
+"""
+
+import importlib
+import importlib.abc
+import os
+import sys
+import warnings
+
+# module name -> "module:function" called with the freshly executed module
+AFTER_IMPORT = {
+    "mergekit.merge_methods.registry": "mergekit_lrp.registration:register_with",
+    "mergekit.merge": "mergekit_lrp.merge_guard:guard_run_merge",
+}
+
+
+class _AfterImportLoader(importlib.abc.Loader):
+    """Delegate to the real loader, then run the plugin's callback."""
+
+    def __init__(self, loader, callback: str):
+        self._loader = loader
+        self._callback = callback
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module):
+        self._loader.exec_module(module)
+        module_name, function = self._callback.split(":")
+        try:
+            getattr(importlib.import_module(module_name), function)(module)
+        except Exception as error:  # a broken plugin must not break mergekit itself
+            warnings.warn(
+                f"mergekit-lrp could not activate ({module.__name__}): {error!r}",
+                stacklevel=2,
+            )
+
+    def __getattr__(self, name):
+        return getattr(self._loader, name)
+
+
+class _AfterImportFinder(importlib.abc.MetaPathFinder):
+    def find_spec(self, fullname, path, target=None):
+        callback = AFTER_IMPORT.get(fullname)
+        if callback is None:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+            spec.loader = _AfterImportLoader(spec.loader, callback)
+        return spec
+
+
+def install() -> None:
+    """Put the hook first on ``sys.meta_path`` (idempotent)."""
+    if os.environ.get("MERGEKIT_LRP_DISABLE", "") not in ("", "0"):
+        return
+    if not any(isinstance(f, _AfterImportFinder) for f in sys.meta_path):
+        sys.meta_path.insert(0, _AfterImportFinder())
+
+
+install()

@@ -1,0 +1,186 @@
+"""The relevance score file shared by ``lrp-compute`` and the ``lrp`` merge method.
+
+One safetensors file per model (format described in docs/score-format.md). Each
+tensor has the name and shape of a checkpoint tensor and holds, per entry, the mean
+over calibration prompts of |d target / d theta| under the AttnLRP rules. Both
+importance modes derive from it, because the weights are fixed across prompts:
+
+* ``weight``: mean |theta * grad| = |theta| * score
+* ``delta``:  |theta - theta_base| * score
+
+Files are read one tensor at a time through ``safe_open`` (never ``torch.load``)
+and written atomically: a temporary file in the target directory, then a rename.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+FORMAT_NAME = "mergekit-lrp-scores"
+FORMAT_VERSION = "1"
+QUANTITY = "mean_abs_grad"
+SCORE_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16}
+
+
+class ScoreFileError(ValueError):
+    """A score file is missing, malformed, or does not belong to its model."""
+
+
+@dataclass(frozen=True)
+class ScoreMetadata:
+    """What a score file says about itself (stored as safetensors ``__metadata__``)."""
+
+    model_fingerprint: str
+    num_prompts: int
+    num_tokens: int
+    target: str
+    model_type: str
+    method: str = "attnlrp"
+    quantity: str = QUANTITY
+    reduction: str = "mean"
+    fingerprint_scheme: str = ""
+    # stored name -> names of tied parameters that share it (e.g. lm_head.weight)
+    aliases: dict[str, str] = field(default_factory=dict)
+    generator: str = ""
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def to_header(self) -> dict[str, str]:
+        values = asdict(self)
+        header = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION}
+        for key, value in values.items():
+            header[key] = json.dumps(value) if isinstance(value, dict) else str(value)
+        return header
+
+    @classmethod
+    def from_header(cls, header: Mapping[str, str] | None, path: Path) -> ScoreMetadata:
+        header = dict(header or {})
+        if header.get("format") != FORMAT_NAME:
+            raise ScoreFileError(
+                f"{path}: not a mergekit-lrp score file (metadata format="
+                f"{header.get('format')!r}, expected {FORMAT_NAME!r}); create it with lrp-compute"
+            )
+        if header.get("format_version") != FORMAT_VERSION:
+            raise ScoreFileError(
+                f"{path}: score format version {header.get('format_version')!r} is not "
+                f"supported (this mergekit-lrp reads version {FORMAT_VERSION})"
+            )
+        if header.get("quantity") != QUANTITY or header.get("reduction") != "mean":
+            raise ScoreFileError(
+                f"{path}: holds quantity={header.get('quantity')!r} "
+                f"reduction={header.get('reduction')!r}; expected {QUANTITY!r}, 'mean'"
+            )
+        try:
+            return cls(
+                model_fingerprint=header["model_fingerprint"],
+                num_prompts=int(header["num_prompts"]),
+                num_tokens=int(header["num_tokens"]),
+                target=header["target"],
+                model_type=header["model_type"],
+                method=header["method"],
+                fingerprint_scheme=header.get("fingerprint_scheme", ""),
+                aliases=json.loads(header.get("aliases", "{}")),
+                generator=header.get("generator", ""),
+                extra=json.loads(header.get("extra", "{}")),
+            )
+        except (KeyError, ValueError, TypeError) as error:
+            raise ScoreFileError(f"{path}: malformed score metadata ({error!r})") from None
+
+
+class ScoreReader:
+    """Lazy, validating access to one score file."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ScoreFileError(f"score file {self.path} does not exist")
+        try:
+            self._handle = safe_open(str(self.path), framework="pt")
+        except (SafetensorError, OSError, ValueError) as error:
+            raise ScoreFileError(
+                f"{self.path}: not a readable safetensors file ({error}); "
+                "it may be truncated or not a score file"
+            ) from None
+        self.metadata = ScoreMetadata.from_header(self._handle.metadata(), self.path)
+        self._names = set(self._handle.keys())
+        for alias, stored in self.metadata.aliases.items():
+            if stored not in self._names:
+                raise ScoreFileError(f"{self.path}: alias {alias!r} points to missing {stored!r}")
+
+    def names(self) -> set[str]:
+        return set(self._names)
+
+    def resolve(self, name: str) -> str | None:
+        """The stored tensor holding ``name``'s scores (tied names map to their storage)."""
+        if name in self._names:
+            return name
+        return self.metadata.aliases.get(name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._handle.get_slice(self._stored(name)).get_shape())
+
+    def dtype_name(self, name: str) -> str:
+        return self._handle.get_slice(self._stored(name)).get_dtype()
+
+    def get(self, name: str, shape: torch.Size | tuple[int, ...] | None = None) -> torch.Tensor:
+        """Read one score tensor as float32, checking dtype, shape and finiteness."""
+        stored = self._stored(name)
+        dtype = self._handle.get_slice(stored).get_dtype()
+        if dtype not in SCORE_DTYPES:
+            raise ScoreFileError(
+                f"{self.path}: tensor {stored!r} has dtype {dtype}; scores must be F32 or BF16"
+            )
+        tensor = self._handle.get_tensor(stored)
+        if shape is not None and tuple(tensor.shape) != tuple(shape):
+            raise ScoreFileError(
+                f"{self.path}: scores for {name!r} have shape {tuple(tensor.shape)}, "
+                f"the weight has {tuple(shape)}"
+            )
+        tensor = tensor.float()
+        if not torch.isfinite(tensor).all():
+            raise ScoreFileError(f"{self.path}: scores for {name!r} contain NaN or Inf")
+        if (tensor < 0).any():
+            raise ScoreFileError(f"{self.path}: scores for {name!r} are negative")
+        return tensor
+
+    def _stored(self, name: str) -> str:
+        stored = self.resolve(name)
+        if stored is None:
+            raise ScoreFileError(f"{self.path}: no scores for tensor {name!r}")
+        return stored
+
+
+def write_scores(
+    path: str | os.PathLike,
+    tensors: Mapping[str, torch.Tensor],
+    metadata: ScoreMetadata,
+    dtype: torch.dtype = torch.float32,
+) -> None:
+    """Write a score file atomically: nothing at ``path`` until it is complete."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise ScoreFileError(f"output directory {path.parent} does not exist")
+    converted = {name: t.detach().to("cpu", dtype).contiguous() for name, t in tensors.items()}
+    atomic_save(path, converted, metadata.to_header())
+
+
+def atomic_save(path: Path, tensors: Mapping[str, torch.Tensor], header: dict[str, str]) -> None:
+    """``save_file`` into a temporary sibling, fsync, then rename over ``path``."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(dict(tensors), tmp, metadata=header)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,96 @@
+"""Tiny local checkpoints for tests: a char tokenizer, Llama models, score files."""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from mergekit_lrp.fingerprint import model_fingerprint
+from mergekit_lrp.score_file import ScoreMetadata, write_scores
+
+SPECIAL = ["<pad>", "<s>", "</s>", "<unk>"]
+
+
+def char_tokenizer() -> PreTrainedTokenizerFast:
+    """Every printable ASCII character is one token (BPE without merges)."""
+    vocab = {token: i for i, token in enumerate(SPECIAL + list(string.printable))}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+    )
+
+
+def tiny_llama(seed: int = 0, tie: bool = False, vocab_size: int = 104) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=tie,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def save(model, path: Path) -> Path:
+    model.save_pretrained(path)
+    char_tokenizer().save_pretrained(path)
+    return path
+
+
+def finetune_of(base: Path, out: Path, seed: int, scale: float = 0.02) -> Path:
+    """A deterministic stand-in fine-tune: base plus a seeded dense perturbation."""
+    model = LlamaForCausalLM.from_pretrained(base)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            noise = torch.randn(parameter.shape, generator=generator)
+            parameter.add_(noise * scale * parameter.abs().mean())
+    return save(model, out)
+
+
+def synthetic_scores(
+    model_dir: Path, out: Path, seed: int, tensors=None, drop=(), fingerprint=None
+) -> Path:
+    """A valid score file for ``model_dir`` holding seeded random non-negative scores.
+
+    ``tensors`` replaces or adds score tensors, ``drop`` removes some, ``fingerprint``
+    overrides the model's.
+    """
+    from safetensors import safe_open
+
+    from mergekit_lrp.fingerprint import checkpoint_tensor_files
+
+    generator = torch.Generator().manual_seed(seed)
+    scores = {}
+    for name, file in checkpoint_tensor_files(model_dir).items():
+        with safe_open(file, framework="pt") as handle:
+            shape = handle.get_slice(name).get_shape()
+        scores[name] = torch.rand(shape, generator=generator)
+    scores.update(tensors or {})
+    for name in drop:
+        del scores[name]
+    metadata = ScoreMetadata(
+        model_fingerprint=fingerprint or model_fingerprint(model_dir),
+        num_prompts=4,
+        num_tokens=40,
+        target="predicted",
+        model_type="llama",
+    )
+    write_scores(out, scores, metadata)
+    return out

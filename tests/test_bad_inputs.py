@@ -1,0 +1,116 @@
+"""Every bad lrp input fails with a message naming the culprit, leaving no output behind."""
+
+import shutil
+
+import pytest
+import torch
+from checkpoints import synthetic_scores
+from conftest import lrp_config
+from merging import run
+
+
+def fails(config, tmp_path, *fragments):
+    out = tmp_path / "out"
+    with pytest.raises(Exception) as error:
+        run(config, out)
+    message = str(error.value)
+    for fragment in fragments:
+        assert str(fragment) in message, message
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.partial")]
+    return message
+
+
+def with_scores(family, path):
+    return lrp_config(family, per_model={"ft_a": {"lrp_scores": str(path)}})
+
+
+def test_missing_lrp_scores_is_an_error_not_a_fallback(family, tmp_path):
+    config = lrp_config(family)
+    del config["models"][0]["parameters"]["lrp_scores"]
+    fails(config, tmp_path, family["ft_a"], "no lrp_scores", "missing_scores")
+
+
+def test_missing_scores_magnitude_is_explicit(family, tmp_path):
+    config = lrp_config(family, missing_scores="magnitude")
+    del config["models"][0]["parameters"]["lrp_scores"]
+    merged = run(config, tmp_path / "out")
+    assert all(torch.isfinite(t).all() for t in merged.values())
+
+
+def test_score_path_that_does_not_exist(family, tmp_path):
+    fails(
+        with_scores(family, tmp_path / "nope.safetensors"),
+        tmp_path,
+        "nope.safetensors",
+        "does not exist",
+    )
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "model_file"])
+def test_file_that_is_not_a_score_file(family, tmp_path, damage):
+    path = tmp_path / "bad.safetensors"
+    if damage == "garbage":
+        path.write_bytes(b"this is not safetensors at all" * 10)
+    elif damage == "truncated":
+        data = family["ft_a_scores"].read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    else:
+        shutil.copy(family["ft_a"] / "model.safetensors", path)
+    fails(with_scores(family, path), tmp_path, "bad.safetensors")
+
+
+def test_score_file_of_another_finetune(family, tmp_path):
+    """Same base, same shapes: only the fingerprint tells ft_b's scores from ft_a's."""
+    fails(
+        with_scores(family, family["ft_b_scores"]),
+        tmp_path,
+        "ft_b.safetensors",
+        family["ft_a"],
+        "different checkpoint",
+    )
+
+
+@pytest.mark.parametrize(
+    "tensor, value, fragment",
+    [
+        ("model.layers.0.mlp.up_proj.weight", None, "no scores for tensor"),
+        ("model.layers.0.mlp.up_proj.weight", torch.rand(3, 3), "shape"),
+        ("model.layers.1.self_attn.q_proj.weight", "nan", "NaN or Inf"),
+        ("model.layers.1.self_attn.q_proj.weight", "inf", "NaN or Inf"),
+        ("model.extra.weight", torch.rand(4, 4), "does not have"),
+    ],
+)
+def test_bad_score_tensor(family, tmp_path, tensor, value, fragment):
+    from safetensors.torch import load_file
+
+    scores = load_file(family["ft_a_scores"])
+    if isinstance(value, str):
+        scores[tensor][0, 0] = float(value)
+    elif value is not None:
+        scores[tensor] = value
+    path = synthetic_scores(
+        family["ft_a"],
+        tmp_path / "edited.safetensors",
+        seed=0,
+        tensors=scores,
+        drop=[tensor] if value is None else [],
+    )
+    fails(with_scores(family, path), tmp_path, "edited.safetensors", tensor, fragment)
+
+
+@pytest.mark.parametrize(
+    "per_model, fragment",
+    [
+        ({"density": 0.0}, "density"),
+        ({"density": 1.5}, "density"),
+        ({"weight": -0.5}, "weight"),
+    ],
+)
+def test_out_of_range_parameters(family, tmp_path, per_model, fragment):
+    config = lrp_config(family, per_model={"ft_b": per_model})
+    fails(config, tmp_path, fragment, family["ft_b"], "must")
+
+
+def test_unknown_option_value(family, tmp_path):
+    fails(lrp_config(family, importance="gradient"), tmp_path, "importance", "weight, delta")

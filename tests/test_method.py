@@ -1,0 +1,144 @@
+"""The lrp kernel against hand computation, and against mergekit's own methods."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import lrp_config
+from mergekit.merge_methods.api import merge_state_dicts
+from merging import run
+
+from mergekit_lrp.score_file import ScoreMetadata, write_scores
+from mergekit_lrp.selection import top_k_mask
+
+
+def scores_file(path: Path, **tensors) -> str:
+    meta = ScoreMetadata(
+        model_fingerprint="x", num_prompts=1, num_tokens=1, target="predicted", model_type="llama"
+    )
+    write_scores(path, tensors, meta)
+    return str(path)
+
+
+def manual_top_k(importance: torch.Tensor, k: int) -> torch.Tensor:
+    order = sorted(range(importance.numel()), key=lambda i: (-float(importance.view(-1)[i]), i))
+    mask = torch.zeros(importance.numel(), dtype=torch.bool)
+    mask[order[:k]] = True
+    return mask.view(importance.shape)
+
+
+@pytest.fixture
+def small(tmp_path):
+    torch.manual_seed(0)
+    base = torch.randn(3, 4)
+    deltas = [torch.randn(3, 4), torch.randn(3, 4)]
+    # scores that invert the magnitude order, so relevance and magnitude disagree
+    scores = [1.0 / (d.abs() + 0.1) ** 2 for d in deltas]
+    paths = [scores_file(tmp_path / f"s{i}.safetensors", w=s) for i, s in enumerate(scores)]
+    models = {"base": {"w": base}, "a": {"w": base + deltas[0]}, "b": {"w": base + deltas[1]}}
+    return base, deltas, scores, paths, models
+
+
+@pytest.mark.parametrize("importance", ["delta", "weight"])
+def test_matches_hand_computation(small, importance):
+    base, deltas, scores, paths, models = small
+    weights = [0.7, 0.4]
+    merged = merge_state_dicts(
+        models,
+        "lrp",
+        base="base",
+        parameters={
+            "lrp_scores": {"a": paths[0], "b": paths[1]},
+            "density": 0.5,
+            "weight": {"a": weights[0], "b": weights[1]},
+            "importance": importance,
+        },
+    )["w"]
+    expected = base.clone()
+    for w, d, s in zip(weights, deltas, scores, strict=True):
+        source = d if importance == "delta" else base + d
+        mask = manual_top_k(source.abs() * s, k=6)  # round(0.5 * 12)
+        expected += w * d * mask
+        assert not torch.equal(mask, manual_top_k(d.abs(), k=6)), "test needs disagreement"
+    torch.testing.assert_close(merged, expected)
+
+
+def test_rescale_and_consensus(small):
+    base, deltas, scores, paths, models = small
+    merged = merge_state_dicts(
+        models,
+        "lrp",
+        base="base",
+        parameters={
+            "lrp_scores": {"a": paths[0], "b": paths[1]},
+            "density": 0.25,
+            "rescale": True,
+            "consensus": "sum",
+            "normalize": True,
+        },
+    )["w"]
+    kept = torch.stack(
+        [d * manual_top_k(d.abs() * s, k=3) / 0.25 for d, s in zip(deltas, scores, strict=True)]
+    )
+    majority = torch.where(kept.sum(0) >= 0, 1.0, -1.0)
+    agree = (kept.sign() == majority).float()
+    divisor = agree.sum(0)
+    divisor[divisor == 0] = 1
+    torch.testing.assert_close(merged, base + (kept * agree).sum(0) / divisor)
+
+
+def test_top_k_is_exact_and_deterministic_on_ties():
+    flat = torch.tensor([1.0, 3.0, 3.0, 3.0, 0.5, 3.0])
+    assert top_k_mask(flat, 3).tolist() == [False, True, True, True, False, False]
+    values = torch.randn(1000, generator=torch.Generator().manual_seed(1))
+    for k in (0, 1, 137, 999, 1000):
+        mask = top_k_mask(values, k)
+        assert int(mask.sum()) == k
+        if 0 < k:
+            assert torch.equal(
+                mask.nonzero().squeeze(1).sort().values, torch.topk(values, k).indices.sort().values
+            )
+
+
+def test_protected_tensors_keep_full_delta(small, tmp_path):
+    _, _, _, _, _ = small
+    base = torch.randn(8)
+    delta = torch.randn(8)
+    path = scores_file(tmp_path / "n.safetensors", **{"model.norm.weight": torch.rand(8)})
+    models = {"base": {"model.norm.weight": base}, "a": {"model.norm.weight": base + delta}}
+    params = {"lrp_scores": path, "density": 0.25}
+    protected = merge_state_dicts(models, "lrp", base="base", parameters=params)
+    torch.testing.assert_close(protected["model.norm.weight"], base + delta)
+    plain = merge_state_dicts(
+        models, "lrp", base="base", parameters={**params, "protect_special": False}
+    )
+    assert int((plain["model.norm.weight"] != base).sum()) == 2
+
+
+def test_lrp_differs_from_dare_ties_and_is_finite(family, tmp_path):
+    lrp = run(lrp_config(family), tmp_path / "lrp")
+    dare = lrp_config(family)
+    dare["merge_method"] = "dare_ties"
+    for model in dare["models"]:
+        del model["parameters"]["lrp_scores"]
+    dare_out = run(dare, tmp_path / "dare", random_seed=0)
+    assert lrp.keys() == dare_out.keys()
+    assert all(torch.isfinite(t).all() for t in lrp.values())
+    changed = [n for n in lrp if not torch.equal(lrp[n], dare_out[n])]
+    assert any("mlp" in n for n in changed) and any("self_attn" in n for n in changed)
+
+
+def test_mask_follows_scores_not_magnitude(family, tmp_path):
+    """On a real weight, the kept delta entries are the top-k by |delta|*score."""
+    from safetensors.torch import load_file
+
+    name = "model.layers.1.mlp.down_proj.weight"
+    merged = run(lrp_config(family, per_model={"ft_b": {"weight": 0.0}}), tmp_path / "o")[name]
+    base = load_file(family["base"] / "model.safetensors")[name]
+    delta = load_file(family["ft_a"] / "model.safetensors")[name] - base
+    scores = load_file(family["ft_a_scores"])[name]
+    kept = (merged - base) != 0
+    k = round(0.5 * delta.numel())
+    assert int(kept.sum()) == k
+    assert torch.equal(kept, top_k_mask(delta.abs() * scores, k))
+    assert not torch.equal(kept, top_k_mask(delta.abs(), k))

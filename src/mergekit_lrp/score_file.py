@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -172,13 +173,33 @@ def write_scores(
     atomic_save(path, converted, metadata.to_header())
 
 
+def sort_metadata_in_place(handle) -> None:
+    """Sort the ``__metadata__`` keys of a just-written safetensors header.
+
+    safetensors writes metadata from a hash map, so key order (and thus the file's
+    bytes) varies between runs; sorted keys make identical inputs give identical
+    files. The compact JSON keeps its length, so the data offsets are untouched.
+    """
+    size = struct.unpack("<Q", handle.read(8))[0]
+    raw = handle.read(size)
+    header = json.loads(raw)
+    header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (size - len(text))
+    if len(text) != size:
+        raise ScoreFileError("could not canonicalise a safetensors header")
+    handle.seek(8)
+    handle.write(text)
+
+
 def atomic_save(path: Path, tensors: Mapping[str, torch.Tensor], header: dict[str, str]) -> None:
     """``save_file`` into a temporary sibling, fsync, then rename over ``path``."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     os.close(fd)
     try:
         save_file(dict(tensors), tmp, metadata=header)
-        with open(tmp, "rb") as handle:
+        with open(tmp, "r+b") as handle:
+            sort_metadata_in_place(handle)
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:

@@ -1,0 +1,79 @@
+"""Sum |grad| per parameter on the CPU as soon as each gradient is complete.
+
+A post-accumulate-grad hook moves every finished gradient into a float32 CPU sum
+and frees it, so peak memory is weights + accumulator + activations rather than
+weights + all gradients + accumulator.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from mergekit_lrp.score_file import atomic_save
+
+RESUME_FORMAT = "mergekit-lrp-resume"
+
+
+class ResumeError(ValueError):
+    """A resume checkpoint is unreadable or was made with other inputs."""
+
+
+class GradientAccumulator:
+    """Running sums of |d target / d p| for a model's (deduplicated) parameters."""
+
+    def __init__(self, parameters: Mapping[str, torch.nn.Parameter]):
+        self.parameters = dict(parameters)
+        self.sums = {
+            name: torch.zeros(p.shape, dtype=torch.float32) for name, p in self.parameters.items()
+        }
+        self._handles = []
+
+    def attach(self) -> None:
+        for name, parameter in self.parameters.items():
+            self._handles.append(parameter.register_post_accumulate_grad_hook(self._hook(name)))
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for parameter in self.parameters.values():
+            parameter.grad = None
+
+    def _hook(self, name: str):
+        total = self.sums[name]
+
+        def consume(parameter: torch.Tensor) -> None:
+            total.add_(parameter.grad.detach().to("cpu", torch.float32).abs_())
+            parameter.grad = None
+
+        return consume
+
+    def save(self, path: Path, state: Mapping[str, object]) -> None:
+        """Checkpoint the sums and the loop ``state`` (JSON) for ``--resume``."""
+        header = {"format": RESUME_FORMAT, "state": json.dumps(dict(state), sort_keys=True)}
+        atomic_save(path, self.sums, header)
+
+    def load(self, path: Path) -> dict:
+        """Restore sums from a checkpoint; return its loop state."""
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                header = handle.metadata() or {}
+                if header.get("format") != RESUME_FORMAT:
+                    raise ResumeError(f"{path}: not an lrp-compute resume checkpoint")
+                if set(handle.keys()) != set(self.sums):
+                    raise ResumeError(
+                        f"{path}: checkpoint tensors do not match this model's parameters"
+                    )
+                for name in self.sums:
+                    saved = handle.get_tensor(name)
+                    if saved.shape != self.sums[name].shape or saved.dtype != torch.float32:
+                        raise ResumeError(f"{path}: checkpoint tensor {name!r} does not match")
+                    self.sums[name].copy_(saved)
+                return json.loads(header["state"])
+        except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as error:
+            raise ResumeError(f"{path}: unreadable resume checkpoint ({error})") from None

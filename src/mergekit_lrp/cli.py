@@ -1,0 +1,146 @@
+"""The ``lrp-compute`` command."""
+
+from __future__ import annotations
+
+import click
+
+from mergekit_lrp.compute import DTYPES, ComputeOptions, resume_path
+from mergekit_lrp.relevance import TARGETS
+
+
+@click.command(
+    "lrp-compute",
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
+@click.argument("model")
+@click.option(
+    "--prompts",
+    "prompts",
+    required=True,
+    help="Calibration prompts: a text file (one per line), a JSONL file (field 'text', or chat "
+    "'messages' rendered with the tokenizer's chat template), or a directory written by "
+    "datasets' save_to_disk. Use prompts from the task the fine-tune was trained for.",
+)
+@click.option(
+    "--output",
+    "-o",
+    required=True,
+    help="Score file to write (safetensors). Pass it to the lrp merge as `lrp_scores`.",
+)
+@click.option(
+    "--max-length",
+    default=512,
+    show_default=True,
+    type=click.IntRange(min=2),
+    help="Tokens per prompt; longer prompts keep their last --max-length tokens.",
+)
+@click.option(
+    "--num-prompts",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Use only the first N non-blank prompts.  [default: all]",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["auto", *DTYPES]),
+    default="auto",
+    show_default=True,
+    help="Weights' dtype for the pass: auto = float32 on CPU, bfloat16 on CUDA.",
+)
+@click.option(
+    "--device",
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    default="auto",
+    show_default=True,
+    help="auto = CUDA when available, else CPU.",
+)
+@click.option(
+    "--target",
+    type=click.Choice(TARGETS),
+    default="predicted",
+    show_default=True,
+    help="Backward seed: 'predicted' = argmax logit at the last token; 'next-token' = "
+    "sum of the teacher-forced logits of every actual next token.",
+)
+@click.option(
+    "--score-dtype",
+    type=click.Choice(list(DTYPES)),
+    default="float32",
+    show_default=True,
+    help="dtype of the stored scores (accumulation is float32).",
+)
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue an interrupted run from OUTPUT.resume (same model, prompts and "
+    "options required).",
+)
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+@click.option(
+    "--checkpoint-every",
+    default=100,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Save a resume checkpoint every N prompts.",
+)
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def main(
+    model,
+    prompts,
+    output,
+    max_length,
+    num_prompts,
+    dtype,
+    device,
+    target,
+    score_dtype,
+    resume,
+    overwrite,
+    checkpoint_every,
+    quiet,
+):
+    """Compute AttnLRP relevance scores of MODEL (a checkpoint directory or a hub id).
+
+    Each prompt gets one forward and one backward pass under lxt's AttnLRP rules,
+    with gradient checkpointing; the mean over prompts of |d target / d weight| is
+    written for every checkpoint tensor, under the checkpoint's own tensor names,
+    with a fingerprint of the checkpoint. The lrp merge method reads the file:
+
+    \b
+      models:
+        - model: ./ft-math
+          parameters: {weight: 1.0, lrp_scores: ./scores/ft-math.safetensors}
+
+    The output is written atomically; an interrupted run can be continued with
+    --resume from its last checkpoint.
+    """
+    from mergekit_lrp.compute import compute_scores
+
+    options = ComputeOptions(
+        max_length=max_length,
+        num_prompts=num_prompts,
+        dtype=dtype,
+        device=device,
+        target=target,
+        score_dtype=score_dtype,
+        resume=resume,
+        overwrite=overwrite,
+        checkpoint_every=checkpoint_every,
+        progress=not quiet,
+    )
+    try:
+        summary = compute_scores(model, prompts, output, options)
+    except KeyboardInterrupt:
+        checkpoint = resume_path(click.format_filename(output))
+        raise click.ClickException(
+            "interrupted; no score file was written. "
+            + (
+                f"Rerun with --resume to continue from {checkpoint}."
+                if checkpoint.exists()
+                else "Nothing was checkpointed yet."
+            )
+        ) from None
+    except (ValueError, OSError) as error:
+        raise click.ClickException(str(error)) from None
+    for line in summary.lines():
+        click.echo(line, err=True)

@@ -1,0 +1,311 @@
+"""``lrp-compute`` behind the CLI: score one checkpoint on calibration prompts."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from mergekit_lrp import __version__
+from mergekit_lrp.accumulator import GradientAccumulator, ResumeError
+from mergekit_lrp.fingerprint import SCHEME, checkpoint_tensor_files, fingerprint_tensors
+from mergekit_lrp.prompts import load_prompts
+from mergekit_lrp.relevance import TARGETS, PassResult, backward_ready, relevance_pass
+from mergekit_lrp.score_file import ScoreMetadata, write_scores
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class ComputeError(ValueError):
+    """Bad input to lrp-compute (model, output path, options)."""
+
+
+@dataclass(frozen=True)
+class ComputeOptions:
+    max_length: int = 512
+    num_prompts: int | None = None
+    dtype: str = "auto"  # float32 on CPU, bfloat16 on CUDA
+    device: str = "auto"
+    target: str = "predicted"
+    score_dtype: str = "float32"
+    resume: bool = False
+    overwrite: bool = False
+    checkpoint_every: int = 100
+    progress: bool = True
+
+
+@dataclass
+class ComputeSummary:
+    output: Path
+    prompts: int
+    tokens: int
+    truncated: int
+    seconds: float
+    peak_memory_bytes: int
+    last: PassResult | None
+    resumed_from: int = 0
+    unscored_tensors: list[str] = field(default_factory=list)
+
+    @property
+    def conservation(self) -> float:
+        """Input relevance / target logit on the last prompt (1.0 = conserved)."""
+        if self.last is None or not self.last.target:
+            return float("nan")
+        return self.last.input_relevance / self.last.target
+
+    def lines(self) -> list[str]:
+        rate = (self.prompts - self.resumed_from) / self.seconds if self.seconds else 0.0
+        lines = [
+            f"wrote {self.output}",
+            f"prompts: {self.prompts} ({self.resumed_from} from checkpoint), "
+            f"tokens: {self.tokens}, truncated to --max-length: {self.truncated}",
+            f"time: {self.seconds:.1f} s ({rate:.2f} prompts/s), "
+            f"peak memory: {self.peak_memory_bytes / 2**30:.2f} GiB",
+        ]
+        if self.last is not None:
+            lines.append(
+                f"conservation on the last prompt: input relevance {self.last.input_relevance:.4g}"
+                f" / target logit {self.last.target:.4g} = {self.conservation:.3f}"
+            )
+        if self.unscored_tensors:
+            shown = ", ".join(self.unscored_tensors[:3])
+            lines.append(
+                f"{len(self.unscored_tensors)} checkpoint tensor(s) are not used by the model "
+                f"class and have no scores ({shown}, ...): merge them with missing_scores: base"
+            )
+        return lines
+
+
+def resume_path(output: str | Path) -> Path:
+    output = Path(output)
+    return output.with_name(output.name + ".resume")
+
+
+def resolve_model_dir(model: str) -> Path:
+    """A local checkpoint directory, or a hub id fetched into the local cache."""
+    path = Path(model)
+    if path.is_dir():
+        return path
+    if path.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1:
+        raise ComputeError(f"model directory {model} does not exist")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(
+            snapshot_download(
+                model, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
+            )
+        )
+    except Exception as error:
+        raise ComputeError(
+            f"{model} is not a local directory and could not be fetched from the hub ({error})"
+        ) from None
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ComputeError("--device cuda was given but no CUDA device is available")
+    return torch.device(device)
+
+
+def checkpoint_names(model, tensor_files: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """Map each (deduplicated) parameter to the checkpoint name that stores it.
+
+    Returns (stored name -> parameter name, alias -> stored name); aliases are the
+    other names of tied parameters (e.g. ``lm_head.weight`` tied to the embeddings).
+    """
+    names_of: dict[int, list[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(parameter), []).append(name)
+    stored_to_param, aliases = {}, {}
+    for name, parameter in model.named_parameters():
+        group = names_of[id(parameter)]
+        stored = [n for n in group if n in tensor_files]
+        if not stored:
+            raise ComputeError(
+                f"parameter {name!r} of the loaded model is not in the checkpoint's tensors; "
+                "the score file could not name it as mergekit will"
+            )
+        stored_to_param[stored[0]] = name
+        for other in group:
+            if other != stored[0]:
+                aliases[other] = stored[0]
+    return stored_to_param, aliases
+
+
+def run_signature(fingerprint: str, prompts: list[str], options: ComputeOptions, dtype) -> dict:
+    """What a resume checkpoint must agree on to be continued."""
+    digest = hashlib.sha256(json.dumps(prompts).encode()).hexdigest()
+    return {
+        "model_fingerprint": fingerprint,
+        "prompts_sha256": digest,
+        "max_length": options.max_length,
+        "target": options.target,
+        "dtype": str(dtype),
+    }
+
+
+@dataclass
+class LoopState:
+    """Where the prompt loop is; the first three fields go into resume checkpoints."""
+
+    done: int = 0
+    tokens: int = 0
+    truncated: int = 0
+    last: PassResult | None = None
+
+    def resume_fields(self) -> dict:
+        return {"done": self.done, "tokens": self.tokens, "truncated": self.truncated}
+
+
+def run_prompts(net, tokenizer, prompts, options, accumulator, state, save_checkpoint=None):
+    """Score ``prompts[state.done:]`` into ``accumulator`` under the AttnLRP rules.
+
+    The model is patched and prepared for backward only for the duration; calls
+    ``save_checkpoint(state)`` every ``options.checkpoint_every`` prompts.
+    """
+    from tqdm import tqdm
+
+    from mergekit_lrp.attnlrp import attnlrp_rules
+
+    device = next(net.parameters()).device
+    bar = tqdm(
+        total=len(prompts),
+        initial=state.done,
+        unit="prompt",
+        desc="relevance",
+        disable=not options.progress,
+        file=sys.stderr,
+    )
+    with attnlrp_rules(net), backward_ready(net):
+        accumulator.attach()
+        try:
+            for index in range(state.done, len(prompts)):
+                ids = tokenizer(prompts[index], return_tensors="pt")["input_ids"][0]
+                if ids.numel() > options.max_length:
+                    ids = ids[-options.max_length :]
+                    state.truncated += 1
+                mask = torch.ones_like(ids)
+                state.last = relevance_pass(net, ids.to(device), mask.to(device), options.target)
+                state.tokens += state.last.tokens
+                state.done = index + 1
+                bar.update(1)
+                if save_checkpoint and state.done % options.checkpoint_every == 0:
+                    if state.done < len(prompts):
+                        save_checkpoint(state)
+        finally:
+            accumulator.detach()
+            bar.close()
+    return state
+
+
+def relevance_scores(model, tokenizer, prompts, options=None) -> dict[str, torch.Tensor]:
+    """In-memory scores (parameter name -> mean |grad|) for an already loaded model."""
+    options = options or ComputeOptions(progress=False)
+    accumulator = GradientAccumulator(dict(model.named_parameters()))
+    run_prompts(model, tokenizer, prompts, options, accumulator, LoopState())
+    return {name: total / len(prompts) for name, total in accumulator.sums.items()}
+
+
+def compute_scores(model: str, prompts_path: str, output: str, options: ComputeOptions):
+    """Compute and write the score file; returns a :class:`ComputeSummary`."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from mergekit_lrp.attnlrp import SUPPORTED_MODEL_TYPES, UnsupportedArchitectureError
+
+    output_path = Path(output)
+    if not output_path.parent.is_dir():
+        raise ComputeError(f"output directory {output_path.parent} does not exist")
+    if output_path.exists() and not options.overwrite:
+        raise ComputeError(f"output {output_path} already exists; pass --overwrite to replace it")
+    if options.target not in TARGETS:
+        raise ComputeError(f"--target must be one of {', '.join(TARGETS)}")
+    if options.max_length < 2:
+        raise ComputeError("--max-length must be at least 2")
+    model_dir = resolve_model_dir(model)
+    config = AutoConfig.from_pretrained(model_dir)
+    model_type = getattr(config, "model_type", "?")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedArchitectureError(model_type)
+    device = pick_device(options.device)
+    dtype = DTYPES.get(options.dtype) or (
+        torch.bfloat16 if device.type == "cuda" else torch.float32
+    )
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.truncation_side = "left"  # the predicted token comes at the end
+    prompts = load_prompts(prompts_path, tokenizer, limit=options.num_prompts)
+    tensor_files = checkpoint_tensor_files(model_dir)
+    fingerprint = fingerprint_tensors(tensor_files)
+
+    net = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
+    stored_to_param, aliases = checkpoint_names(net, tensor_files)
+    params = dict(net.named_parameters())
+    accumulator = GradientAccumulator({s: params[p] for s, p in stored_to_param.items()})
+    signature = run_signature(fingerprint, prompts, options, dtype)
+
+    checkpoint = resume_path(output_path)
+    progress = LoopState()
+    if options.resume and checkpoint.exists():
+        saved = accumulator.load(checkpoint)
+        differs = [k for k in signature if saved.get("signature", {}).get(k) != signature[k]]
+        if differs:
+            raise ResumeError(
+                f"{checkpoint} was made with other inputs ({', '.join(differs)} differ); "
+                "delete it or rerun with the original options"
+            )
+        progress = LoopState(saved["done"], saved["tokens"], saved["truncated"])
+    elif checkpoint.exists() and not options.resume:
+        raise ComputeError(
+            f"{checkpoint} holds an interrupted run; pass --resume to continue it "
+            "or delete it to start over"
+        )
+
+    started = time.perf_counter()
+    resumed_from = progress.done
+
+    def save_checkpoint(state: LoopState) -> None:
+        accumulator.save(checkpoint, {"signature": signature, **state.resume_fields()})
+
+    run_prompts(net, tokenizer, prompts, options, accumulator, progress, save_checkpoint)
+    count = len(prompts)
+    scores = {name: total / count for name, total in accumulator.sums.items()}
+    metadata = ScoreMetadata(
+        model_fingerprint=fingerprint,
+        num_prompts=count,
+        num_tokens=progress.tokens,
+        target=options.target,
+        model_type=model_type,
+        fingerprint_scheme=SCHEME,
+        aliases=aliases,
+        generator=f"mergekit-lrp {__version__}",
+        extra={"max_length": str(options.max_length), "dtype": str(dtype)},
+    )
+    write_scores(output_path, scores, metadata, dtype=DTYPES[options.score_dtype])
+    checkpoint.unlink(missing_ok=True)
+    return ComputeSummary(
+        output=output_path,
+        prompts=count,
+        tokens=progress.tokens,
+        truncated=progress.truncated,
+        seconds=time.perf_counter() - started,
+        peak_memory_bytes=peak_memory(device),
+        last=progress.last,
+        resumed_from=resumed_from,
+        unscored_tensors=sorted(set(tensor_files) - set(stored_to_param) - set(aliases)),
+    )
+
+
+def peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale

@@ -1,0 +1,119 @@
+"""One AttnLRP relevance pass: forward, seed the target, one real backward."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+TARGETS = ("predicted", "next-token")
+
+
+@dataclass(frozen=True)
+class PassResult:
+    target: float  # the logit (sum) the backward pass was seeded from
+    input_relevance: float  # relevance reaching the input embeddings (sum)
+    tokens: int
+
+
+@contextlib.contextmanager
+def backward_ready(model: torch.nn.Module):
+    """Checkpointing on, KV cache and dropout off, every parameter requiring grad.
+
+    Everything is restored on exit, so the model behaves as before afterwards.
+    Train mode is needed because transformers only checkpoints while training;
+    dropout modules are set to p=0 for the duration.
+    """
+    was_training = model.training
+    enable, disable, was_checkpointing = _checkpointing_api(model)
+    configs = [c for c in (model.config, getattr(model.config, "text_config", None)) if c]
+    use_cache = [getattr(c, "use_cache", None) for c in configs]
+    requires_grad = [(p, p.requires_grad) for p in model.parameters()]
+    dropouts = [(m, m.p) for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    try:
+        for config in configs:
+            config.use_cache = False
+        for module, _ in dropouts:
+            module.p = 0.0
+        model.train()
+        if not was_checkpointing:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+        for parameter, _ in requires_grad:
+            parameter.requires_grad_(True)
+        yield
+    finally:
+        for parameter, flag in requires_grad:
+            parameter.requires_grad_(flag)
+        if not was_checkpointing:
+            disable()
+        model.train(was_training)
+        for module, p in dropouts:
+            module.p = p
+        for config, value in zip(configs, use_cache, strict=True):
+            config.use_cache = value
+
+
+def _checkpointing_api(model):
+    """(enable, disable, is_on) under transformers' current or pre-5.x names."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        return (
+            model.activation_checkpointing_enable,
+            model.activation_checkpointing_disable,
+            model.is_activation_checkpointing,
+        )
+    return (
+        model.gradient_checkpointing_enable,
+        model.gradient_checkpointing_disable,
+        model.is_gradient_checkpointing,
+    )
+
+
+def seed_target(logits: torch.Tensor, input_ids, attention_mask, target: str) -> torch.Tensor:
+    """The scalar the backward pass starts from, for one sequence.
+
+    ``predicted``: the argmax logit at the last non-pad position.
+    ``next-token``: the sum of the teacher-forced logits of each actual next token.
+    """
+    keep = attention_mask.bool()
+    if target == "predicted":
+        last = int(torch.nonzero(keep)[-1])
+        return logits[last].max()
+    if target == "next-token":
+        pairs = keep[:-1] & keep[1:]
+        positions = torch.nonzero(pairs).squeeze(1)
+        return logits[positions, input_ids[positions + 1]].sum()
+    raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+
+
+def relevance_pass(model, input_ids, attention_mask, target: str) -> PassResult:
+    """Forward and backward one sequence (1-D ``input_ids``) under the active rules.
+
+    Gradients land in ``p.grad`` (or in whatever post-accumulate hooks consume them).
+    Padding positions are masked in attention and never seeded.
+    """
+    captured = {}
+
+    def keep_embeddings(_module, _inputs, output):
+        captured["embeddings"] = output
+        output.register_hook(lambda grad: captured.__setitem__("grad", grad))
+
+    handle = model.get_input_embeddings().register_forward_hook(keep_embeddings)
+    try:
+        outputs = model(
+            input_ids=input_ids.unsqueeze(0),
+            attention_mask=attention_mask.unsqueeze(0),
+            use_cache=False,
+        )
+        seed = seed_target(outputs.logits[0].float(), input_ids, attention_mask, target)
+        seed.backward()
+    finally:
+        handle.remove()
+    relevance = (captured["embeddings"].detach().float() * captured["grad"].float()).sum()
+    return PassResult(
+        target=float(seed.detach()),
+        input_relevance=float(relevance),
+        tokens=int(attention_mask.sum()),
+    )

@@ -2,7 +2,8 @@
 
 mergekit discovers no plugins, so this module installs an import hook that runs a
 callback right after selected mergekit modules finish executing: the merge-method
-registry (to register ``lrp``) and ``mergekit.merge`` (to guard ``run_merge``).
+registry (to register ``lrp``), ``mergekit.merge`` (to guard ``run_merge``) and the
+planner modules that :mod:`mergekit_lrp.planner_patches` fixes.
 Nothing heavy is imported here: programs that never import mergekit pay for a
 dictionary lookup per import and nothing else.
 
@@ -17,6 +18,7 @@ import warnings
 
 # module name -> "module:function" called with the freshly executed module
 AFTER_IMPORT = {
+    "mergekit.config": "mergekit_lrp.planner_patches:patch_config",
     "mergekit.merge_methods.registry": "mergekit_lrp.registration:register_with",
     "mergekit.merge": "mergekit_lrp.merge_guard:guard_run_merge",
 }

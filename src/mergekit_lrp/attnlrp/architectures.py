@@ -1,0 +1,84 @@
+"""Which rule-applying forward replaces which module class, per model family."""
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+
+from mergekit_lrp.attnlrp import forwards
+
+SUPPORTED_MODEL_TYPES: tuple[str, ...] = (
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma2",
+    "gemma3",  # Gemma3ForConditionalGeneration: its language model
+    "gemma3_text",  # Gemma3ForCausalLM
+    "phi3",
+)
+
+
+class UnsupportedArchitectureError(ValueError):
+    """The model's ``config.model_type`` has no AttnLRP rule set here."""
+
+    def __init__(self, model_type: object):
+        self.model_type = model_type
+        super().__init__(
+            f"AttnLRP rules are not implemented for model_type {model_type!r}; "
+            f"supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Class names in one transformers modeling module and the forwards replacing them."""
+
+    modeling_module: str
+    norm: str
+    mlp: str
+    attention: str
+    norm_forward: Callable
+    mlp_forward: Callable
+
+    def classes(self) -> tuple[type[nn.Module], type[nn.Module], type[nn.Module]]:
+        """The (norm, MLP, attention) classes, imported on demand."""
+        module = importlib.import_module(f"transformers.models.{self.modeling_module}")
+        return tuple(getattr(module, name) for name in (self.norm, self.mlp, self.attention))
+
+
+def _family(
+    family: str,
+    prefix: str,
+    norm_forward: Callable = forwards.llama_rms_norm,
+    mlp_forward: Callable = forwards.gated_mlp,
+) -> Architecture:
+    return Architecture(
+        modeling_module=f"{family}.modeling_{family}",
+        norm=f"{prefix}RMSNorm",
+        mlp=f"{prefix}MLP",
+        attention=f"{prefix}Attention",
+        norm_forward=norm_forward,
+        mlp_forward=mlp_forward,
+    )
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "llama": _family("llama", "Llama"),
+    "mistral": _family("mistral", "Mistral"),
+    "qwen2": _family("qwen2", "Qwen2"),
+    "qwen3": _family("qwen3", "Qwen3"),
+    "phi3": _family("phi3", "Phi3", mlp_forward=forwards.fused_gated_mlp),
+    "gemma2": _family("gemma2", "Gemma2", norm_forward=forwards.gemma_rms_norm),
+    "gemma3": _family("gemma3", "Gemma3", norm_forward=forwards.gemma_rms_norm),
+    "gemma3_text": _family("gemma3", "Gemma3", norm_forward=forwards.gemma_rms_norm),
+}
+
+
+def architecture_of(model: nn.Module) -> Architecture:
+    """The rule set for ``model``, from its ``config.model_type``."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in ARCHITECTURES:
+        raise UnsupportedArchitectureError(model_type)
+    return ARCHITECTURES[model_type]

@@ -1,0 +1,60 @@
+"""Attention under AttnLRP, plugged into transformers' attention registry.
+
+Registered process-wide under a private name in ``AttentionInterface`` and, with
+transformers' eager mask builder, in ``AttentionMaskInterface``: for an implementation
+name without a mask builder, transformers builds no mask at all (no causality, no
+padding). Only models whose config names this implementation use it.
+"""
+
+import functools
+
+import torch
+from torch import nn
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+from mergekit_lrp.attnlrp.forwards import softcap as softcap_scores
+from mergekit_lrp.attnlrp.lxt_rules import load_lxt_rules
+
+ATTENTION_IMPLEMENTATION = "mergekit_lrp_attnlrp"
+
+
+def attnlrp_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    softcap: float | None = None,
+    **_: object,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eager attention computed like transformers' own, with the AttnLRP rules.
+
+    Uniform rule on both matrix products (q.k^T and weights.v), identity rule on Gemma's
+    logit soft-capping, plain gradient through the softmax (gradient x input there is
+    AttnLRP's softmax rule). Rotary embeddings and the scaling are linear and need no
+    rule. Dropout and sliding-window arguments are ignored: no dropout in relevance, and
+    the window is already in the mask.
+    """
+    lxt = load_lxt_rules()
+    if scaling is None:
+        scaling = module.head_dim**-0.5
+    groups = module.num_key_value_groups
+    key = torch.repeat_interleave(key, groups, dim=1)
+    value = torch.repeat_interleave(value, groups, dim=1)
+
+    scores = lxt.divide_gradient(torch.matmul(query, key.transpose(2, 3)), 2) * scaling
+    if softcap is not None:
+        scores = lxt.identity_rule_implicit(functools.partial(softcap_scores, cap=softcap), scores)
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    weights = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    output = lxt.divide_gradient(torch.matmul(weights, value), 2)
+    return output.transpose(1, 2).contiguous(), weights
+
+
+def register_attnlrp_attention() -> None:
+    """Make ``ATTENTION_IMPLEMENTATION`` known to transformers (idempotent)."""
+    AttentionInterface.register(ATTENTION_IMPLEMENTATION, attnlrp_attention)
+    AttentionMaskInterface.register(ATTENTION_IMPLEMENTATION, eager_mask)

@@ -12,7 +12,13 @@ EXTRAS=${1:-dev}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 PY="$VENV/bin/python"
-pip_q() { "$PY" -m pip install -q --disable-pip-version-check "$@" 2>&1 | grep -v "^WARNING: Location" || true; }
+pip_q() {  # quiet pip that still fails loudly
+  local log
+  if ! log=$("$PY" -m pip install -q --disable-pip-version-check "$@" 2>&1); then
+    printf '%s\n' "$log" >&2
+    return 1
+  fi
+}
 "$PY" -c "import torch" 2>/dev/null || pip_q "$TORCH_SPEC"
 "$PY" -c "import importlib.util as u, sys; sys.exit(u.find_spec('lxt') is None)" || pip_q --no-deps "lxt==2.1"
 pip_q -e ".[$EXTRAS]"

@@ -9,6 +9,8 @@ import importlib.metadata
 from types import ModuleType
 
 PATCHED_MERGEKIT_VERSIONS = ("0.1.5",)
+# what each patch replaced, for tests and for anyone comparing behaviour
+ORIGINALS: dict[str, object] = {}
 
 
 def mergekit_version_is_patched() -> bool:
@@ -20,7 +22,7 @@ def ordered_referenced_models(self) -> list:
 
     mergekit 0.1.5 collects them in a set, so the architecture it picks for a
     cross-family merge (the first entry) and the output config it starts from
-    depend on PYTHONHASHSEED.
+    vary between processes (hash order; not even a fixed PYTHONHASHSEED pins it).
     """
     found = [self.base_model] if self.base_model else []
     for models, slices in [(self.models, self.slices)] + [
@@ -35,4 +37,6 @@ def ordered_referenced_models(self) -> list:
 def patch_config(config_module: ModuleType) -> None:
     """Make ``MergeConfiguration.referenced_models`` deterministic."""
     if mergekit_version_is_patched():
-        config_module.MergeConfiguration.referenced_models = ordered_referenced_models
+        configuration = config_module.MergeConfiguration
+        ORIGINALS.setdefault("referenced_models", configuration.referenced_models)
+        configuration.referenced_models = ordered_referenced_models

@@ -21,17 +21,42 @@ def scoring_job(tmp_path_factory):
     prompts = root / "prompts.txt"
     prompts.write_text("\n".join(f"prompt {i}: " + "abc def " * 12 for i in range(40)) + "\n")
     reference = root / "reference.safetensors"
-    subprocess.run([str(BIN / "lrp-compute"), str(model), "--prompts", str(prompts), "-o",
-                    str(reference), "-q", "--checkpoint-every", "3"], check=True,
-                   capture_output=True, timeout=600)
+    subprocess.run(
+        [
+            str(BIN / "lrp-compute"),
+            str(model),
+            "--prompts",
+            str(prompts),
+            "-o",
+            str(reference),
+            "-q",
+            "--checkpoint-every",
+            "3",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
     return model, prompts, reference
 
 
 def start(model, prompts, out, *extra):
     return subprocess.Popen(
-        [str(BIN / "lrp-compute"), str(model), "--prompts", str(prompts), "-o", str(out), "-q",
-         "--checkpoint-every", "3", *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            str(BIN / "lrp-compute"),
+            str(model),
+            "--prompts",
+            str(prompts),
+            "-o",
+            str(out),
+            "-q",
+            "--checkpoint-every",
+            "3",
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
@@ -83,15 +108,23 @@ def test_killed_lrp_merge_leaves_no_complete_looking_output(tmp_path):
     ft = finetune_of(base, tmp_path / "ft", seed=1)
     scores = synthetic_scores(ft, tmp_path / "ft.safetensors", seed=3)
     config = tmp_path / "config.yml"
-    config.write_text(yaml.safe_dump({
-        "merge_method": "lrp", "base_model": str(base), "dtype": "float32",
-        "models": [{"model": str(ft), "parameters": {"lrp_scores": str(scores)}}],
-    }))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "merge_method": "lrp",
+                "base_model": str(base),
+                "dtype": "float32",
+                "models": [{"model": str(ft), "parameters": {"lrp_scores": str(scores)}}],
+            }
+        )
+    )
     out = tmp_path / "merged"
-    process = subprocess.Popen([str(BIN / "mergekit-yaml"), str(config), str(out)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for(lambda: any(p.name.startswith(".merged.partial") for p in tmp_path.iterdir()),
-             process)
+    process = subprocess.Popen(
+        [str(BIN / "mergekit-yaml"), str(config), str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    wait_for(lambda: any(p.name.startswith(".merged.partial") for p in tmp_path.iterdir()), process)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     assert not out.exists()

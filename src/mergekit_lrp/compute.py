@@ -6,6 +6,7 @@ import hashlib
 import json
 import resource
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -226,6 +227,10 @@ def compute_scores(model: str, prompts_path: str, output: str, options: ComputeO
         raise ComputeError(f"output directory {output_path.parent} does not exist")
     if output_path.exists() and not options.overwrite:
         raise ComputeError(f"output {output_path} already exists; pass --overwrite to replace it")
+    try:  # fail now, not after hours of scoring
+        tempfile.TemporaryFile(dir=output_path.parent).close()
+    except OSError as error:
+        raise ComputeError(f"cannot write to {output_path.parent} ({error.strerror})") from None
     if options.target not in TARGETS:
         raise ComputeError(f"--target must be one of {', '.join(TARGETS)}")
     if options.max_length < 2:

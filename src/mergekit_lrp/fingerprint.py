@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import os
+from pathlib import Path
 
 import torch
 from safetensors import safe_open
@@ -30,6 +31,12 @@ def checkpoint_tensor_files(model_dir: str | os.PathLike) -> dict[str, str]:
     """Map each tensor name of a local checkpoint to the safetensors file holding it."""
     from mergekit.io.lazy_tensor_loader import ShardedTensorIndex
 
+    names = ("model.safetensors", "model.safetensors.index.json")
+    if not any((Path(model_dir) / name).exists() for name in names):
+        raise FingerprintError(
+            f"{model_dir}: no model.safetensors; mergekit-lrp never unpickles weights. "
+            "Convert the checkpoint first (from_pretrained, then save_pretrained)."
+        )
     index = ShardedTensorIndex.from_disk(str(model_dir))
     return index_tensor_files(index)
 

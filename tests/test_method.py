@@ -142,3 +142,17 @@ def test_mask_follows_scores_not_magnitude(family, tmp_path):
     assert int(kept.sum()) == k
     assert torch.equal(kept, top_k_mask(delta.abs() * scores, k))
     assert not torch.equal(kept, top_k_mask(delta.abs(), k))
+
+
+def test_strided_inputs_are_not_mutated(small):
+    """mergekit's conformance check (strided inputs, inputs untouched), with score files."""
+    _, _, _, paths, models = small
+    strided = {k: {"w": v["w"].T.contiguous().T} for k, v in models.items()}
+    assert not strided["a"]["w"].is_contiguous()
+    copies = {k: v["w"].clone() for k, v in strided.items()}
+    params = {"lrp_scores": {"a": paths[0], "b": paths[1]}, "density": 0.7, "weight": 1.0}
+    expected = merge_state_dicts(models, "lrp", base="base", parameters=params)["w"]
+    actual = merge_state_dicts(strided, "lrp", base="base", parameters=params)["w"]
+    torch.testing.assert_close(actual, expected)
+    for key, tensor in strided.items():
+        assert torch.equal(tensor["w"], copies[key])

@@ -27,10 +27,22 @@ from pathlib import Path
 import torch
 
 SIZES = {  # name -> LlamaConfig overrides
-    "10M": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=8,
-                num_attention_heads=8, num_key_value_heads=4, vocab_size=4096),
-    "100M": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
-                 num_attention_heads=12, num_key_value_heads=4, vocab_size=8192),
+    "10M": dict(
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        vocab_size=4096,
+    ),
+    "100M": dict(
+        hidden_size=768,
+        intermediate_size=2048,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        num_key_value_heads=4,
+        vocab_size=8192,
+    ),
 }
 
 
@@ -45,8 +57,7 @@ def build_model(size: str, root: Path, seed: int = 0) -> Path:
     path = root / f"llama-{size}"
     if not (path / "config.json").exists():
         torch.manual_seed(seed)
-        config = LlamaConfig(max_position_embeddings=2048, tie_word_embeddings=False,
-                             **SIZES[size])
+        config = LlamaConfig(max_position_embeddings=2048, tie_word_embeddings=False, **SIZES[size])
         LlamaForCausalLM(config).save_pretrained(path)
     return path
 
@@ -80,7 +91,7 @@ def worker_precompute(model_dir: str, mode: str, length: int, count: int) -> dic
             times.append(time.perf_counter() - start)
     else:
         accumulator = GradientAccumulator(dict(model.named_parameters()))
-        with attnlrp_rules(model), backward_ready(model):
+        with attnlrp_rules(model), backward_ready(model, checkpointing=mode == "lrp"):
             accumulator.attach()
             for ids in prompts:
                 start = time.perf_counter()
@@ -88,14 +99,164 @@ def worker_precompute(model_dir: str, mode: str, length: int, count: int) -> dic
                 times.append(time.perf_counter() - start)
             accumulator.detach()
     per_prompt = statistics.median(times[1:])  # the first prompt warms up
-    return {"seconds_per_prompt": per_prompt, "tokens_per_second": length / per_prompt,
-            "peak_rss": peak_rss_bytes(), "rss_before_model": rss_before_model,
-            "weights_fp32": weights}
+    return {
+        "seconds_per_prompt": per_prompt,
+        "tokens_per_second": length / per_prompt,
+        "peak_rss": peak_rss_bytes(),
+        "rss_before_model": rss_before_model,
+        "weights_fp32": weights,
+    }
+
+
+def perturbed_copy(base: Path, out: Path, seed: int, scale: float = 0.01) -> Path:
+    """A stand-in fine-tune: base plus seeded noise (enough for measuring cost)."""
+    from transformers import AutoModelForCausalLM
+
+    if not (out / "config.json").exists():
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for parameter in model.parameters():
+                noise = torch.randn(parameter.shape, generator=generator)
+                parameter.add_(noise * scale * parameter.abs().mean())
+        model.save_pretrained(out)
+    return out
+
+
+def score_file(model_dir: Path, out: Path, dtype: str, prompts: int = 4) -> Path:
+    """Real scores from the relevance pass on a few random-token prompts."""
+    from transformers import AutoModelForCausalLM
+
+    from mergekit_lrp.compute import relevance_scores
+    from mergekit_lrp.fingerprint import SCHEME, model_fingerprint
+    from mergekit_lrp.score_file import ScoreMetadata, write_scores
+
+    if out.exists():
+        return out
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+
+    class Ids:  # a tokenizer stand-in: prompts are already token ids
+        def __call__(self, ids, return_tensors):
+            return {"input_ids": ids[None]}
+
+    sums = relevance_scores(model, Ids(), random_prompts(model.config.vocab_size, 64, prompts))
+    metadata = ScoreMetadata(
+        model_fingerprint=model_fingerprint(model_dir),
+        num_prompts=prompts,
+        num_tokens=64 * prompts,
+        target="predicted",
+        model_type="llama",
+        fingerprint_scheme=SCHEME,
+    )
+    write_scores(out, sums, metadata, dtype=getattr(torch, dtype))
+    return out
+
+
+def merge_config(method: str, base: Path, fts: list[Path], scores: list[Path]) -> dict:
+    models = []
+    for ft, scores_path in zip(fts, scores, strict=True):
+        params = {"weight": 0.5, "density": 0.5}
+        if method == "lrp":
+            params["lrp_scores"] = str(scores_path)
+        models.append({"model": str(ft), "parameters": params})
+    return {"merge_method": method, "base_model": str(base), "models": models, "dtype": "float32"}
+
+
+def worker_merge(config_path: str, out: str) -> dict:
+    """One merge through mergekit's run_merge in this fresh process."""
+    import shutil
+
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    config = MergeConfiguration.model_validate(json.loads(Path(config_path).read_text()))
+    rss_before = peak_rss_bytes()
+    start = time.perf_counter()
+    run_merge(
+        config,
+        out,
+        MergeOptions(quiet=True, random_seed=0, copy_tokenizer=False, write_model_card=False),
+    )
+    seconds = time.perf_counter() - start
+    shutil.rmtree(out)
+    return {"seconds": seconds, "peak_rss": peak_rss_bytes(), "rss_before": rss_before}
+
+
+def bench_merge(root: Path, quick: bool) -> dict:
+    size = "10M" if quick else "100M"
+    base = build_model(size, root)
+    fts = [perturbed_copy(base, root / f"llama-{size}-ft{i}", seed=i) for i in (1, 2)]
+    scores = [
+        score_file(ft, root / f"llama-{size}-ft{i}.float32.safetensors", "float32")
+        for i, ft in zip((1, 2), fts, strict=True)
+    ]
+    runs = {"dare_ties": [], "lrp": []}
+    for _ in range(3 if quick else 5):  # alternate, so machine drift hits both
+        for method in runs:
+            config = root / f"merge-{method}.json"
+            config.write_text(json.dumps(merge_config(method, base, fts, scores)))
+            runs[method].append(run_worker("merge", str(config), str(root / f"out-{method}")))
+    med = {
+        m: {k: statistics.median(r[k] for r in rs) for k in ("seconds", "peak_rss")}
+        for m, rs in runs.items()
+    }
+    return {
+        "size": size,
+        "runs": runs,
+        "dare_ties_seconds": med["dare_ties"]["seconds"],
+        "lrp_seconds": med["lrp"]["seconds"],
+        "time_ratio": med["lrp"]["seconds"] / med["dare_ties"]["seconds"],
+        "dare_ties_peak_rss_mb": med["dare_ties"]["peak_rss"] / 2**20,
+        "lrp_peak_rss_mb": med["lrp"]["peak_rss"] / 2**20,
+        "rss_ratio": med["lrp"]["peak_rss"] / med["dare_ties"]["peak_rss"],
+    }
+
+
+def bench_score_dtype(root: Path, quick: bool) -> list[dict]:
+    """float32 vs bfloat16 score files: size, and top-k mask entries that flip."""
+    from safetensors.torch import load_file
+
+    from mergekit_lrp.selection import kept_count, top_k_mask
+
+    size = "10M" if quick else "100M"
+    base = build_model(size, root)
+    ft = perturbed_copy(base, root / f"llama-{size}-ft1", seed=1)
+    files = {
+        d: score_file(ft, root / f"llama-{size}-ft1.{d}.safetensors", d)
+        for d in ("float32", "bfloat16")
+    }
+    exact, rounded = load_file(files["float32"]), load_file(files["bfloat16"])
+    base_w = load_file(str(base / "model.safetensors"))
+    ft_w = load_file(str(ft / "model.safetensors"))
+    rows = []
+    for density in (0.3, 0.7):
+        flipped = total = 0
+        for name, s32 in exact.items():
+            delta = ft_w[name] - base_w[name]
+            if delta.ndim < 2:
+                continue
+            k = kept_count(density, delta.numel())
+            a = top_k_mask(delta.abs() * s32, k)
+            b = top_k_mask(delta.abs() * rounded[name].float(), k)
+            flipped += int((a != b).sum())
+            total += delta.numel()
+        rows.append(
+            {
+                "density": density,
+                "flipped_fraction": flipped / total,
+                "float32_mb": files["float32"].stat().st_size / 2**20,
+                "bfloat16_mb": files["bfloat16"].stat().st_size / 2**20,
+            }
+        )
+    return rows
 
 
 def run_worker(*args: str) -> dict:
-    result = subprocess.run([sys.executable, __file__, "--worker", *args], capture_output=True,
-                            text=True, check=False)
+    result = subprocess.run(
+        [sys.executable, __file__, "--worker", *args], capture_output=True, text=True, check=False
+    )
     if result.returncode != 0:
         raise RuntimeError(result.stderr[-3000:])
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -110,26 +271,36 @@ def bench_precompute(root: Path, quick: bool) -> list[dict]:
     for size in sizes:
         model_dir = build_model(size, root)
         for length in lengths:
-            runs = {"plain": [], "lrp": []}
-            for _ in range(repeats):  # alternate so drift on a shared machine hits both
-                for mode in ("plain", "lrp"):
-                    runs[mode].append(run_worker("precompute", str(model_dir), mode,
-                                                 str(length), str(count)))
+            runs = {"plain": [], "lrp": [], "lrp-no-checkpointing": []}
+            for _ in range(repeats):  # alternate so drift on a shared machine hits all
+                for mode in runs:
+                    runs[mode].append(
+                        run_worker("precompute", str(model_dir), mode, str(length), str(count))
+                    )
             med = {m: statistics.median(r["seconds_per_prompt"] for r in runs[m]) for m in runs}
             lrp = runs["lrp"][0]
-            rows.append({
-                "size": size, "length": length,
-                "plain_s_per_prompt": med["plain"], "lrp_s_per_prompt": med["lrp"],
-                "time_ratio": med["lrp"] / med["plain"],
-                "lrp_tokens_per_s": length / med["lrp"],
-                "weights_fp32_mb": lrp["weights_fp32"] / 2**20,
-                "plain_peak_rss_mb": max(r["peak_rss"] for r in runs["plain"]) / 2**20,
-                "lrp_peak_rss_mb": max(r["peak_rss"] for r in runs["lrp"]) / 2**20,
-                "lrp_rss_over_weights": max(r["peak_rss"] - r["rss_before_model"]
-                                            for r in runs["lrp"]) / lrp["weights_fp32"],
-                "plain_rss_over_weights": max(r["peak_rss"] - r["rss_before_model"]
-                                              for r in runs["plain"]) / lrp["weights_fp32"],
-            })
+            rows.append(
+                {
+                    "size": size,
+                    "length": length,
+                    "plain_s_per_prompt": med["plain"],
+                    "lrp_s_per_prompt": med["lrp"],
+                    "time_ratio": med["lrp"] / med["plain"],
+                "time_ratio_no_checkpointing": med["lrp-no-checkpointing"] / med["plain"],
+                    "lrp_tokens_per_s": length / med["lrp"],
+                    "weights_fp32_mb": lrp["weights_fp32"] / 2**20,
+                    "plain_peak_rss_mb": max(r["peak_rss"] for r in runs["plain"]) / 2**20,
+                    "lrp_peak_rss_mb": max(r["peak_rss"] for r in runs["lrp"]) / 2**20,
+                    "lrp_rss_over_weights": max(
+                        r["peak_rss"] - r["rss_before_model"] for r in runs["lrp"]
+                    )
+                    / lrp["weights_fp32"],
+                    "plain_rss_over_weights": max(
+                        r["peak_rss"] - r["rss_before_model"] for r in runs["plain"]
+                    )
+                    / lrp["weights_fp32"],
+                }
+            )
             print(json.dumps(rows[-1]), file=sys.stderr)
     return rows
 
@@ -137,14 +308,16 @@ def bench_precompute(root: Path, quick: bool) -> list[dict]:
 def precompute_table(rows: list[dict]) -> str:
     lines = [
         "| model | prompt tokens | plain fwd+bwd s/prompt | relevance s/prompt | time ratio "
+        "| time ratio without checkpointing "
         "| relevance tokens/s | fp32 weights MB | plain peak RSS MB | relevance peak RSS MB "
         "| plain (RSS - runtime) / weights | relevance (RSS - runtime) / weights |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['size']} | {r['length']} | {r['plain_s_per_prompt']:.3f} | "
-            f"{r['lrp_s_per_prompt']:.3f} | {r['time_ratio']:.2f} | {r['lrp_tokens_per_s']:.0f} | "
+            f"{r['lrp_s_per_prompt']:.3f} | {r['time_ratio']:.2f} | "
+            f"{r['time_ratio_no_checkpointing']:.2f} | {r['lrp_tokens_per_s']:.0f} | "
             f"{r['weights_fp32_mb']:.0f} | {r['plain_peak_rss_mb']:.0f} | "
             f"{r['lrp_peak_rss_mb']:.0f} | {r['plain_rss_over_weights']:.2f} | "
             f"{r['lrp_rss_over_weights']:.2f} |"
@@ -164,13 +337,49 @@ def main() -> None:
         if kind == "precompute":
             model_dir, mode, length, count = rest
             print(json.dumps(worker_precompute(model_dir, mode, int(length), int(count))))
+        else:
+            print(json.dumps(worker_merge(*rest)))
         return
     out, cache = Path(args.out), Path(args.cache)
     out.mkdir(parents=True, exist_ok=True)
     cache.mkdir(parents=True, exist_ok=True)
-    results = {"precompute": bench_precompute(cache, args.quick)}
+    results = {
+        "precompute": bench_precompute(cache, args.quick),
+        "merge": bench_merge(cache, args.quick),
+        "score_dtype": bench_score_dtype(cache, args.quick),
+        "command": " ".join(["python", "scripts/bench_perf.py", *sys.argv[1:]]),
+    }
     (out / "perf.json").write_text(json.dumps(results, indent=2))
-    report = "## Precompute cost\n\n" + precompute_table(results["precompute"]) + "\n"
+    merge = results["merge"]
+    report = (
+        "\n".join(
+            [
+                "## Precompute cost",
+                "",
+                precompute_table(results["precompute"]),
+                "",
+                f"## Merge cost ({merge['size']} Llama, two fine-tunes, density 0.5)",
+                "",
+                "| | dare_ties | lrp | ratio |",
+                "|---|---|---|---|",
+                f"| wall time, s (median) | {merge['dare_ties_seconds']:.2f} | "
+                f"{merge['lrp_seconds']:.2f} | {merge['time_ratio']:.2f} |",
+                f"| peak RSS, MB (median) | {merge['dare_ties_peak_rss_mb']:.0f} | "
+                f"{merge['lrp_peak_rss_mb']:.0f} | {merge['rss_ratio']:.2f} |",
+                "",
+                "## Score files: float32 vs bfloat16",
+                "",
+                "| density | float32 MB | bfloat16 MB | mask entries flipped |",
+                "|---|---|---|---|",
+                *[
+                    f"| {r['density']} | {r['float32_mb']:.0f} | {r['bfloat16_mb']:.0f} | "
+                    f"{r['flipped_fraction']:.2e} |"
+                    for r in results["score_dtype"]
+                ],
+            ]
+        )
+        + "\n"
+    )
     (out / "perf.md").write_text(report)
     print(report)
 

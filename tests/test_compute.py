@@ -245,3 +245,12 @@ def test_prompt_formats(tmp_path):
     datasets.Dataset.from_dict({"text": ["a", "", "b"]}).save_to_disk(str(tmp_path / "ds"))
     assert load_prompts(tmp_path / "ds", tokenizer) == ["a", "b"]
     assert load_prompts(jsonl, tokenizer, limit=1) == ["plain"]
+
+
+def test_checkpointing_changes_memory_not_scores():
+    model = tiny_llama(seed=6)
+    with_ckpt = relevance_scores(model, char_tokenizer(), PROMPTS)
+    without = relevance_scores(model, char_tokenizer(), PROMPTS,
+                               ComputeOptions(gradient_checkpointing=False, progress=False))
+    for name in with_ckpt:
+        torch.testing.assert_close(with_ckpt[name], without[name], rtol=1e-5, atol=1e-8)

@@ -83,6 +83,13 @@ from mergekit_lrp.relevance import TARGETS
     type=click.IntRange(min=1),
     help="Save a resume checkpoint every N prompts.",
 )
+@click.option(
+    "--gradient-checkpointing/--no-gradient-checkpointing",
+    default=True,
+    show_default=True,
+    help="Recompute activations in the backward pass: far less memory for long prompts and "
+    "big models, about a third more time. Turn off when activations fit.",
+)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def main(
     model,
@@ -97,6 +104,7 @@ def main(
     resume,
     overwrite,
     checkpoint_every,
+    gradient_checkpointing,
     quiet,
 ):
     """Compute AttnLRP relevance scores of MODEL (a checkpoint directory or a hub id).
@@ -126,6 +134,7 @@ def main(
         resume=resume,
         overwrite=overwrite,
         checkpoint_every=checkpoint_every,
+        gradient_checkpointing=gradient_checkpointing,
         progress=not quiet,
     )
     try:

@@ -38,6 +38,7 @@ class ComputeOptions:
     resume: bool = False
     overwrite: bool = False
     checkpoint_every: int = 100
+    gradient_checkpointing: bool = True
     progress: bool = True
 
 
@@ -117,29 +118,79 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def checkpoint_names(model, tensor_files: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
-    """Map each (deduplicated) parameter to the checkpoint name that stores it.
+def checkpoint_names(
+    model, tensor_files: dict[str, str]
+) -> tuple[dict[str, str], dict[str, str], dict[str, list[str]]]:
+    """Map each (deduplicated) parameter to the checkpoint name(s) that store it.
 
-    Returns (stored name -> parameter name, alias -> stored name); aliases are the
-    other names of tied parameters (e.g. ``lm_head.weight`` tied to the embeddings).
+    Returns (score name -> parameter name, alias -> score name, converted). A parameter
+    named differently in the checkpoint (transformers 5 renames on load, e.g. Qwen3.5's
+    ``model.language_model.`` prefix when the multimodal checkpoint is loaded as a causal
+    LM) is mapped back with transformers' own reverse conversion, the one
+    ``save_pretrained`` applies. A parameter stored as several checkpoint tensors (MoE
+    experts fused on load) keeps its parameter name as score name and is listed in
+    ``converted`` with its checkpoint names; :func:`checkpoint_layout` splits its scores.
+    Aliases are the other names of tied parameters (e.g. ``lm_head.weight``).
     """
     names_of: dict[int, list[str]] = {}
     for name, parameter in model.named_parameters(remove_duplicate=False):
         names_of.setdefault(id(parameter), []).append(name)
-    stored_to_param, aliases = {}, {}
+    stored_to_param, aliases, converted = {}, {}, {}
     for name, parameter in model.named_parameters():
         group = names_of[id(parameter)]
-        stored = [n for n in group if n in tensor_files]
+        saved = {n: [n] if n in tensor_files else _saved_names(model, n, parameter) for n in group}
+        stored = [n for n in group if all(s in tensor_files for s in saved[n])]
         if not stored:
             raise ComputeError(
                 f"parameter {name!r} of the loaded model is not in the checkpoint's tensors; "
                 "the score file could not name it as mergekit will"
             )
-        stored_to_param[stored[0]] = name
+        if len(saved[stored[0]]) == 1:
+            key = saved[stored[0]][0]
+        else:
+            key = name
+            converted[key] = saved[stored[0]]
+        stored_to_param[key] = name
         for other in group:
-            if other != stored[0]:
-                aliases[other] = stored[0]
-    return stored_to_param, aliases
+            alias = saved[other][0] if len(saved[other]) == 1 else other
+            if other != stored[0] and alias != key:
+                aliases[alias] = key
+    return stored_to_param, aliases, converted
+
+
+def _saved_names(model, name: str, parameter) -> list[str]:
+    """The checkpoint name(s) transformers' ``save_pretrained`` would store ``name`` under."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    try:
+        meta = torch.empty(parameter.shape, dtype=parameter.dtype, device="meta")
+        return list(revert_weight_conversion(model, {name: meta})) or [name]
+    except Exception:  # no usable conversion for this parameter: keep its own name
+        return [name]
+
+
+def checkpoint_layout(
+    model, scores: dict[str, torch.Tensor], converted: dict[str, list[str]]
+) -> dict[str, torch.Tensor]:
+    """Split the scores of ``converted`` parameters into their checkpoint tensors.
+
+    Uses transformers' reverse weight conversion on the score tensors, so every score
+    entry lands where ``save_pretrained`` puts the weight entry it belongs to.
+    """
+    if not converted:
+        return scores
+    from transformers.core_model_loading import revert_weight_conversion
+
+    out = {name: value for name, value in scores.items() if name not in converted}
+    split = revert_weight_conversion(model, {name: scores[name] for name in converted})
+    expected = {s for names in converted.values() for s in names}
+    if set(split) != expected:
+        raise ComputeError(
+            "transformers' reverse weight conversion gave other tensor names than the "
+            f"checkpoint's ({sorted(set(split) ^ expected)[:3]})"
+        )
+    out.update({name: value.contiguous() for name, value in split.items()})
+    return out
 
 
 def run_signature(fingerprint: str, prompts: list[str], options: ComputeOptions, dtype) -> dict:
@@ -186,7 +237,7 @@ def run_prompts(net, tokenizer, prompts, options, accumulator, state, save_check
         disable=not options.progress,
         file=sys.stderr,
     )
-    with attnlrp_rules(net), backward_ready(net):
+    with attnlrp_rules(net), backward_ready(net, options.gradient_checkpointing):
         accumulator.attach()
         try:
             for index in range(state.done, len(prompts)):
@@ -252,7 +303,7 @@ def compute_scores(model: str, prompts_path: str, output: str, options: ComputeO
     fingerprint = fingerprint_tensors(tensor_files)
 
     net = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
-    stored_to_param, aliases = checkpoint_names(net, tensor_files)
+    stored_to_param, aliases, converted = checkpoint_names(net, tensor_files)
     params = dict(net.named_parameters())
     accumulator = GradientAccumulator({s: params[p] for s, p in stored_to_param.items()})
     signature = run_signature(fingerprint, prompts, options, dtype)
@@ -283,6 +334,7 @@ def compute_scores(model: str, prompts_path: str, output: str, options: ComputeO
     run_prompts(net, tokenizer, prompts, options, accumulator, progress, save_checkpoint)
     count = len(prompts)
     scores = {name: total / count for name, total in accumulator.sums.items()}
+    scores = checkpoint_layout(net, scores, converted)
     metadata = ScoreMetadata(
         model_fingerprint=fingerprint,
         num_prompts=count,
@@ -305,7 +357,7 @@ def compute_scores(model: str, prompts_path: str, output: str, options: ComputeO
         peak_memory_bytes=peak_memory(device),
         last=progress.last,
         resumed_from=resumed_from,
-        unscored_tensors=sorted(set(tensor_files) - set(stored_to_param) - set(aliases)),
+        unscored_tensors=sorted(set(tensor_files) - set(scores) - set(aliases)),
     )
 
 

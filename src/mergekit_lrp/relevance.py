@@ -18,8 +18,8 @@ class PassResult:
 
 
 @contextlib.contextmanager
-def backward_ready(model: torch.nn.Module):
-    """Checkpointing on, KV cache and dropout off, every parameter requiring grad.
+def backward_ready(model: torch.nn.Module, checkpointing: bool = True):
+    """Checkpointing on (unless told), KV cache and dropout off, every parameter requiring grad.
 
     Everything is restored on exit, so the model behaves as before afterwards.
     Train mode is needed because transformers only checkpoints while training;
@@ -47,7 +47,7 @@ def backward_ready(model: torch.nn.Module):
     finally:
         for parameter, flag in requires_grad:
             parameter.requires_grad_(flag)
-        if not was_checkpointing:
+        if checkpointing and not was_checkpointing:
             disable()
         model.train(was_training)
         for module, p in dropouts:

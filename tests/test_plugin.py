@@ -85,3 +85,12 @@ def test_other_methods_unchanged_by_plugin(family, tmp_path, method):
     reference = read_weights(tmp_path / "disabled")
     assert reference.keys() == active.keys()
     assert all(torch.equal(reference[n], active[n]) for n in reference)
+
+
+@pytest.mark.parametrize("first", ["mergekit_lrp.method", "mergekit_lrp.preflight"])
+def test_registered_whatever_is_imported_first(first):
+    """Importing the plugin's modules before mergekit's registry must still register lrp."""
+    code = f"import {first}\nfrom mergekit.merge_methods import get\nprint(get('lrp').spec.name)"
+    result = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", code],
+                            capture_output=True, text=True, timeout=300)
+    assert result.stdout.split() == ["lrp"], result.stderr[-2000:]

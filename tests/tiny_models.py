@@ -17,6 +17,22 @@ _COMMON = dict(
     eos_token_id=2,
 )
 _GEMMA = dict(head_dim=8, query_pre_attn_scalar=8, sliding_window=4)
+_HYBRID = dict(
+    head_dim=8,
+    layer_types=["linear_attention", "full_attention"],
+    linear_conv_kernel_dim=4,
+    linear_key_head_dim=8,
+    linear_value_head_dim=8,
+    linear_num_key_heads=2,
+    linear_num_value_heads=4,
+)
+_HYBRID_DENSE = dict(_HYBRID, num_experts=0)
+_MOE = dict(
+    num_experts=4,
+    num_experts_per_tok=2,
+    moe_intermediate_size=16,
+    shared_expert_intermediate_size=24,
+)
 
 # model_type -> (config class, model class, family-specific config)
 TINY_MODELS: dict[str, tuple[str, str, dict]] = {
@@ -28,6 +44,12 @@ TINY_MODELS: dict[str, tuple[str, str, dict]] = {
     "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", _GEMMA),
     "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM", _GEMMA),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", {}),
+    # hybrid: linear (gated delta rule) then full attention. Qwen3-Next is built without
+    # experts here (num_experts=0: dense MLPs), because its router gets no relevance by
+    # design; make_tiny_hybrid builds it with MoE (tests/test_hybrid.py).
+    "qwen3_5": ("Qwen3_5TextConfig", "Qwen3_5ForCausalLM", _HYBRID),
+    "qwen3_5_text": ("Qwen3_5TextConfig", "Qwen3_5ForCausalLM", _HYBRID),
+    "qwen3_next": ("Qwen3NextConfig", "Qwen3NextForCausalLM", _HYBRID_DENSE),
 }
 
 
@@ -72,3 +94,63 @@ def make_tiny_gemma3_multimodal(seed: int = 0) -> nn.Module:
     )
     torch.manual_seed(seed)
     return _randomise_vectors(transformers.Gemma3ForConditionalGeneration(config))
+
+
+# hybrid model_type -> (config class, causal LM class); make_tiny_hybrid adds MoE
+HYBRID_MODELS: dict[str, tuple[str, str]] = {
+    "qwen3_5_text": ("Qwen3_5TextConfig", "Qwen3_5ForCausalLM"),
+    "qwen3_next": ("Qwen3NextConfig", "Qwen3NextForCausalLM"),
+}
+
+
+def make_tiny_hybrid(model_type: str, seed: int = 0, layers: int = 4, **overrides) -> nn.Module:
+    """A small random hybrid ``*ForCausalLM``: layers alternate linear / full attention.
+
+    As :func:`make_tiny_model`, with ``layers`` decoder layers; Qwen3-Next gets 4 experts
+    (top 2) with a shared expert and keeps layer 2 dense (``mlp_only_layers``), so both
+    MLP kinds occur.
+    """
+    config_class, model_class = HYBRID_MODELS[model_type]
+    types = ["linear_attention", "full_attention"] * (layers // 2) + ["linear_attention"] * (
+        layers % 2
+    )
+    family = dict(_HYBRID, layer_types=types, num_hidden_layers=layers)
+    if model_type == "qwen3_next":
+        family.update(_MOE, mlp_only_layers=[2] if layers > 2 else [])
+    config = getattr(transformers, config_class)(**{**_COMMON, **family, **overrides})
+    torch.manual_seed(seed)
+    return _randomise_vectors(getattr(transformers, model_class)(config))
+
+
+QWEN3_5_VISION = dict(
+    depth=1,
+    hidden_size=16,
+    intermediate_size=32,
+    num_heads=2,
+    patch_size=4,
+    temporal_patch_size=2,
+    spatial_merge_size=2,
+    out_hidden_size=32,
+    num_position_embeddings=16,
+)
+
+
+def make_tiny_qwen3_5_multimodal(seed: int = 0, layers: int = 4, **text) -> nn.Module:
+    """A small random ``Qwen3_5ForConditionalGeneration`` (one-block vision tower), eval mode.
+
+    Its language model is configured like ``make_tiny_hybrid("qwen3_5_text")``.
+    """
+    types = ["linear_attention", "full_attention"] * (layers // 2) + ["linear_attention"] * (
+        layers % 2
+    )
+    text_config = {**_COMMON, **_HYBRID, "layer_types": types, "num_hidden_layers": layers, **text}
+    config = transformers.Qwen3_5Config(
+        text_config=text_config,
+        vision_config=QWEN3_5_VISION,
+        image_token_id=93,
+        video_token_id=94,
+        vision_start_token_id=91,
+        vision_end_token_id=92,
+    )
+    torch.manual_seed(seed)
+    return _randomise_vectors(transformers.Qwen3_5ForConditionalGeneration(config))

@@ -19,6 +19,8 @@ import warnings
 # module name -> "module:function" called with the freshly executed module
 AFTER_IMPORT = {
     "mergekit.config": "mergekit_lrp.planner_patches:patch_config",
+    "mergekit.architecture": "mergekit_lrp.planner_patches:patch_architecture",
+    "mergekit.plan": "mergekit_lrp.planner_patches:patch_plan",
     "mergekit.merge_methods.registry": "mergekit_lrp.registration:register_with",
     "mergekit.merge": "mergekit_lrp.merge_guard:guard_run_merge",
 }

@@ -17,6 +17,7 @@ from mergekit.merge_methods.base import BasePolicy, InputContract, PerNonBase, T
 from mergekit.merge_methods.easy_define import merge_method
 from mergekit.merge_methods.generalized_task_arithmetic import get_mask as sign_consensus_mask
 
+from mergekit_lrp.registration import register_if_registry_loaded
 from mergekit_lrp.score_file import ScoreReader
 from mergekit_lrp.selection import kept_count, top_k_mask
 
@@ -68,7 +69,10 @@ def task_vector_importance(
 ) -> torch.Tensor | None:
     """Importance of each delta entry, or None when the delta is dropped (``base``)."""
     reader = open_scores(scores_path) if scores_path else None
-    if reader is None or reader.resolve(name) is None:
+    scores = None
+    if reader is not None and reader.resolve(name) is None:
+        scores = converted_scores(reader, name, delta.shape)
+    if reader is None or (reader.resolve(name) is None and scores is None):
         where = (
             f"model {model} has no lrp_scores"
             if reader is None
@@ -80,9 +84,39 @@ def task_vector_importance(
                 "magnitude (use |delta|) or base (keep the base weight for this model)"
             )
         return delta.abs().float() if missing_scores == "magnitude" else None
-    scores = reader.get(name, shape=delta.shape).to(delta.device)
+    if scores is None:
+        scores = reader.get(name, shape=delta.shape)
+    scores = scores.to(delta.device)
     source = theta if importance == "weight" else delta
     return source.abs().float() * scores
+
+
+def converted_scores(reader: ScoreReader, name: str, shape) -> torch.Tensor | None:
+    """Scores for a tensor mergekit assembles on load from several checkpoint tensors.
+
+    With transformers 5, mergekit merges e.g. MoE experts in the fused model layout
+    (``mlp.experts.gate_up_proj``) while checkpoints and score files store them per expert;
+    the score tensors are assembled by the same conversion mergekit applies to the weights.
+    None if the score file's tensors cannot produce ``name``.
+    """
+    from mergekit.architecture.conversion import (
+        can_convert_checkpoint_keys,
+        convert_checkpoint_tensors,
+    )
+
+    model_type = reader.metadata.model_type
+    if not can_convert_checkpoint_keys(model_type, reader.names(), name):
+        return None
+    sources = {stored: (lambda stored=stored: reader.get(stored)) for stored in reader.names()}
+    scores = convert_checkpoint_tensors(model_type, sources, name)
+    if scores is None:
+        return None
+    if tuple(scores.shape) != tuple(shape):
+        raise LRPConfigError(
+            f"lrp: scores assembled for {name!r} from {reader.path} have shape "
+            f"{tuple(scores.shape)}, the weight has {tuple(shape)}"
+        )
+    return scores.float()
 
 
 @merge_method(
@@ -150,3 +184,7 @@ def lrp_merge(
 def _lookup(values: Mapping[Hashable, str | None], key: Hashable) -> str | None:
     value = values.get(key)
     return str(value) if value else None
+
+
+# mergekit's registry may have been imported by this very module (see registration.py)
+register_if_registry_loaded()

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from mergekit_lrp.attnlrp import forwards
+from mergekit_lrp.attnlrp import forwards, hybrid
 
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = (
     "llama",
@@ -17,6 +17,9 @@ SUPPORTED_MODEL_TYPES: tuple[str, ...] = (
     "gemma3",  # Gemma3ForConditionalGeneration: its language model
     "gemma3_text",  # Gemma3ForCausalLM
     "phi3",
+    "qwen3_5",  # Qwen3_5ForConditionalGeneration: its language model
+    "qwen3_5_text",  # Qwen3_5ForCausalLM
+    "qwen3_next",
 )
 
 
@@ -41,11 +44,18 @@ class Architecture:
     attention: str
     norm_forward: Callable
     mlp_forward: Callable
+    # further (class name, forward) pairs, patched wherever present (hybrid layers)
+    extra: tuple[tuple[str, Callable], ...] = ()
 
     def classes(self) -> tuple[type[nn.Module], type[nn.Module], type[nn.Module]]:
         """The (norm, MLP, attention) classes, imported on demand."""
         module = importlib.import_module(f"transformers.models.{self.modeling_module}")
         return tuple(getattr(module, name) for name in (self.norm, self.mlp, self.attention))
+
+    def extra_classes(self) -> list[tuple[type[nn.Module], Callable]]:
+        """The ``extra`` classes with their forwards, imported on demand."""
+        module = importlib.import_module(f"transformers.models.{self.modeling_module}")
+        return [(getattr(module, name), forward) for name, forward in self.extra]
 
 
 def _family(
@@ -64,6 +74,26 @@ def _family(
     )
 
 
+def _hybrid(family: str, prefix: str, moe: bool) -> Architecture:
+    """Qwen3.5 / Qwen3-Next: Gemma-style norms, gated attention, gated delta rule, MoE."""
+    extra = (
+        (f"{prefix}Attention", hybrid.gated_attention),
+        (f"{prefix}GatedDeltaNet", hybrid.gated_delta_net),
+        (f"{prefix}RMSNormGated", hybrid.gated_rms_norm),
+    )
+    if moe:
+        extra += ((f"{prefix}SparseMoeBlock", hybrid.sparse_moe_block),)
+    return Architecture(
+        modeling_module=f"{family}.modeling_{family}",
+        norm=f"{prefix}RMSNorm",
+        mlp=f"{prefix}MLP",
+        attention=f"{prefix}Attention",
+        norm_forward=forwards.gemma_rms_norm,
+        mlp_forward=forwards.gated_mlp,
+        extra=extra,
+    )
+
+
 ARCHITECTURES: dict[str, Architecture] = {
     "llama": _family("llama", "Llama"),
     "mistral": _family("mistral", "Mistral"),
@@ -73,6 +103,9 @@ ARCHITECTURES: dict[str, Architecture] = {
     "gemma2": _family("gemma2", "Gemma2", norm_forward=forwards.gemma_rms_norm),
     "gemma3": _family("gemma3", "Gemma3", norm_forward=forwards.gemma_rms_norm),
     "gemma3_text": _family("gemma3", "Gemma3", norm_forward=forwards.gemma_rms_norm),
+    "qwen3_5": _hybrid("qwen3_5", "Qwen3_5", moe=False),
+    "qwen3_5_text": _hybrid("qwen3_5", "Qwen3_5", moe=False),
+    "qwen3_next": _hybrid("qwen3_next", "Qwen3Next", moe=True),
 }
 
 

@@ -11,6 +11,7 @@ import functools
 import torch
 from torch import nn
 from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 from mergekit_lrp.attnlrp.forwards import softcap as softcap_scores
@@ -33,13 +34,15 @@ def attnlrp_attention(
 
     Uniform rule on both matrix products (q.k^T and weights.v), identity rule on Gemma's
     logit soft-capping, plain gradient through the softmax (gradient x input there is
-    AttnLRP's softmax rule). Rotary embeddings and the scaling are linear and need no
-    rule. Dropout and sliding-window arguments are ignored: no dropout in relevance, and
-    the window is already in the mask.
+    AttnLRP's softmax rule). Without soft-capping this runs on the fused kernel. Rotary
+    embeddings and the scaling are linear and need no rule. Dropout and sliding-window
+    arguments are ignored: no dropout in relevance, and the window is already in the mask.
     """
     lxt = load_lxt_rules()
     if scaling is None:
         scaling = module.head_dim**-0.5
+    if softcap is None:
+        return _fused(module, query, key, value, attention_mask, scaling, lxt)
     groups = module.num_key_value_groups
     key = torch.repeat_interleave(key, groups, dim=1)
     value = torch.repeat_interleave(value, groups, dim=1)
@@ -52,6 +55,26 @@ def attnlrp_attention(
     weights = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     output = lxt.divide_gradient(torch.matmul(weights, value), 2)
     return output.transpose(1, 2).contiguous(), weights
+
+
+def _fused(module, query, key, value, attention_mask, scaling, lxt):
+    """The same rules on PyTorch's fused attention (no attention matrix kept for backward).
+
+    Every gradient below the products is linear in the output gradient, so halving it at
+    weights.v and again at q.k^T (through a plain softmax gradient) is the same as scaling
+    the fused kernel's gradients: 1/2 for v, 1/4 for q and k.
+    """
+    output, _ = sdpa_attention_forward(
+        module,
+        lxt.divide_gradient(query, 4),
+        lxt.divide_gradient(key, 4),
+        lxt.divide_gradient(value, 2),
+        attention_mask,
+        scaling=scaling,
+        dropout=0.0,
+        is_causal=False,  # the mask decides, as in the eager path
+    )
+    return output, None
 
 
 def register_attnlrp_attention() -> None:

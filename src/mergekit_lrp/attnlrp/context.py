@@ -49,8 +49,12 @@ def attnlrp_rules(model: nn.Module) -> Iterator[nn.Module]:
             config.final_logit_softcapping = None
             head = model.get_output_embeddings()
             _replace_forward(head, forwards.softcapped_head, restore, cap=cap)
+        extra = architecture.extra_classes()
         for module in modules:
-            if isinstance(module, norm_class):
+            extra_forward = next((f for c, f in extra if isinstance(module, c)), None)
+            if extra_forward is not None:
+                _replace_forward(module, extra_forward, restore)
+            elif isinstance(module, norm_class):
                 _replace_forward(module, architecture.norm_forward, restore)
             elif isinstance(module, mlp_class):
                 _replace_forward(module, architecture.mlp_forward, restore)

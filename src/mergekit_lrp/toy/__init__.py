@@ -1,0 +1,11 @@
+"""A tiny, locally built Llama model family on which merge methods can be compared.
+
+``build_family`` trains (or reuses from a cache) a base model, one expert per task and a
+multi-task model; ``evaluate_model`` and ``kept_fraction`` score any model on the tasks.
+See docs/toy-family.md.
+"""
+
+from mergekit_lrp.toy.evaluate import evaluate_model, kept_fraction
+from mergekit_lrp.toy.family import PRESETS, Family, build_family
+
+__all__ = ["PRESETS", "Family", "build_family", "evaluate_model", "kept_fraction"]

@@ -1,0 +1,92 @@
+"""Regression: on the quick toy family, lrp at its defaults does not fall behind dare_ties.
+
+Slow (builds the quick family once, ~3 min, cached under .cache/mergekit-lrp).
+"""
+
+import statistics
+from pathlib import Path
+
+import pytest
+import torch
+from merging import run
+
+REPO = Path(__file__).resolve().parent.parent
+DARE_SEEDS = (0, 1, 2)
+WEIGHT = 0.5
+
+
+@pytest.fixture(scope="module")
+def quick_family():
+    from mergekit_lrp.toy import build_family
+
+    return build_family(REPO / ".cache" / "mergekit-lrp", preset="quick", progress=False)
+
+
+@pytest.fixture(scope="module")
+def expert_scores(quick_family, tmp_path_factory):
+    from mergekit_lrp.compute import ComputeOptions, compute_scores
+
+    root = tmp_path_factory.mktemp("scores")
+    files = {}
+    for task, expert in quick_family.experts.items():
+        prompts = root / f"{task}.txt"
+        lines = quick_family.calibration_prompts(task, 32)
+        prompts.write_text("\n".join(p.replace("\n", " ") for p in lines) + "\n")
+        files[task] = root / f"{task}.safetensors"
+        compute_scores(str(expert), str(prompts), str(files[task]),
+                       ComputeOptions(max_length=256, progress=False))
+    return files
+
+
+def merged_kept(family, config, out, seed=None) -> float:
+    from mergekit_lrp.toy import evaluate_model, kept_fraction
+
+    run(config, out, random_seed=seed)
+    kept = kept_fraction(evaluate_model(out, family, split="val"), family, split="val")
+    return statistics.mean(kept.values())
+
+
+def config_for(family, method, scores=None) -> dict:
+    models = []
+    for task, expert in family.experts.items():
+        params = {"weight": WEIGHT}
+        if method == "dare_ties":
+            params["density"] = 0.5  # lrp's default density, for a like-for-like comparison
+        if scores:
+            params["lrp_scores"] = str(scores[task])
+        models.append({"model": str(expert), "parameters": params})
+    return {"merge_method": method, "base_model": str(family.base), "models": models,
+            "dtype": "float32"}
+
+
+@pytest.mark.slow
+def test_lrp_default_is_not_behind_dare_ties(quick_family, expert_scores, tmp_path):
+    lrp = merged_kept(quick_family, config_for(quick_family, "lrp", expert_scores),
+                      tmp_path / "lrp")
+    dare = [merged_kept(quick_family, config_for(quick_family, "dare_ties"),
+                        tmp_path / f"dare{seed}", seed) for seed in DARE_SEEDS]
+    # The margin is dare_ties' own spread over seeds, measured in this run: lrp may not fall
+    # further below dare_ties' mean than dare_ties' seeds fall from each other.
+    margin = max(dare) - min(dare)
+    assert lrp >= statistics.mean(dare) - margin, (lrp, dare)
+
+
+@pytest.mark.slow
+def test_lrp_masks_differ_from_magnitude_top_k(quick_family, expert_scores):
+    from safetensors.torch import load_file
+
+    from mergekit_lrp.score_file import ScoreReader
+    from mergekit_lrp.selection import kept_count, top_k_mask
+
+    task = next(iter(quick_family.experts))
+    base = load_file(str(quick_family.base / "model.safetensors"))
+    expert = load_file(str(quick_family.experts[task] / "model.safetensors"))
+    reader = ScoreReader(expert_scores[task])
+    overlaps = []
+    for name in ("model.layers.0.mlp.down_proj.weight", "model.layers.0.self_attn.q_proj.weight"):
+        delta = expert[name] - base[name]
+        k = kept_count(0.5, delta.numel())
+        lrp_mask = top_k_mask(delta.abs() * reader.get(name, shape=delta.shape), k)
+        overlaps.append(float((lrp_mask & top_k_mask(delta.abs(), k)).sum()) / k)
+    assert all(overlap < 0.97 for overlap in overlaps), overlaps
+    assert torch.isfinite(torch.tensor(overlaps)).all()

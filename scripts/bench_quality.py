@@ -160,9 +160,10 @@ def evaluate(model_dir: Path, family, split: str, exact: bool) -> dict[str, dict
     return {t: {"kept": kept[t], "exact_match": metrics[t]["exact_match"]} for t in metrics}
 
 
-def subsets_of(tasks, quick: bool) -> list[tuple[str, ...]]:
+def subsets_of(tasks, quick: bool, which: str = "both") -> list[tuple[str, ...]]:
     pairs = list(itertools.combinations(tasks, 2))
-    return ([pairs[0]] if quick else pairs) + [tuple(tasks)]
+    pairs = pairs[:1] if quick else pairs
+    return {"pairs": pairs, "all": [tuple(tasks)], "both": pairs + [tuple(tasks)]}[which]
 
 
 def subset_mean(metrics: dict, subset) -> float:
@@ -187,7 +188,7 @@ def run(args) -> dict:
     score_files = compute_score_files(
         family, {m.scores for m in methods if m.scores}, score_root, bar.write
     )
-    subsets = subsets_of(family.tasks, args.quick)
+    subsets = subsets_of(family.tasks, args.quick, args.subsets)
     jobs = []
     for subset in subsets:
         weights = sorted({round(1 / len(subset), 4), 0.5, 1.0})
@@ -269,7 +270,7 @@ def markdown(results: dict) -> str:
     summary = summarize(results)
     densities = [str(d) for d in results["densities"]]
     lines = [
-        f"Mean over {{pairs, all {len(results['tasks'])} experts}} of the mean test-split kept "
+        f"Mean over the merged subsets ({results['subsets']}) of the mean test-split kept "
         "fraction of each expert's answer-NLL improvement (1 = expert, 0 = base); "
         "random methods: mean over seeds [min, max].",
         "",
@@ -354,6 +355,8 @@ def main() -> None:
         help="also run the lrp variant rows (target, consensus, calibration)",
     )
     parser.add_argument("--no-exact", action="store_true", help="skip exact-match decoding")
+    parser.add_argument("--subsets", choices=("both", "pairs", "all"), default="both",
+                        help="merge every pair of experts, all experts together, or both")
     parser.add_argument("--out", default="bench-out/quality")
     parser.add_argument("--cache", default=str(REPO / ".cache" / "mergekit-lrp"))
     parser.add_argument("--threads", type=int, default=2)

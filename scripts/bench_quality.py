@@ -86,6 +86,8 @@ def method_parameters(method: Method, density: float) -> tuple[dict, dict]:
         if method.merge_method == "sce":
             return {"select_topk": density, **method.params}, per_model
         per_model["density"] = density
+        if method.merge_method == "della":  # density +/- epsilon must stay inside (0, 1)
+            per_model["epsilon"] = min(0.15, 0.5 * min(density, 1 - density))
     return dict(method.params), per_model
 
 
@@ -197,10 +199,15 @@ def run(args) -> dict:
                 jobs.append((subset, method, density, weights))
     bar.total = sum(len(w) * len(m.seeds) for _, m, _, w in jobs)
     bar.refresh()
-    rows = []
+    partial = Path(args.out) / "rows.partial.json"
+    rows = json.loads(partial.read_text()) if partial.exists() else []
+    done = {(tuple(r["subset"]), r["method"], r["density"]) for r in rows}
     scratch = Path(tempfile.mkdtemp(prefix="bench-quality-"))
     try:
         for subset, method, density, weights in jobs:
+            if (subset, method.name, density) in done:  # finished by an interrupted run
+                bar.update(len(weights) * len(method.seeds))
+                continue
             val = {}
             for weight in weights:
                 per_seed = []
@@ -332,8 +339,10 @@ def plot(results: dict, path: Path) -> None:
             axis.fill_between(densities, lows, highs, alpha=0.2, color=line.get_color())
     axis.set_xlabel("density")
     axis.set_ylabel("kept fraction of expert improvement (test)")
-    axis.set_title("Merge quality on the toy family (mean over pairs and all experts)")
-    axis.legend(fontsize=8)
+    axis.set_ylim(-0.2, 1.0)
+    axis.set_title(f"Merge quality on the toy family ({results['subsets']}); "
+                   "values below -0.2 clipped", fontsize=10)
+    axis.legend(fontsize=7, ncol=2, loc="lower right")
     axis.grid(alpha=0.3)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
@@ -366,6 +375,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     results = run(args)
     (out / "results.json").write_text(json.dumps(results, indent=2))
+    (out / "rows.partial.json").unlink(missing_ok=True)
     table = markdown(results)
     (out / "results.md").write_text(table)
     plot(results, out / "results.png")

@@ -6,7 +6,7 @@ import types
 import pytest
 import torch
 import transformers
-from tiny_models import make_tiny_gemma3_multimodal, make_tiny_model
+from tiny_models import make_tiny_gemma3_multimodal, make_tiny_model, train_on_a_cycle
 
 from mergekit_lrp.attnlrp import (
     SUPPORTED_MODEL_TYPES,
@@ -108,20 +108,7 @@ def test_missing_lxt_is_an_import_error(monkeypatch):
 
 def train_llama_on_a_cycle(seed=0, steps=100):
     """A tiny Llama trained (~1 s) to continue a repeated random 7-token cycle."""
-    model = make_tiny_model("llama", seed=seed)
-    generator = torch.Generator().manual_seed(seed)
-    cycle = (torch.randperm(90, generator=generator)[:7] + 3).repeat(10)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    model.train()
-    for _ in range(steps):
-        starts = torch.randint(0, 7, (8,), generator=generator)
-        batch = torch.stack([cycle[s : s + 16] for s in starts])
-        loss = model(batch, labels=batch).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    assert loss < 0.01  # it learned the cycle
-    return model.eval(), cycle
+    return train_on_a_cycle(make_tiny_model("llama", seed=seed), seed=seed, steps=steps)
 
 
 def test_conservation_on_a_trained_llama():

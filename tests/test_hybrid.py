@@ -19,7 +19,7 @@ import yaml
 from checkpoints import char_tokenizer
 from merging import read_weights, run
 from safetensors.torch import load_file, save_file
-from tiny_models import make_tiny_hybrid, make_tiny_qwen3_5_multimodal
+from tiny_models import make_tiny_hybrid, make_tiny_qwen3_5_multimodal, train_on_a_cycle
 from transformers.models.qwen3_5 import modeling_qwen3_5
 
 from mergekit_lrp.attnlrp import attnlrp_rules, hybrid
@@ -165,22 +165,9 @@ def test_linear_attention_and_moe_blocks_conserve_relevance(monkeypatch):
         torch.testing.assert_close(r_in, r_out, rtol=1e-4, atol=1e-6)
 
 
-def train_on_a_cycle(model_type, seed=0, steps=100):
+def train_hybrid_on_a_cycle(model_type, seed=0, steps=100):
     """A tiny hybrid trained (~3 s) to continue a repeated random 7-token cycle."""
-    model = make_tiny_hybrid(model_type, seed=seed)
-    generator = torch.Generator().manual_seed(seed)
-    cycle = (torch.randperm(90, generator=generator)[:7] + 3).repeat(10)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    model.train()
-    for _ in range(steps):
-        starts = torch.randint(0, 7, (8,), generator=generator)
-        batch = torch.stack([cycle[s : s + 16] for s in starts])
-        loss = model(batch, labels=batch).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    assert loss < 0.01
-    return model.eval(), cycle
+    return train_on_a_cycle(make_tiny_hybrid(model_type, seed=seed), seed=seed, steps=steps)
 
 
 @pytest.mark.parametrize("model_type", ["qwen3_5_text", "qwen3_next"])
@@ -195,7 +182,7 @@ def test_conservation_on_trained_hybrids(model_type):
     1.05] cover every seed measured with >= 0.05 margin around seed 0. Plain gradient x
     input measured |ratio| <= 0.005 (final RMSNorm: scale invariance).
     """
-    model, cycle = train_on_a_cycle(model_type)
+    model, cycle = train_hybrid_on_a_cycle(model_type)
     for start in range(7):
         ids = cycle[start : start + 12][None]
         target, inputs, _ = relevance(model, ids)

@@ -154,3 +154,20 @@ def make_tiny_qwen3_5_multimodal(seed: int = 0, layers: int = 4, **text) -> nn.M
     )
     torch.manual_seed(seed)
     return _randomise_vectors(transformers.Qwen3_5ForConditionalGeneration(config))
+
+
+def train_on_a_cycle(model: nn.Module, seed: int = 0, steps: int = 100):
+    """Train ``model`` (seconds) to continue a repeated random 7-token cycle; eval mode after."""
+    generator = torch.Generator().manual_seed(seed)
+    cycle = (torch.randperm(90, generator=generator)[:7] + 3).repeat(10)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(steps):
+        starts = torch.randint(0, 7, (8,), generator=generator)
+        batch = torch.stack([cycle[s : s + 16] for s in starts])
+        loss = model(batch, labels=batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss < 0.01  # it learned the cycle
+    return model.eval(), cycle

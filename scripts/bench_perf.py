@@ -184,7 +184,7 @@ def worker_merge(config_path: str, out: str) -> dict:
     return {"seconds": seconds, "peak_rss": peak_rss_bytes(), "rss_before": rss_before}
 
 
-def bench_merge(root: Path, quick: bool) -> dict:
+def bench_merge(root: Path, quick: bool, repeats: int) -> dict:
     size = "10M" if quick else "100M"
     base = build_model(size, root)
     fts = [perturbed_copy(base, root / f"llama-{size}-ft{i}", seed=i) for i in (1, 2)]
@@ -193,7 +193,7 @@ def bench_merge(root: Path, quick: bool) -> dict:
         for i, ft in zip((1, 2), fts, strict=True)
     ]
     runs = {"dare_ties": [], "lrp": []}
-    for _ in range(3 if quick else 5):  # alternate, so machine drift hits both
+    for _ in range(max(3, repeats)):  # alternate, so machine drift hits both
         for method in runs:
             config = root / f"merge-{method}.json"
             config.write_text(json.dumps(merge_config(method, base, fts, scores)))
@@ -262,12 +262,11 @@ def run_worker(*args: str) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def bench_precompute(root: Path, quick: bool) -> list[dict]:
+def bench_precompute(root: Path, quick: bool, repeats: int) -> list[dict]:
     rows = []
     sizes = ["10M"] if quick else ["10M", "100M"]
     lengths = [64, 256] if quick else [128, 512]
-    count = 3 if quick else 5
-    repeats = 1 if quick else 3
+    count = 3 if quick else 4
     for size in sizes:
         model_dir = build_model(size, root)
         for length in lengths:
@@ -327,7 +326,9 @@ def precompute_table(rows: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smaller grid, one repeat")
+    parser.add_argument("--quick", action="store_true", help="10M model only, shorter prompts")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="alternating repeats of each timing (medians are reported)")
     parser.add_argument("--out", default="bench-out/perf")
     parser.add_argument("--cache", default=".cache/mergekit-lrp/perf-models")
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
@@ -344,8 +345,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     cache.mkdir(parents=True, exist_ok=True)
     results = {
-        "precompute": bench_precompute(cache, args.quick),
-        "merge": bench_merge(cache, args.quick),
+        "precompute": bench_precompute(cache, args.quick, args.repeats),
+        "merge": bench_merge(cache, args.quick, args.repeats),
         "score_dtype": bench_score_dtype(cache, args.quick),
         "command": " ".join(["python", "scripts/bench_perf.py", *sys.argv[1:]]),
     }

@@ -15,7 +15,7 @@ from mergekit_lrp.attnlrp import SUPPORTED_MODEL_TYPES
 from mergekit_lrp.cli import main as cli
 from mergekit_lrp.compute import ComputeOptions, compute_scores, relevance_scores
 from mergekit_lrp.fingerprint import checkpoint_tensor_files, model_fingerprint
-from mergekit_lrp.relevance import relevance_pass
+from mergekit_lrp.relevance import backward_ready, relevance_pass
 from mergekit_lrp.score_file import ScoreReader
 
 PROMPTS = ["12+34=46", "reverse: abc -> cba", "the cat sat on the mat", "key k7 -> v3"]
@@ -245,6 +245,16 @@ def test_prompt_formats(tmp_path):
     datasets.Dataset.from_dict({"text": ["a", "", "b"]}).save_to_disk(str(tmp_path / "ds"))
     assert load_prompts(tmp_path / "ds", tokenizer) == ["a", "b"]
     assert load_prompts(jsonl, tokenizer, limit=1) == ["plain"]
+
+
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_checkpointing_is_on_only_when_asked_and_restored(checkpointing):
+    model = tiny_llama(seed=6)
+    with backward_ready(model, checkpointing):
+        assert model.is_activation_checkpointing is checkpointing
+        assert model.model.layers[0].gradient_checkpointing is checkpointing
+    assert not model.is_activation_checkpointing
+    assert not model.model.layers[0].gradient_checkpointing
 
 
 def test_checkpointing_changes_memory_not_scores():

@@ -21,7 +21,8 @@ class PassResult:
 def backward_ready(model: torch.nn.Module, checkpointing: bool = True):
     """Checkpointing on (unless told), KV cache and dropout off, every parameter requiring grad.
 
-    Everything is restored on exit, so the model behaves as before afterwards.
+    Everything is restored on exit, so the model behaves as before afterwards. With
+    ``checkpointing=False`` a model that already checkpoints keeps doing so.
     Train mode is needed because transformers only checkpoints while training;
     dropout modules are set to p=0 for the duration.
     """
@@ -37,10 +38,8 @@ def backward_ready(model: torch.nn.Module, checkpointing: bool = True):
         for module, _ in dropouts:
             module.p = 0.0
         model.train()
-        if not was_checkpointing:
-            model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
-            )
+        if checkpointing and not was_checkpointing:
+            enable({"use_reentrant": False})
         for parameter, _ in requires_grad:
             parameter.requires_grad_(True)
         yield

@@ -139,8 +139,8 @@ def compute_score_files(family, keys, root: Path, progress) -> dict:
     return files
 
 
-def evaluate(model_dir: Path, family, split: str, exact: bool) -> dict[str, dict]:
-    """Per task: kept fraction (always) and exact match (when asked, skills only)."""
+def evaluate(model_dir: Path, family, split: str, exact: bool, tasks=None) -> dict[str, dict]:
+    """Per task of ``tasks`` (default: all): kept fraction, and exact match when asked."""
     from transformers import AutoModelForCausalLM
 
     from mergekit_lrp.toy import kept_fraction
@@ -148,7 +148,7 @@ def evaluate(model_dir: Path, family, split: str, exact: bool) -> dict[str, dict
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     metrics = {}
-    for task in family.tasks:
+    for task in tasks or family.tasks:
         examples = family.eval_examples(task, split)
         task_object = family.task_objects[task]
         if exact:
@@ -168,8 +168,85 @@ def subsets_of(tasks, quick: bool, which: str = "both") -> list[tuple[str, ...]]
     return {"pairs": pairs, "all": [tuple(tasks)], "both": pairs + [tuple(tasks)]}[which]
 
 
+def weights_for(subset) -> list[float]:
+    """The per-model weights swept on the validation split: {1/N, 0.5, 1}."""
+    return sorted({round(1 / len(subset), 4), 0.5, 1.0})
+
+
 def subset_mean(metrics: dict, subset) -> float:
     return statistics.mean(metrics[t]["kept"] for t in subset)
+
+
+def selected_methods(args) -> list[Method]:
+    methods = [m for m in METHODS if not args.quick or m.name in QUICK_METHODS]
+    if args.variants and not args.quick:
+        methods += VARIANTS
+    if args.methods:
+        known = {m.name: m for m in METHODS + VARIANTS}
+        unknown = [name for name in args.methods if name not in known]
+        if unknown:
+            raise SystemExit(f"unknown --methods {unknown}; known: {sorted(known)}")
+        methods = [known[name] for name in args.methods]
+    return methods
+
+
+def run_family(args, family, methods, densities, bar, rows, done, scratch) -> None:
+    """Every merge of ``methods`` on one family; appends finished rows to ``rows``."""
+    score_root = family.root / "scores"
+    score_root.mkdir(exist_ok=True)
+    score_files = compute_score_files(
+        family, {m.scores for m in methods if m.scores}, score_root, bar.write
+    )
+    for subset in subsets_of(family.tasks, args.quick, args.subsets):
+        weights = weights_for(subset)
+        for method in methods:
+            for density in densities if method.uses_density else (None,):
+                if (family.seed, subset, method.name, density) in done:  # interrupted run
+                    bar.update(len(weights) * len(method.seeds))
+                    continue
+                rows.append(
+                    merge_row(
+                        args, family, subset, method, density, weights, score_files, bar, scratch
+                    )
+                )
+                save_partial(args, rows)
+
+
+def merge_row(args, family, subset, method, density, weights, score_files, bar, scratch):
+    """Choose the weight on the validation split, then score the test split at it."""
+    out = scratch / "merged"
+    val = {}
+    for weight in weights:
+        per_seed = []
+        for seed in method.seeds:
+            run_merge(merge_config(family, subset, method, density, weight, score_files), out, seed)
+            # the weight is chosen on the merged tasks only; the test split scores all tasks
+            per_seed.append(subset_mean(evaluate(out, family, "val", False, subset), subset))
+            shutil.rmtree(out)
+            bar.update(1)
+        val[weight] = statistics.mean(per_seed)
+    chosen = max(weights, key=lambda w: (val[w], -w))
+    tests = []
+    for seed in method.seeds:
+        run_merge(merge_config(family, subset, method, density, chosen, score_files), out, seed)
+        tests.append(evaluate(out, family, "test", exact=not args.no_exact))
+        shutil.rmtree(out)
+    return {
+        "family_seed": family.seed,
+        "subset": list(subset),
+        "method": method.name,
+        "density": density,
+        "weight": chosen,
+        "val_mean_kept": val,
+        "test": tests,
+        "test_mean_kept": [subset_mean(t, subset) for t in tests],
+    }
+
+
+def save_partial(args, rows) -> None:
+    partial = Path(args.out) / "rows.partial.json"
+    partial.with_suffix(".tmp").write_text(json.dumps(rows))
+    partial.with_suffix(".tmp").replace(partial)
 
 
 def run(args) -> dict:
@@ -179,73 +256,36 @@ def run(args) -> dict:
 
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    family = build_family(Path(args.cache), preset=args.preset, progress=True)
-    methods = [m for m in METHODS if not args.quick or m.name in QUICK_METHODS]
-    if args.variants and not args.quick:
-        methods += VARIANTS
+    methods = selected_methods(args)
     densities = (0.3, 0.7) if args.quick else DENSITIES
-    score_root = family.root / "scores"
-    score_root.mkdir(exist_ok=True)
-    bar = tqdm(total=0, unit="merge", desc="merges", file=sys.stderr)
-    score_files = compute_score_files(
-        family, {m.scores for m in methods if m.scores}, score_root, bar.write
-    )
-    subsets = subsets_of(family.tasks, args.quick, args.subsets)
-    jobs = []
-    for subset in subsets:
-        weights = sorted({round(1 / len(subset), 4), 0.5, 1.0})
-        for method in methods:
-            for density in densities if method.uses_density else (None,):
-                jobs.append((subset, method, density, weights))
-    bar.total = sum(len(w) * len(m.seeds) for _, m, _, w in jobs)
-    bar.refresh()
+    families = [
+        build_family(Path(args.cache), preset=args.preset, seed=seed, progress=True)
+        for seed in args.family_seeds
+    ]
     partial = Path(args.out) / "rows.partial.json"
     rows = json.loads(partial.read_text()) if partial.exists() else []
-    done = {(tuple(r["subset"]), r["method"], r["density"]) for r in rows}
+    done = {(r["family_seed"], tuple(r["subset"]), r["method"], r["density"]) for r in rows}
+    bar = tqdm(total=0, unit="merge", desc="merges", file=sys.stderr)
+    for family in families:
+        for subset in subsets_of(family.tasks, args.quick, args.subsets):
+            for method in methods:
+                n_densities = len(densities) if method.uses_density else 1
+                bar.total += n_densities * len(weights_for(subset)) * len(method.seeds)
+    bar.refresh()
     scratch = Path(tempfile.mkdtemp(prefix="bench-quality-"))
     try:
-        for subset, method, density, weights in jobs:
-            if (subset, method.name, density) in done:  # finished by an interrupted run
-                bar.update(len(weights) * len(method.seeds))
-                continue
-            val = {}
-            for weight in weights:
-                per_seed = []
-                for seed in method.seeds:
-                    out = scratch / "merged"
-                    config = merge_config(family, subset, method, density, weight, score_files)
-                    run_merge(config, out, seed)
-                    per_seed.append(subset_mean(evaluate(out, family, "val", False), subset))
-                    shutil.rmtree(out)
-                    bar.update(1)
-                val[weight] = statistics.mean(per_seed)
-            chosen = max(weights, key=lambda w: (val[w], -w))
-            tests = []
-            for seed in method.seeds:
-                out = scratch / "merged"
-                config = merge_config(family, subset, method, density, chosen, score_files)
-                run_merge(config, out, seed)
-                tests.append(evaluate(out, family, "test", exact=not args.no_exact))
-                shutil.rmtree(out)
-            rows.append(
-                {
-                    "subset": list(subset),
-                    "method": method.name,
-                    "density": density,
-                    "weight": chosen,
-                    "val_mean_kept": val,
-                    "test": tests,
-                    "test_mean_kept": [subset_mean(t, subset) for t in tests],
-                }
-            )
+        for family in families:
+            run_family(args, family, methods, densities, bar, rows, done, scratch)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
         bar.close()
     return {
         "preset": args.preset,
         "quick": args.quick,
-        "family": str(family.root),
-        "tasks": list(family.tasks),
+        "families": [str(f.root) for f in families],
+        "family_seeds": list(args.family_seeds),
+        "tasks": list(families[0].tasks),
+        "subsets": args.subsets,
         "densities": list(densities),
         "methods": [m.name for m in methods],
         "rows": rows,
@@ -257,37 +297,51 @@ def run(args) -> dict:
 QUICK_METHODS = {"lrp (delta)", "task_arithmetic", "ties", "dare_ties"}
 
 
-def summarize(results: dict) -> dict:
-    """method -> density -> (mean over subsets of the seed-mean, min and max over seeds)."""
-    table: dict = {}
-    for row in results["rows"]:
-        scores = row["test_mean_kept"]
-        cell = table.setdefault(row["method"], {}).setdefault(str(row["density"]), [])
-        cell.append((statistics.mean(scores), min(scores), max(scores)))
+def subset_kinds(results: dict) -> list[tuple[str, list[dict]]]:
+    """The rows split into two-expert pairs and all-experts merges (those present)."""
+    n_tasks = len(results["tasks"])
+    kinds = [
+        ("pairs", [r for r in results["rows"] if len(r["subset"]) == 2]),
+        (f"all {n_tasks} experts", [r for r in results["rows"] if len(r["subset"]) == n_tasks]),
+    ]
+    return [(name, rows) for name, rows in kinds if rows]
+
+
+def summarize(rows: list[dict]) -> dict:
+    """method -> density -> (mean, min, max) over family seeds x merge seeds.
+
+    Each (family seed, merge seed) contributes the mean over the merged subsets of its
+    test-split kept fraction; random methods vary with both, `lrp` only with the family.
+    """
+    runs: dict = {}
+    for row in rows:
+        by_run = runs.setdefault(row["method"], {}).setdefault(str(row["density"]), {})
+        for index, score in enumerate(row["test_mean_kept"]):
+            by_run.setdefault((row.get("family_seed", 0), index), []).append(score)
     return {
         method: {
-            d: tuple(statistics.mean(x[i] for x in cells) for i in range(3))
-            for d, cells in by_density.items()
+            d: (
+                statistics.mean(values := [statistics.mean(s) for s in by_run.values()]),
+                min(values),
+                max(values),
+            )
+            for d, by_run in by_density.items()
         }
-        for method, by_density in table.items()
+        for method, by_density in runs.items()
     }
 
 
-def markdown(results: dict) -> str:
-    summary = summarize(results)
-    densities = [str(d) for d in results["densities"]]
+def summary_table(rows: list[dict], densities) -> list[str]:
+    densities = [str(d) for d in densities]
     lines = [
-        f"Mean over the merged subsets ({results['subsets']}) of the mean test-split kept "
-        "fraction of each expert's answer-NLL improvement (1 = expert, 0 = base); "
-        "random methods: mean over seeds [min, max].",
-        "",
         "| method | " + " | ".join(f"density {d}" for d in densities) + " |",
         "|---|" + "---|" * len(densities),
     ]
-    for method, by_density in summary.items():
+    for method, by_density in summarize(rows).items():
         if "None" in by_density:
             mean, low, high = by_density["None"]
-            cells = [f"{mean:.3f} (no density)"] * len(densities)
+            spread = f" [{low:.3f}, {high:.3f}]" if high > low else ""
+            cells = [f"{mean:.3f}{spread} (no density)"] * len(densities)
         else:
             cells = []
             for d in densities:
@@ -295,13 +349,25 @@ def markdown(results: dict) -> str:
                 spread = f" [{low:.3f}, {high:.3f}]" if high > low else ""
                 cells.append(f"{mean:.3f}{spread}")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def markdown(results: dict) -> str:
+    lines = [
+        "Test-split kept fraction of each expert's answer-NLL improvement (1 = expert, "
+        "0 = base), averaged over the merged experts and over the subsets of each kind; "
+        f"family seeds {results.get('family_seeds', [0])}; [min, max] over family seeds "
+        "and, for random methods, merge seeds.",
+    ]
+    for name, rows in subset_kinds(results):
+        lines += ["", f"**{name}**", "", *summary_table(rows, results["densities"])]
     lines += [
         "",
-        "Per subset (test kept fraction per task at the chosen weight, exact match "
-        "in parentheses):",
+        "Per merge (test kept fraction per merged task at the chosen weight, exact match "
+        "in parentheses; `others`: mean kept fraction on the tasks not merged):",
         "",
-        "| subset | method | density | weight | per task | mean |",
-        "|---|---|---|---|---|---|",
+        "| family | subset | method | density | weight | per task | others | mean |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in results["rows"]:
         test = row["test"][0]
@@ -310,10 +376,12 @@ def markdown(results: dict) -> str:
             + (f" ({test[t]['exact_match']:.2f})" if test[t]["exact_match"] is not None else "")
             for t in row["subset"]
         )
+        others = [test[t]["kept"] for t in test if t not in row["subset"]]
+        others = f"{statistics.mean(others):.2f}" if others else "-"
         mean = statistics.mean(row["test_mean_kept"])
         lines.append(
-            f"| {'+'.join(row['subset'])} | {row['method']} | {row['density']} | "
-            f"{row['weight']} | {per_task} | {mean:.3f} |"
+            f"| {row.get('family_seed', 0)} | {'+'.join(row['subset'])} | {row['method']} | "
+            f"{row['density']} | {row['weight']} | {per_task} | {others} | {mean:.3f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -324,26 +392,32 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    summary = summarize(results)
+    kinds = subset_kinds(results)
     densities = results["densities"]
-    figure, axis = plt.subplots(figsize=(8, 5))
-    for method, by_density in summary.items():
-        if "None" in by_density:
-            axis.axhline(by_density["None"][0], linestyle=":", color="gray", label=method)
-            continue
-        means = [by_density[str(d)][0] for d in densities]
-        (line,) = axis.plot(densities, means, marker="o", label=method)
-        lows = [by_density[str(d)][1] for d in densities]
-        highs = [by_density[str(d)][2] for d in densities]
-        if any(h > lo for h, lo in zip(highs, lows, strict=True)):
-            axis.fill_between(densities, lows, highs, alpha=0.2, color=line.get_color())
-    axis.set_xlabel("density")
-    axis.set_ylabel("kept fraction of expert improvement (test)")
-    axis.set_ylim(-0.2, 1.0)
-    axis.set_title(f"Merge quality on the toy family ({results['subsets']}); "
-                   "values below -0.2 clipped", fontsize=10)
-    axis.legend(fontsize=7, ncol=2, loc="lower right")
-    axis.grid(alpha=0.3)
+    figure, axes = plt.subplots(1, len(kinds), figsize=(7 * len(kinds), 5), squeeze=False)
+    colours = plt.get_cmap("tab20").colors
+    for axis, (name, rows) in zip(axes[0], kinds, strict=True):
+        for index, (method, by_density) in enumerate(summarize(rows).items()):
+            if "None" in by_density:
+                axis.axhline(by_density["None"][0], linestyle=":", color="gray", label=method)
+                continue
+            style = "--" if ", " in method else "-"  # variant rows dashed
+            colour = colours[index % len(colours)]
+            means = [by_density[str(d)][0] for d in densities]
+            axis.plot(densities, means, style, marker="o", color=colour, label=method)
+            lows = [by_density[str(d)][1] for d in densities]
+            highs = [by_density[str(d)][2] for d in densities]
+            if any(h > lo for h, lo in zip(highs, lows, strict=True)):
+                axis.fill_between(densities, lows, highs, alpha=0.2, color=colour)
+        axis.set_xlabel("density")
+        axis.set_ylabel("kept fraction of expert improvement (test)")
+        axis.set_ylim(-0.2, 1.0)
+        axis.set_title(
+            f"{name}; family seeds {results.get('family_seeds', [0])}; values below -0.2 clipped",
+            fontsize=10,
+        )
+        axis.legend(fontsize=7, ncol=2, loc="lower right")
+        axis.grid(alpha=0.3)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
 
@@ -364,8 +438,25 @@ def main() -> None:
         help="also run the lrp variant rows (target, consensus, calibration)",
     )
     parser.add_argument("--no-exact", action="store_true", help="skip exact-match decoding")
-    parser.add_argument("--subsets", choices=("both", "pairs", "all"), default="both",
-                        help="merge every pair of experts, all experts together, or both")
+    parser.add_argument(
+        "--family-seeds",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="build and merge one family per seed (spread across families)",
+    )
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        help="only these rows, by table name (e.g. 'lrp (delta)' ties)",
+    )
+    parser.add_argument(
+        "--subsets",
+        choices=("both", "pairs", "all"),
+        default="both",
+        help="merge every pair of experts, all experts together, or both",
+    )
     parser.add_argument("--out", default="bench-out/quality")
     parser.add_argument("--cache", default=str(REPO / ".cache" / "mergekit-lrp"))
     parser.add_argument("--threads", type=int, default=2)

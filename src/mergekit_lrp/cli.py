@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
 import click
 
 from mergekit_lrp.compute import DTYPES, ComputeOptions, resume_path
+from mergekit_lrp.distributed import Workers, launched_world_size
 from mergekit_lrp.relevance import TARGETS
 
 
@@ -55,6 +58,14 @@ from mergekit_lrp.relevance import TARGETS
     help="auto = CUDA when available, else CPU.",
 )
 @click.option(
+    "--device-map",
+    type=click.Choice(["auto"]),
+    default=None,
+    help="Load the model with transformers' device_map=auto: its layers are spread over "
+    "every GPU of this machine (then CPU RAM), for a model too big for one GPU. Not with "
+    "several processes.",
+)
+@click.option(
     "--target",
     type=click.Choice(TARGETS),
     default="predicted",
@@ -99,6 +110,7 @@ def main(
     num_prompts,
     dtype,
     device,
+    device_map,
     target,
     score_dtype,
     resume,
@@ -121,6 +133,11 @@ def main(
 
     The output is written atomically; an interrupted run can be continued with
     --resume from its last checkpoint.
+
+    Several processes share the prompts when started by a launcher, e.g.
+    `torchrun --nproc-per-node 8 --no-python lrp-compute MODEL ...` (or `accelerate
+    launch`): each scores every N-th prompt, the sums are all-reduced (nccl on GPUs,
+    gloo on CPUs) and the first process writes the file.
     """
     from mergekit_lrp.compute import compute_scores
 
@@ -129,6 +146,7 @@ def main(
         num_prompts=num_prompts,
         dtype=dtype,
         device=device,
+        device_map=device_map,
         target=target,
         score_dtype=score_dtype,
         resume=resume,
@@ -140,7 +158,8 @@ def main(
     try:
         summary = compute_scores(model, prompts, output, options)
     except KeyboardInterrupt:
-        checkpoint = resume_path(click.format_filename(output))
+        launched = Workers(int(os.environ.get("RANK", "0")), launched_world_size())
+        checkpoint = resume_path(click.format_filename(output), launched)
         raise click.ClickException(
             "interrupted; no score file was written. "
             + (

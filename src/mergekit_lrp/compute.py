@@ -8,13 +8,14 @@ import resource
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from mergekit_lrp import __version__
 from mergekit_lrp.accumulator import GradientAccumulator, ResumeError
+from mergekit_lrp.distributed import Workers, joined_workers, launched_world_size
 from mergekit_lrp.fingerprint import SCHEME, checkpoint_tensor_files, fingerprint_tensors
 from mergekit_lrp.prompts import load_prompts
 from mergekit_lrp.relevance import TARGETS, PassResult, backward_ready, relevance_pass
@@ -40,6 +41,9 @@ class ComputeOptions:
     checkpoint_every: int = 100
     gradient_checkpointing: bool = True
     progress: bool = True
+    #: passed to ``from_pretrained``: "auto" spreads a model too big for one GPU over all
+    #: of them; a dict maps module names to devices
+    device_map: str | dict | None = None
 
 
 @dataclass
@@ -53,6 +57,8 @@ class ComputeSummary:
     last: PassResult | None
     resumed_from: int = 0
     unscored_tensors: list[str] = field(default_factory=list)
+    processes: int = 1
+    main_process: bool = True  # only the first of several processes reports
 
     @property
     def conservation(self) -> float:
@@ -62,13 +68,17 @@ class ComputeSummary:
         return self.last.input_relevance / self.last.target
 
     def lines(self) -> list[str]:
+        if not self.main_process:
+            return []
         rate = (self.prompts - self.resumed_from) / self.seconds if self.seconds else 0.0
         lines = [
-            f"wrote {self.output}",
+            f"wrote {self.output}"
+            + (f" (prompts shared by {self.processes} processes)" if self.processes > 1 else ""),
             f"prompts: {self.prompts} ({self.resumed_from} from checkpoint), "
             f"tokens: {self.tokens}, truncated to --max-length: {self.truncated}",
             f"time: {self.seconds:.1f} s ({rate:.2f} prompts/s), "
-            f"peak memory: {self.peak_memory_bytes / 2**30:.2f} GiB",
+            f"peak memory: {self.peak_memory_bytes / 2**30:.2f} GiB"
+            + (" (largest process)" if self.processes > 1 else ""),
         ]
         if self.last is not None:
             lines.append(
@@ -84,9 +94,13 @@ class ComputeSummary:
         return lines
 
 
-def resume_path(output: str | Path) -> Path:
+def resume_path(output: str | Path, workers: Workers | None = None) -> Path:
+    """Where a run writing ``output`` checkpoints; one file per process when shared."""
     output = Path(output)
-    return output.with_name(output.name + ".resume")
+    suffix = ""
+    if workers is not None and workers.world_size > 1:
+        suffix = f".rank{workers.rank}-of-{workers.world_size}"
+    return output.with_name(output.name + ".resume" + suffix)
 
 
 def resolve_model_dir(model: str) -> Path:
@@ -116,6 +130,12 @@ def pick_device(device: str) -> torch.device:
     if device == "cuda" and not torch.cuda.is_available():
         raise ComputeError("--device cuda was given but no CUDA device is available")
     return torch.device(device)
+
+
+def input_device(model) -> torch.device:
+    """Where input ids must go: the device of the input embeddings (under a device map
+    the first and last layers may sit on different GPUs)."""
+    return model.get_input_embeddings().weight.device
 
 
 def checkpoint_names(
@@ -193,7 +213,9 @@ def checkpoint_layout(
     return out
 
 
-def run_signature(fingerprint: str, prompts: list[str], options: ComputeOptions, dtype) -> dict:
+def run_signature(
+    fingerprint: str, prompts: list[str], options: ComputeOptions, dtype, workers: Workers
+) -> dict:
     """What a resume checkpoint must agree on to be continued."""
     digest = hashlib.sha256(json.dumps(prompts).encode()).hexdigest()
     return {
@@ -202,6 +224,7 @@ def run_signature(fingerprint: str, prompts: list[str], options: ComputeOptions,
         "max_length": options.max_length,
         "target": options.target,
         "dtype": str(dtype),
+        "process": f"{workers.rank} of {workers.world_size}",
     }
 
 
@@ -228,7 +251,7 @@ def run_prompts(net, tokenizer, prompts, options, accumulator, state, save_check
 
     from mergekit_lrp.attnlrp import attnlrp_rules
 
-    device = next(net.parameters()).device
+    device = input_device(net)
     bar = tqdm(
         total=len(prompts),
         initial=state.done,
@@ -268,8 +291,12 @@ def relevance_scores(model, tokenizer, prompts, options=None) -> dict[str, torch
 
 
 def compute_scores(model: str, prompts_path: str, output: str, options: ComputeOptions):
-    """Compute and write the score file; returns a :class:`ComputeSummary`."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    """Compute and write the score file; returns a :class:`ComputeSummary`.
+
+    Under torchrun or accelerate launch the prompts are shared by the processes (see
+    :mod:`mergekit_lrp.distributed`) and the first process writes the file.
+    """
+    from transformers import AutoConfig
 
     from mergekit_lrp.attnlrp import SUPPORTED_MODEL_TYPES, UnsupportedArchitectureError
 
@@ -286,29 +313,47 @@ def compute_scores(model: str, prompts_path: str, output: str, options: ComputeO
         raise ComputeError(f"--target must be one of {', '.join(TARGETS)}")
     if options.max_length < 2:
         raise ComputeError("--max-length must be at least 2")
+    if options.device_map is not None and launched_world_size() > 1:
+        raise ComputeError(
+            "--device-map spreads one model over this machine's GPUs; it cannot be combined "
+            "with several processes (torchrun / accelerate launch), which each load a copy"
+        )
     model_dir = resolve_model_dir(model)
     config = AutoConfig.from_pretrained(model_dir)
     model_type = getattr(config, "model_type", "?")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise UnsupportedArchitectureError(model_type)
     device = pick_device(options.device)
+    with joined_workers(use_cuda=device.type == "cuda") as workers:
+        if device.type == "cuda" and workers.world_size > 1:
+            device = torch.device("cuda", workers.local_rank)
+        return _compute(model_dir, model_type, prompts_path, output_path, options, device, workers)
+
+
+def _compute(model_dir, model_type, prompts_path, output_path, options, device, workers):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     dtype = DTYPES.get(options.dtype) or (
         torch.bfloat16 if device.type == "cuda" else torch.float32
     )
-
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokenizer.truncation_side = "left"  # the predicted token comes at the end
     prompts = load_prompts(prompts_path, tokenizer, limit=options.num_prompts)
     tensor_files = checkpoint_tensor_files(model_dir)
     fingerprint = fingerprint_tensors(tensor_files)
 
-    net = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
+    if options.device_map is not None:
+        net = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=dtype, device_map=options.device_map
+        )
+    else:
+        net = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
     stored_to_param, aliases, converted = checkpoint_names(net, tensor_files)
     params = dict(net.named_parameters())
     accumulator = GradientAccumulator({s: params[p] for s, p in stored_to_param.items()})
-    signature = run_signature(fingerprint, prompts, options, dtype)
+    signature = run_signature(fingerprint, prompts, options, dtype, workers)
 
-    checkpoint = resume_path(output_path)
+    checkpoint = resume_path(output_path, workers)
     progress = LoopState()
     if options.resume and checkpoint.exists():
         saved = accumulator.load(checkpoint)
@@ -331,38 +376,51 @@ def compute_scores(model: str, prompts_path: str, output: str, options: ComputeO
     def save_checkpoint(state: LoopState) -> None:
         accumulator.save(checkpoint, {"signature": signature, **state.resume_fields()})
 
-    run_prompts(net, tokenizer, prompts, options, accumulator, progress, save_checkpoint)
-    count = len(prompts)
-    scores = {name: total / count for name, total in accumulator.sums.items()}
-    scores = checkpoint_layout(net, scores, converted)
-    metadata = ScoreMetadata(
-        model_fingerprint=fingerprint,
-        num_prompts=count,
-        num_tokens=progress.tokens,
-        target=options.target,
-        model_type=model_type,
-        fingerprint_scheme=SCHEME,
-        aliases=aliases,
-        generator=f"mergekit-lrp {__version__}",
-        extra={"max_length": str(options.max_length), "dtype": str(dtype)},
+    share = workers.share(prompts)
+    loop_options = replace(options, progress=options.progress and workers.is_main)
+    run_prompts(net, tokenizer, share, loop_options, accumulator, progress, save_checkpoint)
+    workers.sum_tensors(accumulator.sums, device)
+    tokens, truncated, resumed_from = workers.sum_counts(
+        [progress.tokens, progress.truncated, resumed_from], device
     )
-    write_scores(output_path, scores, metadata, dtype=DTYPES[options.score_dtype])
+    count = len(prompts)
+    if workers.is_main:
+        scores = {name: total / count for name, total in accumulator.sums.items()}
+        scores = checkpoint_layout(net, scores, converted)
+        metadata = ScoreMetadata(
+            model_fingerprint=fingerprint,
+            num_prompts=count,
+            num_tokens=tokens,
+            target=options.target,
+            model_type=model_type,
+            fingerprint_scheme=SCHEME,
+            aliases=aliases,
+            generator=f"mergekit-lrp {__version__}",
+            extra={"max_length": str(options.max_length), "dtype": str(dtype)},
+        )
+        write_scores(output_path, scores, metadata, dtype=DTYPES[options.score_dtype])
+        unscored = sorted(set(tensor_files) - set(scores) - set(aliases))
+    else:
+        unscored = []
+    workers.barrier()  # every checkpoint stays until the file is written
     checkpoint.unlink(missing_ok=True)
     return ComputeSummary(
         output=output_path,
         prompts=count,
-        tokens=progress.tokens,
-        truncated=progress.truncated,
+        tokens=tokens,
+        truncated=truncated,
         seconds=time.perf_counter() - started,
-        peak_memory_bytes=peak_memory(device),
+        peak_memory_bytes=workers.max_count(peak_memory(device), device),
         last=progress.last,
         resumed_from=resumed_from,
-        unscored_tensors=sorted(set(tensor_files) - set(scores) - set(aliases)),
+        unscored_tensors=unscored,
+        processes=workers.world_size,
+        main_process=workers.is_main,
     )
 
 
 def peak_memory(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
+    if device.type == "cuda":  # every GPU a device map may have used
+        return sum(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count()))
     scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale

@@ -427,10 +427,10 @@ def main() -> None:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="quick family, one pair + all experts, 4 methods, 2 densities",
+        help="one pair + all experts, 4 methods, 2 densities (a smoke run of the protocol)",
     )
     parser.add_argument(
-        "--preset", default=None, help="family preset (default: full, or quick with --quick)"
+        "--preset", default="quick", help="toy family preset (docs/toy-family.md)"
     )
     parser.add_argument(
         "--variants",
@@ -461,7 +461,6 @@ def main() -> None:
     parser.add_argument("--cache", default=str(REPO / ".cache" / "mergekit-lrp"))
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    args.preset = args.preset or ("quick" if args.quick else "full")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = run(args)

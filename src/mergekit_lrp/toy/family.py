@@ -70,18 +70,6 @@ PRESETS: dict[str, Recipe] = {
         multitask_steps=80,
         eval_examples=200,
     ),
-    "full": Recipe(
-        shape=ModelShape(hidden=384, layers=2, heads=6, intermediate=1536),
-        base_steps=600,
-        base_lr=1e-3,
-        base_rows={"rev": 8, "sort": 2, "rot": 1, "text": 8},
-        expert_steps=80,
-        expert_lr=5e-4,
-        expert_rows=32,
-        replay_weight=1.0,
-        multitask_steps=80,
-        eval_examples=500,
-    ),
 }
 
 #: modules whose code decides the weights; their source is part of the cache key

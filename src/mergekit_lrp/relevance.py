@@ -70,28 +70,24 @@ def _checkpointing_api(model):
     )
 
 
-def seed_target(logits: torch.Tensor, input_ids, attention_mask, target: str) -> torch.Tensor:
-    """The scalar the backward pass starts from, for one sequence.
+def last_position(attention_mask) -> int:
+    """``predicted`` seeds the argmax logit at the last non-pad position."""
+    return int(torch.nonzero(attention_mask.bool())[-1])
 
-    ``predicted``: the argmax logit at the last non-pad position.
-    ``next-token``: the sum of the teacher-forced logits of each actual next token.
-    """
+
+def next_token_positions(attention_mask) -> torch.Tensor:
+    """``next-token`` seeds the teacher-forced logit of the next token at these positions."""
     keep = attention_mask.bool()
-    if target == "predicted":
-        last = int(torch.nonzero(keep)[-1])
-        return logits[last].max()
-    if target == "next-token":
-        pairs = keep[:-1] & keep[1:]
-        positions = torch.nonzero(pairs).squeeze(1)
-        return logits[positions, input_ids[positions + 1]].sum()
-    raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+    return torch.nonzero(keep[:-1] & keep[1:]).squeeze(1)
 
 
 def relevance_pass(model, input_ids, attention_mask, target: str) -> PassResult:
     """Forward and backward one sequence (1-D ``input_ids``) under the active rules.
 
     Gradients land in ``p.grad`` (or in whatever post-accumulate hooks consume them).
-    Padding positions are masked in attention and never seeded.
+    Padding positions are masked in attention and never seeded. The output head
+    computes logits only at the positions the target seeds (transformers'
+    ``logits_to_keep``): the others would get no gradient anyway.
     """
     captured = {}
 
@@ -101,12 +97,22 @@ def relevance_pass(model, input_ids, attention_mask, target: str) -> PassResult:
 
     handle = model.get_input_embeddings().register_forward_hook(keep_embeddings)
     try:
+        if target == "predicted":  # the output head runs on the seeded position only
+            keep = torch.tensor([last_position(attention_mask)], device=input_ids.device)
+        else:
+            keep = next_token_positions(attention_mask)
         outputs = model(
             input_ids=input_ids.unsqueeze(0),
             attention_mask=attention_mask.unsqueeze(0),
             use_cache=False,
+            logits_to_keep=keep,
         )
-        seed = seed_target(outputs.logits[0].float(), input_ids, attention_mask, target)
+        logits = outputs.logits[0]
+        if target == "predicted":
+            seed = logits[0].float().max()
+        else:
+            rows = torch.arange(len(keep), device=logits.device)
+            seed = logits[rows, input_ids[keep + 1].to(logits.device)].float().sum()
         seed.backward()
     finally:
         handle.remove()

@@ -43,9 +43,12 @@ def torchrun(processes: int, *args: str) -> subprocess.CompletedProcess:
 def test_two_cpu_processes_match_one(inputs, tmp_path):
     model, prompts = inputs
     single = tmp_path / "single.safetensors"
-    compute_scores(str(model), str(prompts), str(single), ComputeOptions(progress=False))
+    # float32 files: the two sums differ by float rounding, which bfloat16 could amplify
+    options = ComputeOptions(progress=False, score_dtype="float32")
+    compute_scores(str(model), str(prompts), str(single), options)
     shared = tmp_path / "shared.safetensors"
-    result = torchrun(2, str(model), "--prompts", str(prompts), "--output", str(shared))
+    result = torchrun(2, str(model), "--prompts", str(prompts), "--output", str(shared),
+                      "--score-dtype", "float32")  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stderr.count("wrote ") == 1  # the first process reports, once
     assert "shared by 2 processes" in result.stderr
@@ -67,10 +70,11 @@ def test_each_process_scores_a_different_share(inputs, tmp_path):
     """Guards against every process scoring every prompt (sums would double)."""
     model, prompts = inputs
     first = tmp_path / "first.safetensors"
-    options = ComputeOptions(progress=False, num_prompts=1)
+    options = ComputeOptions(progress=False, num_prompts=1, score_dtype="float32")
     compute_scores(str(model), str(prompts), str(first), options)
     result = torchrun(2, str(model), "--prompts", str(prompts), "--output",
-                      str(tmp_path / "two.safetensors"), "--num-prompts", "1")  # fmt: skip
+                      str(tmp_path / "two.safetensors"), "--num-prompts", "1",
+                      "--score-dtype", "float32")  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     # one prompt over two processes: the second has none, the mean is unchanged
     for name, value in tensors(first).items():

@@ -76,9 +76,10 @@ from mergekit_lrp.relevance import TARGETS
 @click.option(
     "--score-dtype",
     type=click.Choice(list(DTYPES)),
-    default="float32",
+    default="bfloat16",
     show_default=True,
-    help="dtype of the stored scores (accumulation is float32).",
+    help="dtype of the stored scores. Accumulation is float32 either way; bfloat16 halves "
+    "the file and moves about 3 in 10,000 entries across the top-k threshold.",
 )
 @click.option(
     "--resume",

@@ -15,6 +15,7 @@ Writes perf.json and perf.md into --out.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -106,6 +107,57 @@ def worker_precompute(model_dir: str, mode: str, length: int, count: int) -> dic
         "rss_before_model": rss_before_model,
         "weights_fp32": weights,
     }
+
+
+def worker_profile(model_dir: str, mode: str, length: int) -> dict:
+    """Self CPU time per operator over 3 prompts (after one warm-up), by torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import AutoModelForCausalLM
+
+    from mergekit_lrp.accumulator import GradientAccumulator
+    from mergekit_lrp.attnlrp import attnlrp_rules
+    from mergekit_lrp.relevance import backward_ready, relevance_pass
+
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    prompts = random_prompts(model.config.vocab_size, length, 4)
+    with contextlib.ExitStack() as stack:
+        if mode == "plain":
+            model.train()
+
+            def step(ids):
+                model(input_ids=ids[None], use_cache=False).logits[0, -1].max().backward()
+                model.zero_grad(set_to_none=True)
+        else:
+            accumulator = GradientAccumulator(dict(model.named_parameters()))
+            stack.enter_context(attnlrp_rules(model))
+            stack.enter_context(backward_ready(model, checkpointing=mode == "lrp"))
+            accumulator.attach()
+            stack.callback(accumulator.detach)
+
+            def step(ids):
+                relevance_pass(model, ids, torch.ones_like(ids), "predicted")
+
+        step(prompts[0])
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for ids in prompts[1:]:
+                step(ids)
+    return {
+        event.key: event.self_cpu_time_total / 1e3 / 3  # ms per prompt
+        for event in prof.key_averages()
+    }
+
+
+def bench_profile(root: Path, size: str, length: int) -> list[dict]:
+    """Where the relevance pass spends its time, operator by operator, against plain."""
+    model_dir = build_model(size, root)
+    modes = ("plain", "lrp-no-checkpointing", "lrp")
+    per_mode = {m: run_worker("profile", str(model_dir), m, str(length)) for m in modes}
+    names = set().union(*per_mode.values())
+    rows = [{"op": n, **{m: per_mode[m].get(n, 0.0) for m in modes}} for n in names]
+    rows.sort(key=lambda r: -max(r[m] for m in modes))
+    totals = {"op": "total", **{m: sum(per_mode[m].values()) for m in modes}}
+    return [totals, *rows[:15]]
 
 
 def perturbed_copy(base: Path, out: Path, seed: int, scale: float = 0.01) -> Path:
@@ -285,7 +337,7 @@ def bench_precompute(root: Path, quick: bool, repeats: int) -> list[dict]:
                     "plain_s_per_prompt": med["plain"],
                     "lrp_s_per_prompt": med["lrp"],
                     "time_ratio": med["lrp"] / med["plain"],
-                "time_ratio_no_checkpointing": med["lrp-no-checkpointing"] / med["plain"],
+                    "time_ratio_no_checkpointing": med["lrp-no-checkpointing"] / med["plain"],
                     "lrp_tokens_per_s": length / med["lrp"],
                     "weights_fp32_mb": lrp["weights_fp32"] / 2**20,
                     "plain_peak_rss_mb": max(r["peak_rss"] for r in runs["plain"]) / 2**20,
@@ -327,8 +379,12 @@ def precompute_table(rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="10M model only, shorter prompts")
-    parser.add_argument("--repeats", type=int, default=3,
-                        help="alternating repeats of each timing (medians are reported)")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="alternating repeats of each timing (medians are reported)",
+    )
     parser.add_argument("--out", default="bench-out/perf")
     parser.add_argument("--cache", default=".cache/mergekit-lrp/perf-models")
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
@@ -338,6 +394,9 @@ def main() -> None:
         if kind == "precompute":
             model_dir, mode, length, count = rest
             print(json.dumps(worker_precompute(model_dir, mode, int(length), int(count))))
+        elif kind == "profile":
+            model_dir, mode, length = rest
+            print(json.dumps(worker_profile(model_dir, mode, int(length))))
         else:
             print(json.dumps(worker_merge(*rest)))
         return
@@ -348,6 +407,7 @@ def main() -> None:
         "precompute": bench_precompute(cache, args.quick, args.repeats),
         "merge": bench_merge(cache, args.quick, args.repeats),
         "score_dtype": bench_score_dtype(cache, args.quick),
+        "profile": bench_profile(cache, "10M" if args.quick else "100M", 256),
         "command": " ".join(["python", "scripts/bench_perf.py", *sys.argv[1:]]),
     }
     (out / "perf.json").write_text(json.dumps(results, indent=2))
@@ -367,6 +427,17 @@ def main() -> None:
                 f"{merge['lrp_seconds']:.2f} | {merge['time_ratio']:.2f} |",
                 f"| peak RSS, MB (median) | {merge['dare_ties_peak_rss_mb']:.0f} | "
                 f"{merge['lrp_peak_rss_mb']:.0f} | {merge['rss_ratio']:.2f} |",
+                "",
+                "## Where the time goes (torch.profiler, self CPU ms per prompt, "
+                f"{'10M' if args.quick else '100M'} Llama, 256 tokens; top operators)",
+                "",
+                "| operator | plain | relevance, no checkpointing | relevance |",
+                "|---|---|---|---|",
+                *[
+                    f"| {r['op']} | {r['plain']:.1f} | {r['lrp-no-checkpointing']:.1f} | "
+                    f"{r['lrp']:.1f} |"
+                    for r in results["profile"]
+                ],
                 "",
                 "## Score files: float32 vs bfloat16",
                 "",

@@ -20,11 +20,13 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import multiprocessing
 import shutil
 import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -190,47 +192,69 @@ def selected_methods(args) -> list[Method]:
     return methods
 
 
-def run_family(args, family, methods, densities, bar, rows, done, scratch) -> None:
-    """Every merge of ``methods`` on one family; appends finished rows to ``rows``."""
+@dataclass(frozen=True)
+class Job:
+    """One table cell on one family: a method at a density on a subset of experts."""
+
+    family: object  # mergekit_lrp.toy.Family
+    subset: tuple
+    method: Method
+    density: float | None
+    score_files: dict
+
+    @property
+    def key(self) -> tuple:
+        return (self.family.seed, self.subset, self.method.name, self.density)
+
+    @property
+    def merges(self) -> int:
+        """Validation merges (the progress bar's unit)."""
+        return len(weights_for(self.subset)) * len(self.method.seeds)
+
+
+def family_jobs(args, family, methods, densities, progress) -> list[Job]:
+    """Score the experts (cached) and list every cell of ``methods`` on ``family``."""
+    from mergekit_lrp.toy import Family
+
     score_root = family.root / "scores"
     score_root.mkdir(exist_ok=True)
     score_files = compute_score_files(
-        family, {m.scores for m in methods if m.scores}, score_root, bar.write
+        family, {m.scores for m in methods if m.scores}, score_root, progress
     )
-    for subset in subsets_of(family.tasks, args.quick, args.subsets):
-        weights = weights_for(subset)
-        for method in methods:
-            for density in densities if method.uses_density else (None,):
-                if (family.seed, subset, method.name, density) in done:  # interrupted run
-                    bar.update(len(weights) * len(method.seeds))
-                    continue
-                rows.append(
-                    merge_row(
-                        args, family, subset, method, density, weights, score_files, bar, scratch
-                    )
-                )
-                save_partial(args, rows)
+    family = Family(root=family.root, preset=family.preset, seed=family.seed)  # picklable
+    return [
+        Job(family, subset, method, density, score_files)
+        for subset in subsets_of(family.tasks, args.quick, args.subsets)
+        for method in methods
+        for density in (densities if method.uses_density else (None,))
+    ]
 
 
-def merge_row(args, family, subset, method, density, weights, score_files, bar, scratch):
+def merge_row(job: Job, exact: bool) -> dict:
     """Choose the weight on the validation split, then score the test split at it."""
+    family, subset, method, density = job.family, job.subset, job.method, job.density
+    scratch = Path(tempfile.mkdtemp(prefix="bench-quality-"))
     out = scratch / "merged"
-    val = {}
-    for weight in weights:
-        per_seed = []
+    try:
+        val = {}
+        for weight in weights_for(subset):
+            per_seed = []
+            for seed in method.seeds:
+                config = merge_config(family, subset, method, density, weight, job.score_files)
+                run_merge(config, out, seed)
+                # the weight is chosen on the merged tasks only; the test split scores all
+                per_seed.append(subset_mean(evaluate(out, family, "val", False, subset), subset))
+                shutil.rmtree(out)
+            val[weight] = statistics.mean(per_seed)
+        chosen = max(val, key=lambda w: (val[w], -w))
+        tests = []
         for seed in method.seeds:
-            run_merge(merge_config(family, subset, method, density, weight, score_files), out, seed)
-            # the weight is chosen on the merged tasks only; the test split scores all tasks
-            per_seed.append(subset_mean(evaluate(out, family, "val", False, subset), subset))
+            config = merge_config(family, subset, method, density, chosen, job.score_files)
+            run_merge(config, out, seed)
+            tests.append(evaluate(out, family, "test", exact=exact))
             shutil.rmtree(out)
-            bar.update(1)
-        val[weight] = statistics.mean(per_seed)
-    chosen = max(weights, key=lambda w: (val[w], -w))
-    tests = []
-    for seed in method.seeds:
-        run_merge(merge_config(family, subset, method, density, chosen, score_files), out, seed)
-        tests.append(evaluate(out, family, "test", exact=not args.no_exact))
-        shutil.rmtree(out)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     return {
         "family_seed": family.seed,
         "subset": list(subset),
@@ -241,6 +265,35 @@ def merge_row(args, family, subset, method, density, weights, score_files, bar, 
         "test": tests,
         "test_mean_kept": [subset_mean(t, subset) for t in tests],
     }
+
+
+def _start_worker(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def run_jobs(jobs: list[Job], args, rows: list, bar) -> None:
+    """Run ``jobs`` over ``args.workers`` processes; rows are saved as they finish."""
+    if args.workers == 1:
+        for job in jobs:
+            rows.append(merge_row(job, exact=not args.no_exact))
+            bar.update(job.merges)
+            save_partial(args, rows)
+        return
+    threads = max(1, args.threads // args.workers)
+    context = multiprocessing.get_context("spawn")  # no fork after OpenMP started
+    with ProcessPoolExecutor(
+        args.workers, mp_context=context, initializer=_start_worker, initargs=(threads,)
+    ) as pool:
+        running = {pool.submit(merge_row, job, not args.no_exact): job for job in jobs}
+        for future in as_completed(running):
+            rows.append(future.result())
+            bar.update(running[future].merges)
+            save_partial(args, rows)
+
+
+def row_key(row: dict) -> tuple:
+    """The :attr:`Job.key` a finished row belongs to."""
+    return (row["family_seed"], tuple(row["subset"]), row["method"], row["density"])
 
 
 def save_partial(args, rows) -> None:
@@ -262,23 +315,28 @@ def run(args) -> dict:
         build_family(Path(args.cache), preset=args.preset, seed=seed, progress=True)
         for seed in args.family_seeds
     ]
+    jobs = [
+        job
+        for family in families
+        for job in family_jobs(args, family, methods, densities, progress=print)
+    ]
     partial = Path(args.out) / "rows.partial.json"
     rows = json.loads(partial.read_text()) if partial.exists() else []
-    done = {(r["family_seed"], tuple(r["subset"]), r["method"], r["density"]) for r in rows}
-    bar = tqdm(total=0, unit="merge", desc="merges", file=sys.stderr)
-    for family in families:
-        for subset in subsets_of(family.tasks, args.quick, args.subsets):
-            for method in methods:
-                n_densities = len(densities) if method.uses_density else 1
-                bar.total += n_densities * len(weights_for(subset)) * len(method.seeds)
-    bar.refresh()
-    scratch = Path(tempfile.mkdtemp(prefix="bench-quality-"))
+    done = {row_key(r) for r in rows}
+    todo = [job for job in jobs if job.key not in done]  # the rest finished in an earlier run
+    bar = tqdm(
+        total=sum(j.merges for j in jobs),
+        initial=sum(j.merges for j in jobs if j.key in done),
+        unit="merge",
+        desc="merges",
+        file=sys.stderr,
+    )
     try:
-        for family in families:
-            run_family(args, family, methods, densities, bar, rows, done, scratch)
+        run_jobs(todo, args, rows, bar)
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
         bar.close()
+    order = {job.key: index for index, job in enumerate(jobs)}
+    rows.sort(key=lambda r: order[row_key(r)])
     return {
         "preset": args.preset,
         "quick": args.quick,
@@ -290,6 +348,7 @@ def run(args) -> dict:
         "methods": [m.name for m in methods],
         "rows": rows,
         "seconds": time.perf_counter() - started,
+        "workers": args.workers,
         "command": " ".join(["python", "scripts/bench_quality.py", *sys.argv[1:]]),
     }
 
@@ -429,9 +488,7 @@ def main() -> None:
         action="store_true",
         help="one pair + all experts, 4 methods, 2 densities (a smoke run of the protocol)",
     )
-    parser.add_argument(
-        "--preset", default="quick", help="toy family preset (docs/toy-family.md)"
-    )
+    parser.add_argument("--preset", default="quick", help="toy family preset (docs/toy-family.md)")
     parser.add_argument(
         "--variants",
         action="store_true",
@@ -459,7 +516,13 @@ def main() -> None:
     )
     parser.add_argument("--out", default="bench-out/quality")
     parser.add_argument("--cache", default=str(REPO / ".cache" / "mergekit-lrp"))
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads in all")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        help="merge-and-evaluate processes (the threads are divided among them)",
+    )
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

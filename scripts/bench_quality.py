@@ -454,7 +454,7 @@ def plot(results: dict, path: Path) -> None:
     kinds = subset_kinds(results)
     densities = results["densities"]
     figure, axes = plt.subplots(1, len(kinds), figsize=(7 * len(kinds), 5), squeeze=False)
-    colours = plt.get_cmap("tab20").colors
+    colours = [*plt.get_cmap("tab10").colors, "black", "goldenrod"]
     for axis, (name, rows) in zip(axes[0], kinds, strict=True):
         for index, (method, by_density) in enumerate(summarize(rows).items()):
             if "None" in by_density:
@@ -463,7 +463,18 @@ def plot(results: dict, path: Path) -> None:
             style = "--" if ", " in method else "-"  # variant rows dashed
             colour = colours[index % len(colours)]
             means = [by_density[str(d)][0] for d in densities]
-            axis.plot(densities, means, style, marker="o", color=colour, label=method)
+            width = 2.5 if method.startswith("lrp") else 1.2
+            on_top = 3 if style == "-" and method.startswith("lrp") else 2  # main lrp rows
+            axis.plot(
+                densities,
+                means,
+                style,
+                marker="o",
+                color=colour,
+                lw=width,
+                zorder=on_top,
+                label=method,
+            )
             lows = [by_density[str(d)][1] for d in densities]
             highs = [by_density[str(d)][2] for d in densities]
             if any(h > lo for h, lo in zip(highs, lows, strict=True)):

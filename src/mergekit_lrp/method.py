@@ -128,7 +128,7 @@ def converted_scores(reader: ScoreReader, name: str, shape) -> torch.Tensor | No
 def lrp_merge(
     group: TensorGroup,
     weight: PerNonBase[float] = 1.0,
-    density: PerNonBase[float] = 0.5,
+    density: PerNonBase[float] = 0.3,
     lrp_scores: PerNonBase[str | None] = None,
     importance: str = "delta",
     rescale: bool = False,

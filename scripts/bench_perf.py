@@ -47,6 +47,9 @@ SIZES = {  # name -> LlamaConfig overrides
 }
 
 
+SECTIONS = ("precompute", "merge", "score_dtype", "profile")
+
+
 def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
@@ -387,6 +390,13 @@ def main() -> None:
     )
     parser.add_argument("--out", default="bench-out/perf")
     parser.add_argument("--cache", default=".cache/mergekit-lrp/perf-models")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=SECTIONS,
+        default=SECTIONS,
+        help="run only these sections (default: all)",
+    )
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -403,55 +413,59 @@ def main() -> None:
     out, cache = Path(args.out), Path(args.cache)
     out.mkdir(parents=True, exist_ok=True)
     cache.mkdir(parents=True, exist_ok=True)
-    results = {
-        "precompute": bench_precompute(cache, args.quick, args.repeats),
-        "merge": bench_merge(cache, args.quick, args.repeats),
-        "score_dtype": bench_score_dtype(cache, args.quick),
-        "profile": bench_profile(cache, "10M" if args.quick else "100M", 256),
-        "command": " ".join(["python", "scripts/bench_perf.py", *sys.argv[1:]]),
+    profile_size = "10M" if args.quick else "100M"
+    sections = {
+        "precompute": lambda: bench_precompute(cache, args.quick, args.repeats),
+        "merge": lambda: bench_merge(cache, args.quick, args.repeats),
+        "score_dtype": lambda: bench_score_dtype(cache, args.quick),
+        "profile": lambda: bench_profile(cache, profile_size, 256),
     }
+    results = {name: run() for name, run in sections.items() if name in args.only}
+    results["command"] = " ".join(["python", "scripts/bench_perf.py", *sys.argv[1:]])
     (out / "perf.json").write_text(json.dumps(results, indent=2))
-    merge = results["merge"]
-    report = (
-        "\n".join(
-            [
-                "## Precompute cost",
-                "",
-                precompute_table(results["precompute"]),
-                "",
-                f"## Merge cost ({merge['size']} Llama, two fine-tunes, density 0.5)",
-                "",
-                "| | dare_ties | lrp | ratio |",
-                "|---|---|---|---|",
-                f"| wall time, s (median) | {merge['dare_ties_seconds']:.2f} | "
-                f"{merge['lrp_seconds']:.2f} | {merge['time_ratio']:.2f} |",
-                f"| peak RSS, MB (median) | {merge['dare_ties_peak_rss_mb']:.0f} | "
-                f"{merge['lrp_peak_rss_mb']:.0f} | {merge['rss_ratio']:.2f} |",
-                "",
-                "## Where the time goes (torch.profiler, self CPU ms per prompt, "
-                f"{'10M' if args.quick else '100M'} Llama, 256 tokens; top operators)",
-                "",
-                "| operator | plain | relevance, no checkpointing | relevance |",
-                "|---|---|---|---|",
-                *[
-                    f"| {r['op']} | {r['plain']:.1f} | {r['lrp-no-checkpointing']:.1f} | "
-                    f"{r['lrp']:.1f} |"
-                    for r in results["profile"]
-                ],
-                "",
-                "## Score files: float32 vs bfloat16",
-                "",
-                "| density | float32 MB | bfloat16 MB | mask entries flipped |",
-                "|---|---|---|---|",
-                *[
-                    f"| {r['density']} | {r['float32_mb']:.0f} | {r['bfloat16_mb']:.0f} | "
-                    f"{r['flipped_fraction']:.2e} |"
-                    for r in results["score_dtype"]
-                ],
-            ]
-        )
-        + "\n"
-    )
+    lines = []
+    if "precompute" in results:
+        lines += ["## Precompute cost", "", precompute_table(results["precompute"]), ""]
+    if "merge" in results:
+        merge = results["merge"]
+        lines += [
+            f"## Merge cost ({merge['size']} Llama, two fine-tunes, density 0.5)",
+            "",
+            "| | dare_ties | lrp | ratio |",
+            "|---|---|---|---|",
+            f"| wall time, s (median) | {merge['dare_ties_seconds']:.2f} | "
+            f"{merge['lrp_seconds']:.2f} | {merge['time_ratio']:.2f} |",
+            f"| peak RSS, MB (median) | {merge['dare_ties_peak_rss_mb']:.0f} | "
+            f"{merge['lrp_peak_rss_mb']:.0f} | {merge['rss_ratio']:.2f} |",
+            "",
+        ]
+    if "profile" in results:
+        lines += [
+            "## Where the time goes (torch.profiler, self CPU ms per prompt, "
+            f"{profile_size} Llama, 256 tokens; top operators)",
+            "",
+            "| operator | plain | relevance, no checkpointing | relevance |",
+            "|---|---|---|---|",
+            *[
+                f"| {r['op']} | {r['plain']:.1f} | {r['lrp-no-checkpointing']:.1f} | "
+                f"{r['lrp']:.1f} |"
+                for r in results["profile"]
+            ],
+            "",
+        ]
+    if "score_dtype" in results:
+        lines += [
+            "## Score files: float32 vs bfloat16",
+            "",
+            "| density | float32 MB | bfloat16 MB | mask entries flipped |",
+            "|---|---|---|---|",
+            *[
+                f"| {r['density']} | {r['float32_mb']:.0f} | {r['bfloat16_mb']:.0f} | "
+                f"{r['flipped_fraction']:.2e} |"
+                for r in results["score_dtype"]
+            ],
+        ]
+    report = "\n".join(lines) + "\n"
     (out / "perf.md").write_text(report)
     print(report)
 

@@ -276,7 +276,8 @@ def test_moe_scores_are_stored_per_expert_as_the_checkpoint(qwen3_next_family, p
     them as the checkpoint does, each entry being the fused parameter's entry."""
     model_dir = qwen3_next_family["ft"]
     out = qwen3_next_family["root"] / "ft.safetensors"
-    compute_scores(str(model_dir), str(prompts_file), str(out), ComputeOptions(progress=False))
+    options = ComputeOptions(progress=False, score_dtype="float32")  # compared with float32
+    compute_scores(str(model_dir), str(prompts_file), str(out), options)
     reader = ScoreReader(out)
     assert reader.names() == set(load_file(model_dir / "model.safetensors"))
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir)

@@ -32,7 +32,7 @@ class LRPConfigError(ValueError):
 
 @lru_cache(maxsize=64)
 def open_scores(path: str) -> ScoreReader:
-    """Score files stay open (memory-mapped headers) across the tensors of a merge."""
+    """Each score file's header is read and validated once per merge, not once per tensor."""
     return ScoreReader(path)
 
 

@@ -121,6 +121,22 @@ def run_merge(config: dict, out: Path, seed) -> None:
     mergekit_run_merge(MergeConfiguration.model_validate(config), str(out), options)
 
 
+def scoring_code_hash() -> str:
+    """A hash of the code that computes scores: cached score files are reused only while
+    it is unchanged (the family's cache key covers the code that trains the models)."""
+    import hashlib
+
+    import mergekit_lrp
+
+    package = Path(mergekit_lrp.__file__).parent
+    modules = ["accumulator.py", "compute.py", "relevance.py", "score_file.py"]
+    sources = [package / m for m in modules] + sorted((package / "attnlrp").glob("*.py"))
+    digest = hashlib.sha256()
+    for source in sources:
+        digest.update(source.read_bytes())
+    return digest.hexdigest()[:12]
+
+
 def compute_score_files(family, keys, root: Path, progress) -> dict:
     """lrp-compute's scoring on each expert, for each score-set key; cached on disk."""
     from mergekit_lrp.compute import ComputeOptions, compute_scores
@@ -216,7 +232,7 @@ def family_jobs(args, family, methods, densities, progress) -> list[Job]:
     """Score the experts (cached) and list every cell of ``methods`` on ``family``."""
     from mergekit_lrp.toy import Family
 
-    score_root = family.root / "scores"
+    score_root = family.root / f"scores-{scoring_code_hash()}"
     score_root.mkdir(exist_ok=True)
     score_files = compute_score_files(
         family, {m.scores for m in methods if m.scores}, score_root, progress

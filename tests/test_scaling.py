@@ -1,8 +1,10 @@
 """lrp-compute past one process: torch.distributed over CPU processes, and device maps."""
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -128,3 +130,40 @@ def test_layers_split_by_a_device_map_keep_their_dispatch_hooks(inputs):
     assert all(hasattr(m, "_hf_hook") for m in hooked)
     ids = torch.tensor([[5, 9, 14]])
     torch.testing.assert_close(split(ids).logits, plain(ids).logits)
+
+
+def test_killed_two_process_run_resumes_to_the_uninterrupted_file(inputs, tmp_path):
+    model, _ = inputs
+    prompts = tmp_path / "many.txt"
+    prompts.write_text("\n".join(f"prompt {i}: " + "abc def " * 12 for i in range(80)) + "\n")
+    args = ["--prompts", str(prompts), "-q", "--checkpoint-every", "3"]
+    reference = tmp_path / "reference.safetensors"
+    done = torchrun(2, str(model), "--output", str(reference), *args)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    out = tmp_path / "scores.safetensors"
+    ranks = [tmp_path / f"scores.safetensors.resume.rank{r}-of-2" for r in (0, 1)]
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+        "--no-python", str(BIN / "lrp-compute"), str(model), "--output", str(out), *args,
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.Popen(command, env=env, start_new_session=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 300
+    while not all(r.exists() for r in ranks):
+        assert run.poll() is None, "the run ended before both processes checkpointed"
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    os.killpg(run.pid, signal.SIGKILL)
+    run.wait()
+    assert not out.exists() and all(r.exists() for r in ranks)
+
+    # another process layout is refused instead of silently starting over
+    with pytest.raises(ComputeError, match="another number of processes"):
+        compute_scores(str(model), str(prompts), str(out),
+                       ComputeOptions(progress=False, resume=True))  # fmt: skip
+    resumed = torchrun(2, str(model), "--output", str(out), *args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert out.read_bytes() == reference.read_bytes()
+    assert not any(r.exists() for r in ranks)

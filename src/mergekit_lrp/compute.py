@@ -133,6 +133,19 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def check_resume_layout(output: Path, workers: Workers) -> None:
+    """Refuse to start while checkpoints of a run with another number of processes exist:
+    a resume would silently start over, and they would be left behind."""
+    ours = {resume_path(output, replace(workers, rank=rank)) for rank in range(workers.world_size)}
+    foreign = sorted(p for p in output.parent.glob(f"{output.name}.resume*") if p not in ours)
+    if foreign:
+        raise ComputeError(
+            f"{foreign[0]} is a checkpoint of an interrupted run with another number of "
+            f"processes (this run has {workers.world_size}); rerun with that layout and "
+            "--resume, or delete it to start over"
+        )
+
+
 def input_device(model) -> torch.device:
     """Where input ids must go: the device of the input embeddings (under a device map
     the first and last layers may sit on different GPUs)."""
@@ -355,6 +368,7 @@ def _compute(model_dir, model_type, prompts_path, output_path, options, device, 
     signature = run_signature(fingerprint, prompts, options, dtype, workers)
 
     checkpoint = resume_path(output_path, workers)
+    check_resume_layout(output_path, workers)
     progress = LoopState()
     if options.resume and checkpoint.exists():
         saved = accumulator.load(checkpoint)

@@ -148,14 +148,17 @@ def test_killed_two_process_run_resumes_to_the_uninterrupted_file(inputs, tmp_pa
         "--no-python", str(BIN / "lrp-compute"), str(model), "--output", str(out), *args,
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = subprocess.Popen(command, env=env, start_new_session=True,
+    run = subprocess.Popen(command, env=env,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     deadline = time.monotonic() + 300
     while not all(r.exists() for r in ranks):
         assert run.poll() is None, "the run ended before both processes checkpointed"
         assert time.monotonic() < deadline
         time.sleep(0.005)
-    os.killpg(run.pid, signal.SIGKILL)
+    # torchrun starts its workers in sessions of their own: kill them, then torchrun
+    workers = Path(f"/proc/{run.pid}/task/{run.pid}/children").read_text().split()
+    for pid in [*map(int, workers), run.pid]:
+        os.kill(pid, signal.SIGKILL)
     run.wait()
     assert not out.exists() and all(r.exists() for r in ranks)
 

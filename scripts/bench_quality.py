@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # toy_family
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -161,8 +163,8 @@ def evaluate(model_dir: Path, family, split: str, exact: bool, tasks=None) -> di
     """Per task of ``tasks`` (default: all): kept fraction, and exact match when asked."""
     from transformers import AutoModelForCausalLM
 
-    from mergekit_lrp.toy import kept_fraction
-    from mergekit_lrp.toy.evaluate import answer_nll, score_task
+    from toy_family import kept_fraction
+    from toy_family.evaluate import answer_nll, score_task
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     metrics = {}
@@ -212,7 +214,7 @@ def selected_methods(args) -> list[Method]:
 class Job:
     """One table cell on one family: a method at a density on a subset of experts."""
 
-    family: object  # mergekit_lrp.toy.Family
+    family: object  # toy_family.Family
     subset: tuple
     method: Method
     density: float | None
@@ -230,7 +232,7 @@ class Job:
 
 def family_jobs(args, family, methods, densities, progress) -> list[Job]:
     """Score the experts (cached) and list every cell of ``methods`` on ``family``."""
-    from mergekit_lrp.toy import Family
+    from toy_family import Family
 
     score_root = family.root / f"scores-{scoring_code_hash()}"
     score_root.mkdir(exist_ok=True)
@@ -321,7 +323,7 @@ def save_partial(args, rows) -> None:
 def run(args) -> dict:
     from tqdm import tqdm
 
-    from mergekit_lrp.toy import build_family
+    from toy_family import build_family
 
     torch.set_num_threads(args.threads)
     started = time.perf_counter()

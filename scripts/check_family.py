@@ -18,8 +18,10 @@ from pathlib import Path
 
 import torch
 
-from mergekit_lrp.toy import Family, build_family, evaluate_model, kept_fraction
-from mergekit_lrp.toy.evaluate import reference_metrics
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # toy_family
+
+from toy_family import Family, build_family, evaluate_model, kept_fraction  # noqa: E402
+from toy_family.evaluate import reference_metrics  # noqa: E402
 
 DARE_KEEP = 0.95
 DARE_SEEDS = (0, 1, 2)

@@ -16,6 +16,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # toy_family
+
 REPO = Path(__file__).resolve().parent.parent
 WORK = REPO / "demo-out"
 BIN = Path(sys.executable).parent
@@ -41,7 +43,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=64, help="calibration prompts per expert")
     args = parser.parse_args()
 
-    from mergekit_lrp.toy import build_family, evaluate_model, kept_fraction
+    from toy_family import build_family, evaluate_model, kept_fraction
 
     step(f"toy family ({args.preset} preset; built once, then reused from {args.cache})")
     family = build_family(Path(args.cache), preset=args.preset, progress=True)

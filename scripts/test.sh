@@ -5,5 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh dev
 VENV=${VENV:-.venv}
-"$VENV/bin/ruff" check src tests scripts
+"$VENV/bin/ruff" check src tests scripts bench
 "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@"

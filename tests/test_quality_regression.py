@@ -17,7 +17,7 @@ WEIGHT = 0.5
 
 @pytest.fixture(scope="module")
 def quick_family():
-    from mergekit_lrp.toy import build_family
+    from toy_family import build_family
 
     return build_family(REPO / ".cache" / "mergekit-lrp", preset="quick", progress=False)
 
@@ -39,7 +39,7 @@ def expert_scores(quick_family, tmp_path_factory):
 
 
 def merged_kept(family, config, out, seed=None) -> float:
-    from mergekit_lrp.toy import evaluate_model, kept_fraction
+    from toy_family import evaluate_model, kept_fraction
 
     run(config, out, random_seed=seed)
     kept = kept_fraction(evaluate_model(out, family, split="val"), family, split="val")

@@ -6,10 +6,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from mergekit_lrp.toy import build_family, evaluate_model
-from mergekit_lrp.toy.evaluate import score_task
-from mergekit_lrp.toy.tasks import SPLITS, all_tasks, split_of
-from mergekit_lrp.toy.tokenizer import build_tokenizer
+from toy_family import build_family, evaluate_model
+from toy_family.evaluate import score_task
+from toy_family.tasks import SPLITS, all_tasks, split_of
+from toy_family.tokenizer import build_tokenizer
 
 TASKS = all_tasks()
 

@@ -8,11 +8,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from mergekit_lrp.toy.tasks import Example, Task
-from mergekit_lrp.toy.train import collate, encode, quiet_transformers
+from toy_family.tasks import Example, Task
+from toy_family.train import collate, encode, quiet_transformers
 
 if TYPE_CHECKING:
-    from mergekit_lrp.toy.family import Family
+    from toy_family.family import Family
 
 
 @torch.no_grad()

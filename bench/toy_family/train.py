@@ -9,7 +9,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from mergekit_lrp.toy.tasks import Example, Task
+from toy_family.tasks import Example, Task
 
 
 @contextmanager

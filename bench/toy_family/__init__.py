@@ -5,7 +5,7 @@ multi-task model; ``evaluate_model`` and ``kept_fraction`` score any model on th
 See docs/toy-family.md.
 """
 
-from mergekit_lrp.toy.evaluate import evaluate_model, kept_fraction
-from mergekit_lrp.toy.family import PRESETS, Family, build_family
+from toy_family.evaluate import evaluate_model, kept_fraction
+from toy_family.family import PRESETS, Family, build_family
 
 __all__ = ["PRESETS", "Family", "build_family", "evaluate_model", "kept_fraction"]

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from mergekit_lrp.toy.tasks import Example, Task, all_tasks
-from mergekit_lrp.toy.tokenizer import build_tokenizer
-from mergekit_lrp.toy.train import Component, ModelShape, new_model, quiet_transformers, train
+from toy_family.tasks import Example, Task, all_tasks
+from toy_family.tokenizer import build_tokenizer
+from toy_family.train import Component, ModelShape, new_model, quiet_transformers, train
 
 SKILLS = ("rev", "sort", "rot")
 TASKS = (*SKILLS, "text")

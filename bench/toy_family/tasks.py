@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
-from mergekit_lrp.toy.tokenizer import to_alphabet
+from toy_family.tokenizer import to_alphabet
 
 SPLITS = ("train", "calibration", "val", "test")
 

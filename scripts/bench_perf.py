@@ -75,9 +75,9 @@ def worker_precompute(model_dir: str, mode: str, length: int, count: int) -> dic
     """One measurement in this (fresh) process: seconds per prompt and peak RSS."""
     from transformers import AutoModelForCausalLM
 
-    from mergekit_lrp.accumulator import GradientAccumulator
-    from mergekit_lrp.attnlrp import attnlrp_rules
-    from mergekit_lrp.relevance import backward_ready, relevance_pass
+    from mergekit_lrp.scoring.accumulator import GradientAccumulator
+    from mergekit_lrp.scoring.attnlrp import attnlrp_rules
+    from mergekit_lrp.scoring.relevance import backward_ready, relevance_pass
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     rss_before_model = peak_rss_bytes()
@@ -117,9 +117,9 @@ def worker_profile(model_dir: str, mode: str, length: int) -> dict:
     from torch.profiler import ProfilerActivity, profile
     from transformers import AutoModelForCausalLM
 
-    from mergekit_lrp.accumulator import GradientAccumulator
-    from mergekit_lrp.attnlrp import attnlrp_rules
-    from mergekit_lrp.relevance import backward_ready, relevance_pass
+    from mergekit_lrp.scoring.accumulator import GradientAccumulator
+    from mergekit_lrp.scoring.attnlrp import attnlrp_rules
+    from mergekit_lrp.scoring.relevance import backward_ready, relevance_pass
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -182,9 +182,9 @@ def score_file(model_dir: Path, out: Path, dtype: str, prompts: int = 4) -> Path
     """Real scores from the relevance pass on a few random-token prompts."""
     from transformers import AutoModelForCausalLM
 
-    from mergekit_lrp.compute import relevance_scores
-    from mergekit_lrp.fingerprint import SCHEME, model_fingerprint
-    from mergekit_lrp.score_file import ScoreMetadata, write_scores
+    from mergekit_lrp.scores.file import ScoreMetadata, write_scores
+    from mergekit_lrp.scores.fingerprint import SCHEME, model_fingerprint
+    from mergekit_lrp.scoring.loop import relevance_scores
 
     if out.exists():
         return out
@@ -273,7 +273,7 @@ def bench_score_dtype(root: Path, quick: bool) -> list[dict]:
     """float32 vs bfloat16 score files: size, and top-k mask entries that flip."""
     from safetensors.torch import load_file
 
-    from mergekit_lrp.selection import kept_count, top_k_mask
+    from mergekit_lrp.merging.selection import kept_count, top_k_mask
 
     size = "10M" if quick else "100M"
     base = build_model(size, root)

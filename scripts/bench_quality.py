@@ -141,7 +141,8 @@ def scoring_code_hash() -> str:
 
 def compute_score_files(family, keys, root: Path, progress) -> dict:
     """lrp-compute's scoring on each expert, for each score-set key; cached on disk."""
-    from mergekit_lrp.compute import ComputeOptions, compute_scores
+    from mergekit_lrp.scoring.options import ComputeOptions
+    from mergekit_lrp.scoring.run import compute_scores
 
     files = {}
     for key in sorted(keys):

@@ -51,11 +51,10 @@ def fine_tune(model, seed: int):
 
 
 def build(kind: str, root: Path) -> dict[str, Path]:
-    make = (lambda seed: make_tiny_hybrid(kind, seed=0, vocab_size=VOCAB)) if kind == "qwen3_next" else None
-    make = make or (lambda seed: make_tiny_model(kind, seed=0, vocab_size=VOCAB))
+    builder = make_tiny_hybrid if kind == "qwen3_next" else make_tiny_model
     paths = {}
     for name, seed in (("base", None), ("ft_a", 1), ("ft_b", 2)):
-        model = make(0)
+        model = builder(kind, seed=0, vocab_size=VOCAB)
         if seed is not None:
             fine_tune(model, seed)
         model.save_pretrained(root / name)

@@ -9,8 +9,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from mergekit_lrp.fingerprint import model_fingerprint
-from mergekit_lrp.score_file import ScoreMetadata, write_scores
+from mergekit_lrp.scores.file import ScoreMetadata, write_scores
+from mergekit_lrp.scores.fingerprint import model_fingerprint
 
 SPECIAL = ["<pad>", "<s>", "</s>", "<unk>"]
 
@@ -74,7 +74,7 @@ def synthetic_scores(
     """
     from safetensors import safe_open
 
-    from mergekit_lrp.fingerprint import checkpoint_tensor_files
+    from mergekit_lrp.scores.fingerprint import checkpoint_tensor_files
 
     generator = torch.Generator().manual_seed(seed)
     scores = {}

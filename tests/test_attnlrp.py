@@ -1,4 +1,4 @@
-"""Tests of the AttnLRP rules layer (mergekit_lrp.attnlrp) on tiny random models."""
+"""Tests of the AttnLRP rules layer (mergekit_lrp.scoring.attnlrp) on tiny random models."""
 
 import importlib.util
 import types
@@ -8,13 +8,13 @@ import torch
 import transformers
 from tiny_models import make_tiny_gemma3_multimodal, make_tiny_model, train_on_a_cycle
 
-from mergekit_lrp.attnlrp import (
+from mergekit_lrp.scoring.attnlrp import (
     SUPPORTED_MODEL_TYPES,
     UnsupportedArchitectureError,
     attnlrp_rules,
 )
-from mergekit_lrp.attnlrp.attention import attnlrp_attention
-from mergekit_lrp.attnlrp.lxt_rules import load_lxt_rules
+from mergekit_lrp.scoring.attnlrp.attention import attnlrp_attention
+from mergekit_lrp.scoring.attnlrp.lxt_rules import load_lxt_rules
 
 torch.set_num_threads(1)
 

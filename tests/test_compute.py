@@ -10,13 +10,15 @@ from click.testing import CliRunner
 from safetensors import safe_open
 from tiny_models import make_tiny_model
 
-from mergekit_lrp import compute as compute_module
-from mergekit_lrp.attnlrp import SUPPORTED_MODEL_TYPES
-from mergekit_lrp.cli import main as cli
-from mergekit_lrp.compute import ComputeOptions, compute_scores, relevance_scores
-from mergekit_lrp.fingerprint import checkpoint_tensor_files, model_fingerprint
-from mergekit_lrp.relevance import backward_ready, relevance_pass
-from mergekit_lrp.score_file import ScoreReader
+from mergekit_lrp.scores.file import ScoreReader
+from mergekit_lrp.scores.fingerprint import checkpoint_tensor_files, model_fingerprint
+from mergekit_lrp.scoring import loop as compute_module
+from mergekit_lrp.scoring.attnlrp import SUPPORTED_MODEL_TYPES
+from mergekit_lrp.scoring.cli import main as cli
+from mergekit_lrp.scoring.loop import relevance_scores
+from mergekit_lrp.scoring.options import ComputeOptions
+from mergekit_lrp.scoring.relevance import backward_ready, relevance_pass
+from mergekit_lrp.scoring.run import compute_scores
 
 PROMPTS = ["12+34=46", "reverse: abc -> cba", "the cat sat on the mat", "key k7 -> v3"]
 QUIET = {"progress": False}
@@ -84,8 +86,8 @@ def test_model_behaves_as_before_after_scoring():
 
 @pytest.mark.parametrize("target", ["predicted", "next-token"])
 def test_padding_never_contributes(target):
-    from mergekit_lrp.attnlrp import attnlrp_rules
-    from mergekit_lrp.relevance import backward_ready
+    from mergekit_lrp.scoring.attnlrp import attnlrp_rules
+    from mergekit_lrp.scoring.relevance import backward_ready
 
     model = tiny_llama(seed=5)
     ids = torch.tensor([7, 11, 13, 17, 19, 23])
@@ -153,7 +155,7 @@ def test_merge_accepts_computed_scores_and_masks_differ_from_magnitude(
     from merging import run
     from safetensors.torch import load_file
 
-    from mergekit_lrp.selection import top_k_mask
+    from mergekit_lrp.merging.selection import top_k_mask
 
     scores = {}
     for name in ("ft_a", "ft_b"):
@@ -220,7 +222,7 @@ def test_cli_refuses_to_overwrite(llama_dir, prompts_file, tmp_path):
 
 
 def test_prompt_formats(tmp_path):
-    from mergekit_lrp.prompts import PromptsError, load_prompts
+    from mergekit_lrp.scoring.prompts import PromptsError, load_prompts
 
     tokenizer = char_tokenizer()
     tokenizer.chat_template = (

@@ -22,10 +22,12 @@ from safetensors.torch import load_file, save_file
 from tiny_models import make_tiny_hybrid, make_tiny_qwen3_5_multimodal, train_on_a_cycle
 from transformers.models.qwen3_5 import modeling_qwen3_5
 
-from mergekit_lrp.attnlrp import attnlrp_rules, hybrid
-from mergekit_lrp.compute import ComputeOptions, compute_scores, relevance_scores
-from mergekit_lrp.planner_patches import ORIGINALS
-from mergekit_lrp.score_file import ScoreFileError, ScoreReader
+from mergekit_lrp.plugin.planner import ORIGINALS
+from mergekit_lrp.scores.file import ScoreFileError, ScoreReader
+from mergekit_lrp.scoring.attnlrp import attnlrp_rules, hybrid
+from mergekit_lrp.scoring.loop import relevance_scores
+from mergekit_lrp.scoring.options import ComputeOptions
+from mergekit_lrp.scoring.run import compute_scores
 
 torch.set_num_threads(1)
 
@@ -523,7 +525,7 @@ def test_unscored_vision_tensors_are_named_under_missing_scores_error(qwen3_5_fa
     from mergekit.config import MergeConfiguration
     from mergekit.options import MergeOptions
 
-    from mergekit_lrp.preflight import preflight
+    from mergekit_lrp.merging.preflight import preflight
 
     root = qwen3_5_family["root"]
     if not (root / "ft_b.safetensors").exists():

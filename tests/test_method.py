@@ -8,8 +8,8 @@ from conftest import lrp_config
 from mergekit.merge_methods.api import merge_state_dicts
 from merging import run
 
-from mergekit_lrp.score_file import ScoreMetadata, write_scores
-from mergekit_lrp.selection import top_k_mask
+from mergekit_lrp.merging.selection import top_k_mask
+from mergekit_lrp.scores.file import ScoreMetadata, write_scores
 
 
 def scores_file(path: Path, **tensors) -> str:

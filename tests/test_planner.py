@@ -79,7 +79,7 @@ def test_unpatched_mergekit_puts_a_non_base_model_first():
     """
     from mergekit.config import MergeConfiguration
 
-    from mergekit_lrp.planner_patches import ORIGINALS
+    from mergekit_lrp.plugin.planner import ORIGINALS
 
     unpatched, patched = [], []
     for i in range(20):

@@ -87,7 +87,7 @@ def test_other_methods_unchanged_by_plugin(family, tmp_path, method):
     assert all(torch.equal(reference[n], active[n]) for n in reference)
 
 
-@pytest.mark.parametrize("first", ["mergekit_lrp.method", "mergekit_lrp.preflight"])
+@pytest.mark.parametrize("first", ["mergekit_lrp.merging.method", "mergekit_lrp.merging.preflight"])
 def test_registered_whatever_is_imported_first(first):
     """Importing the plugin's modules before mergekit's registry must still register lrp."""
     code = f"import {first}\nfrom mergekit.merge_methods import get\nprint(get('lrp').spec.name)"

@@ -24,7 +24,8 @@ def quick_family():
 
 @pytest.fixture(scope="module")
 def expert_scores(quick_family, tmp_path_factory):
-    from mergekit_lrp.compute import ComputeOptions, compute_scores
+    from mergekit_lrp.scoring.options import ComputeOptions
+    from mergekit_lrp.scoring.run import compute_scores
 
     root = tmp_path_factory.mktemp("scores")
     files = {}
@@ -76,8 +77,8 @@ def test_lrp_default_is_not_behind_dare_ties(quick_family, expert_scores, tmp_pa
 def test_lrp_masks_differ_from_magnitude_top_k(quick_family, expert_scores):
     from safetensors.torch import load_file
 
-    from mergekit_lrp.score_file import ScoreReader
-    from mergekit_lrp.selection import kept_count, top_k_mask
+    from mergekit_lrp.merging.selection import kept_count, top_k_mask
+    from mergekit_lrp.scores.file import ScoreReader
 
     task = next(iter(quick_family.experts))
     base = load_file(str(quick_family.base / "model.safetensors"))

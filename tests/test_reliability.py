@@ -11,8 +11,9 @@ from click.testing import CliRunner
 from conftest import lrp_config
 from merging import read_weights, run
 
-from mergekit_lrp.cli import main as cli
-from mergekit_lrp.compute import ComputeOptions, compute_scores
+from mergekit_lrp.scoring.cli import main as cli
+from mergekit_lrp.scoring.options import ComputeOptions
+from mergekit_lrp.scoring.run import compute_scores
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,7 @@ def test_prompt_longer_than_max_length_keeps_its_end(family, prompts, tmp_path):
 
 
 def test_resume_with_another_model_is_refused(family, prompts, tmp_path, monkeypatch):
-    from mergekit_lrp import compute as compute_module
+    from mergekit_lrp.scoring import loop as compute_module
 
     out = tmp_path / "s.safetensors"
     real = compute_module.relevance_pass
@@ -68,7 +69,7 @@ def test_resume_with_another_model_is_refused(family, prompts, tmp_path, monkeyp
 
 def test_unwritable_output_location(family, prompts, tmp_path, monkeypatch):
     """/proc is read-only even for root, unlike a chmod-ed directory; found before scoring."""
-    from mergekit_lrp import compute as compute_module
+    from mergekit_lrp.scoring import loop as compute_module
 
     monkeypatch.setattr(compute_module, "relevance_pass", None)  # scoring must not start
     result = invoke(family["ft_a"], "--prompts", prompts, "-o", "/proc/scores.safetensors")
@@ -86,8 +87,8 @@ def hostile(path: Path, header: dict, data: bytes = b"") -> Path:
 
 @pytest.mark.parametrize("kind", ["huge header", "integer scores"])
 def test_hostile_score_files(family, tmp_path, kind):
-    from mergekit_lrp.fingerprint import model_fingerprint
-    from mergekit_lrp.score_file import ScoreMetadata
+    from mergekit_lrp.scores.file import ScoreMetadata
+    from mergekit_lrp.scores.fingerprint import model_fingerprint
 
     path = tmp_path / "hostile.safetensors"
     if kind == "huge header":

@@ -12,8 +12,10 @@ import torch
 from checkpoints import char_tokenizer, save, tiny_llama
 from safetensors import safe_open
 
-from mergekit_lrp.compute import ComputeError, ComputeOptions, compute_scores, relevance_scores
-from mergekit_lrp.score_file import ScoreReader
+from mergekit_lrp.scores.file import ScoreReader
+from mergekit_lrp.scoring.loop import relevance_scores
+from mergekit_lrp.scoring.options import ComputeError, ComputeOptions
+from mergekit_lrp.scoring.run import compute_scores
 
 # five prompts of different lengths: the two processes get unequal shares (3 and 2)
 PROMPTS = ["12+34=46", "reverse: abc -> cba", "the cat sat on the mat", "key k7 -> v3", "zz"]

@@ -2,14 +2,19 @@
 
 Importing this package is cheap: it imports neither torch nor mergekit. The merge
 method is registered with mergekit when mergekit's method registry is imported
-(see :mod:`mergekit_lrp._startup`).
+(see :mod:`mergekit_lrp.plugin.startup`). docs/ARCHITECTURE.md maps the package.
 """
 
 __version__ = "0.1.0"
 
 
 def register() -> None:
-    """Register the ``lrp`` merge method now (normally done automatically)."""
-    from mergekit_lrp.registration import register as _register
+    """Activate the plugin now, as the start-up hook does: register ``lrp``, guard
+    ``run_merge`` (pre-merge checks, staged output) and patch mergekit's planner.
 
-    _register()
+    Only needed where the start-up hook did not run (``python -S``)."""
+    from mergekit_lrp.plugin.startup import activate
+
+    activate()
+    import mergekit.merge  # noqa: F401  (runs the callbacks of modules not yet imported)
+    import mergekit.merge_methods.registry  # noqa: F401

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from mergekit_lrp.attnlrp import forwards, hybrid
+from mergekit_lrp.errors import LrpError
+from mergekit_lrp.scoring.attnlrp import forwards, hybrid
 
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = (
     "llama",
@@ -23,7 +24,7 @@ SUPPORTED_MODEL_TYPES: tuple[str, ...] = (
 )
 
 
-class UnsupportedArchitectureError(ValueError):
+class UnsupportedArchitectureError(LrpError):
     """The model's ``config.model_type`` has no AttnLRP rule set here."""
 
     def __init__(self, model_type: object):

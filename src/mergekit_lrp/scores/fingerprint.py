@@ -14,41 +14,44 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import os
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
+from mergekit_lrp.errors import LrpError
+
 SCHEME = "sampled-rows-bf16-v1"
 
 
-class FingerprintError(ValueError):
+class FingerprintError(LrpError):
     """The checkpoint cannot be fingerprinted (e.g. it is not stored as safetensors)."""
 
 
 def checkpoint_tensor_files(model_dir: str | os.PathLike) -> dict[str, str]:
-    """Map each tensor name of a local checkpoint to the safetensors file holding it."""
-    from mergekit.io.lazy_tensor_loader import ShardedTensorIndex
+    """Map each tensor name of a local checkpoint to the safetensors file holding it.
 
-    names = ("model.safetensors", "model.safetensors.index.json")
-    if not any((Path(model_dir) / name).exists() for name in names):
-        raise FingerprintError(
-            f"{model_dir}: no model.safetensors; mergekit-lrp never unpickles weights. "
-            "Convert the checkpoint first (from_pretrained, then save_pretrained)."
-        )
-    index = ShardedTensorIndex.from_disk(str(model_dir))
-    return index_tensor_files(index)
-
-
-def index_tensor_files(index) -> dict[str, str]:
-    """Same as :func:`checkpoint_tensor_files` for a mergekit ``ShardedTensorIndex``."""
-    if not index.is_safetensors:
-        raise FingerprintError(
-            f"{index.base_path}: checkpoint is not stored as safetensors; mergekit-lrp never "
-            "unpickles weights. Convert it first (load and save_pretrained)."
-        )
-    return {name: os.path.join(index.base_path, file) for name, file in index.tensor_paths.items()}
+    Reads ``model.safetensors.index.json`` (sharded) or ``model.safetensors``, as
+    transformers' ``save_pretrained`` writes them.
+    """
+    model_dir = Path(model_dir)
+    index = model_dir / "model.safetensors.index.json"
+    single = model_dir / "model.safetensors"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            return {name: str(model_dir / file) for name, file in weight_map.items()}
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            raise FingerprintError(f"{index}: malformed index ({error!r})") from None
+    if single.is_file():
+        with safe_open(str(single), framework="pt") as handle:
+            return {name: str(single) for name in handle.keys()}
+    raise FingerprintError(
+        f"{model_dir}: no model.safetensors; mergekit-lrp never unpickles weights. "
+        "Convert the checkpoint first (from_pretrained, then save_pretrained)."
+    )
 
 
 def _sample(n: int) -> list[int]:

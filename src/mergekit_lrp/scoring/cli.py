@@ -6,9 +6,17 @@ import os
 
 import click
 
-from mergekit_lrp.compute import DTYPES, ComputeOptions, resume_path
-from mergekit_lrp.distributed import Workers, launched_world_size
-from mergekit_lrp.relevance import TARGETS
+from mergekit_lrp.errors import LrpError
+from mergekit_lrp.scoring.distributed import Workers, launched_world_size
+from mergekit_lrp.scoring.options import (
+    DEVICES,
+    SCORE_DTYPES,
+    TARGETS,
+    WEIGHT_DTYPES,
+    ComputeOptions,
+    default,
+)
+from mergekit_lrp.scoring.resume import resume_path
 
 
 @click.command(
@@ -32,7 +40,7 @@ from mergekit_lrp.relevance import TARGETS
 )
 @click.option(
     "--max-length",
-    default=512,
+    default=default("max_length"),
     show_default=True,
     type=click.IntRange(min=2),
     help="Tokens per prompt; longer prompts keep their last --max-length tokens.",
@@ -45,15 +53,15 @@ from mergekit_lrp.relevance import TARGETS
 )
 @click.option(
     "--dtype",
-    type=click.Choice(["auto", *DTYPES]),
-    default="auto",
+    type=click.Choice(WEIGHT_DTYPES),
+    default=default("dtype"),
     show_default=True,
     help="Weights' dtype for the pass: auto = float32 on CPU, bfloat16 on CUDA.",
 )
 @click.option(
     "--device",
-    type=click.Choice(["auto", "cpu", "cuda"]),
-    default="auto",
+    type=click.Choice(DEVICES),
+    default=default("device"),
     show_default=True,
     help="auto = CUDA when available, else CPU.",
 )
@@ -68,15 +76,15 @@ from mergekit_lrp.relevance import TARGETS
 @click.option(
     "--target",
     type=click.Choice(TARGETS),
-    default="predicted",
+    default=default("target"),
     show_default=True,
     help="Backward seed: 'predicted' = argmax logit at the last token; 'next-token' = "
     "sum of the teacher-forced logits of every actual next token.",
 )
 @click.option(
     "--score-dtype",
-    type=click.Choice(list(DTYPES)),
-    default="bfloat16",
+    type=click.Choice(SCORE_DTYPES),
+    default=default("score_dtype"),
     show_default=True,
     help="dtype of the stored scores. Accumulation is float32 either way; bfloat16 halves "
     "the file and moves about 3 in 10,000 entries across the top-k threshold.",
@@ -90,14 +98,14 @@ from mergekit_lrp.relevance import TARGETS
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 @click.option(
     "--checkpoint-every",
-    default=100,
+    default=default("checkpoint_every"),
     show_default=True,
     type=click.IntRange(min=1),
     help="Save a resume checkpoint every N prompts.",
 )
 @click.option(
     "--gradient-checkpointing/--no-gradient-checkpointing",
-    default=True,
+    default=default("gradient_checkpointing"),
     show_default=True,
     help="Recompute activations in the backward pass: far less memory for long prompts and "
     "big models, about a third more time. Turn off when activations fit.",
@@ -140,7 +148,7 @@ def main(
     launch`): each scores every N-th prompt, the sums are all-reduced (nccl on GPUs,
     gloo on CPUs) and the first process writes the file.
     """
-    from mergekit_lrp.compute import compute_scores
+    from mergekit_lrp.scoring.run import compute_scores
 
     options = ComputeOptions(
         max_length=max_length,
@@ -169,7 +177,7 @@ def main(
                 else "Nothing was checkpointed yet."
             )
         ) from None
-    except (ValueError, OSError) as error:
+    except LrpError as error:
         raise click.ClickException(str(error)) from None
     for line in summary.lines():
         click.echo(line, err=True)

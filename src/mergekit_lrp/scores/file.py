@@ -26,13 +26,15 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from mergekit_lrp.errors import LrpError
+
 FORMAT_NAME = "mergekit-lrp-scores"
 FORMAT_VERSION = "1"
 QUANTITY = "mean_abs_grad"
 SCORE_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16}
 
 
-class ScoreFileError(ValueError):
+class ScoreFileError(LrpError):
     """A score file is missing, malformed, or does not belong to its model."""
 
 

@@ -14,8 +14,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
-from mergekit_lrp.attnlrp.forwards import softcap as softcap_scores
-from mergekit_lrp.attnlrp.lxt_rules import load_lxt_rules
+from mergekit_lrp.scoring.attnlrp.forwards import softcap as softcap_scores
+from mergekit_lrp.scoring.attnlrp.lxt_rules import load_lxt_rules
 
 ATTENTION_IMPLEMENTATION = "mergekit_lrp_attnlrp"
 

@@ -14,7 +14,7 @@ import functools
 import torch
 from torch import nn
 
-from mergekit_lrp.attnlrp.lxt_rules import load_lxt_rules
+from mergekit_lrp.scoring.attnlrp.lxt_rules import load_lxt_rules
 
 
 def llama_rms_norm(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,9 @@ def load_lxt_rules() -> ModuleType:
     path = next((p for p in candidates if p.is_file()), None)
     if path is None:
         raise ImportError(f"lxt is installed but has no efficient/rules.py: {INSTALL_HINT}")
-    rules_spec = importlib.util.spec_from_file_location("mergekit_lrp.attnlrp._lxt_rules", path)
+    rules_spec = importlib.util.spec_from_file_location(
+        "mergekit_lrp.scoring.attnlrp._lxt_rules", path
+    )
     rules = importlib.util.module_from_spec(rules_spec)
     rules_spec.loader.exec_module(rules)
     missing = [name for name in RULE_NAMES if not hasattr(rules, name)]

@@ -3,7 +3,7 @@
 mergekit discovers no plugins, so this module installs an import hook that runs a
 callback right after selected mergekit modules finish executing: the merge-method
 registry (to register ``lrp``), ``mergekit.merge`` (to guard ``run_merge``) and the
-planner modules that :mod:`mergekit_lrp.planner_patches` fixes.
+planner modules that :mod:`mergekit_lrp.plugin.planner` fixes.
 Nothing heavy is imported here: programs that never import mergekit pay for a
 dictionary lookup per import and nothing else.
 
@@ -18,11 +18,12 @@ import warnings
 
 # module name -> "module:function" called with the freshly executed module
 AFTER_IMPORT = {
-    "mergekit.config": "mergekit_lrp.planner_patches:patch_config",
-    "mergekit.architecture": "mergekit_lrp.planner_patches:patch_architecture",
-    "mergekit.plan": "mergekit_lrp.planner_patches:patch_plan",
-    "mergekit.merge_methods.registry": "mergekit_lrp.registration:register_with",
-    "mergekit.merge": "mergekit_lrp.merge_guard:guard_run_merge",
+    "mergekit.config": "mergekit_lrp.plugin.planner.referenced_models:patch_config",
+    "mergekit.architecture": "mergekit_lrp.plugin.planner.mtp_passthrough:patch_architecture",
+    "mergekit.plan": "mergekit_lrp.plugin.planner.converted_optional:patch_plan",
+    "mergekit.merge_methods.registry": "mergekit_lrp.plugin.registration:register_with",
+    "mergekit_lrp.merging.method": "mergekit_lrp.plugin.registration:register_method",
+    "mergekit.merge": "mergekit_lrp.plugin.run_guard:guard_run_merge",
 }
 
 
@@ -38,9 +39,8 @@ class _AfterImportLoader(importlib.abc.Loader):
 
     def exec_module(self, module):
         self._loader.exec_module(module)
-        module_name, function = self._callback.split(":")
         try:
-            getattr(importlib.import_module(module_name), function)(module)
+            _run_callback(module, self._callback)
         except Exception as error:  # a broken plugin must not break mergekit itself
             warnings.warn(
                 f"mergekit-lrp could not activate ({module.__name__}): {error!r}",
@@ -69,12 +69,33 @@ class _AfterImportFinder(importlib.abc.MetaPathFinder):
         return spec
 
 
+def disabled() -> bool:
+    """``MERGEKIT_LRP_DISABLE`` set to anything but empty or 0."""
+    return os.environ.get("MERGEKIT_LRP_DISABLE", "") not in ("", "0")
+
+
+def _run_callback(module, callback: str) -> None:
+    module_name, function = callback.split(":")
+    getattr(importlib.import_module(module_name), function)(module)
+
+
 def install() -> None:
     """Put the hook first on ``sys.meta_path`` (idempotent)."""
-    if os.environ.get("MERGEKIT_LRP_DISABLE", "") not in ("", "0"):
+    if disabled():
         return
     if not any(isinstance(f, _AfterImportFinder) for f in sys.meta_path):
         sys.meta_path.insert(0, _AfterImportFinder())
+
+
+def activate() -> None:
+    """Everything the start-up hook does, now: install the hook for modules not imported
+    yet and run the callbacks of those already imported (for ``python -S``)."""
+    if not any(isinstance(f, _AfterImportFinder) for f in sys.meta_path):
+        sys.meta_path.insert(0, _AfterImportFinder())
+    for name, callback in AFTER_IMPORT.items():
+        module = sys.modules.get(name)
+        if module is not None:
+            _run_callback(module, callback)
 
 
 install()

@@ -8,8 +8,8 @@ from __future__ import annotations
 import functools
 from types import ModuleType
 
-from mergekit_lrp.preflight import preflight
-from mergekit_lrp.staging import staged_directory
+from mergekit_lrp.merging.preflight import preflight
+from mergekit_lrp.merging.staging import staged_directory
 
 
 def guard_run_merge(merge_module: ModuleType) -> None:

@@ -8,10 +8,13 @@ from collections.abc import Callable, Iterator
 from torch import nn
 from transformers import PretrainedConfig
 
-from mergekit_lrp.attnlrp import forwards
-from mergekit_lrp.attnlrp.architectures import architecture_of
-from mergekit_lrp.attnlrp.attention import ATTENTION_IMPLEMENTATION, register_attnlrp_attention
-from mergekit_lrp.attnlrp.lxt_rules import load_lxt_rules
+from mergekit_lrp.scoring.attnlrp import forwards
+from mergekit_lrp.scoring.attnlrp.architectures import architecture_of
+from mergekit_lrp.scoring.attnlrp.attention import (
+    ATTENTION_IMPLEMENTATION,
+    register_attnlrp_attention,
+)
+from mergekit_lrp.scoring.attnlrp.lxt_rules import load_lxt_rules
 
 _MISSING = object()
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from mergekit_lrp.errors import LrpError
 
-class PromptsError(ValueError):
+
+class PromptsError(LrpError):
     """The prompts source is missing, empty or malformed."""
 
 

@@ -14,12 +14,13 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from mergekit_lrp.score_file import atomic_save
+from mergekit_lrp.errors import LrpError
+from mergekit_lrp.scores.file import atomic_save
 
 RESUME_FORMAT = "mergekit-lrp-resume"
 
 
-class ResumeError(ValueError):
+class ResumeError(LrpError):
     """A resume checkpoint is unreadable or was made with other inputs."""
 
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from mergekit_lrp.attnlrp.lxt_rules import load_lxt_rules
+from mergekit_lrp.scoring.attnlrp.lxt_rules import load_lxt_rules
 
 # Stabiliser of the identity rule on functions with f(0) != 0 (sigmoid, softplus).
 GATE_EPSILON = 1e-2

@@ -10,10 +10,10 @@ Usage::
 See docs/attnlrp.md for which rule sits where in each supported architecture.
 """
 
-from mergekit_lrp.attnlrp.architectures import (
+from mergekit_lrp.scoring.attnlrp.architectures import (
     SUPPORTED_MODEL_TYPES,
     UnsupportedArchitectureError,
 )
-from mergekit_lrp.attnlrp.context import attnlrp_rules
+from mergekit_lrp.scoring.attnlrp.context import attnlrp_rules
 
 __all__ = ["SUPPORTED_MODEL_TYPES", "UnsupportedArchitectureError", "attnlrp_rules"]

@@ -12,25 +12,45 @@ guarantees nothing half-written is left behind when that happens.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
+import torch
 from safetensors import safe_open
 
-from mergekit_lrp.fingerprint import fingerprint_tensors, index_tensor_files
-from mergekit_lrp.method import (
+from mergekit_lrp.merging.method import check_model_parameters, check_shared_parameters
+from mergekit_lrp.merging.tensor_scores import (
     LRPConfigError,
-    check_model_parameters,
-    check_shared_parameters,
+    is_protected,
+    locate_scores,
     open_scores,
 )
-from mergekit_lrp.score_file import SCORE_DTYPES, ScoreFileError, ScoreReader
+from mergekit_lrp.scores.file import ScoreFileError, ScoreReader
+from mergekit_lrp.scores.fingerprint import fingerprint_tensors
 
 
 @dataclass
 class _ModelFiles:
     tensor_files: dict[str, str]
+    model_type: str | None
     fingerprint: str = ""
     score_paths_seen: set[str] = field(default_factory=set)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        with safe_open(self.tensor_files[name], framework="pt") as handle:
+            return tuple(handle.get_slice(name).get_shape())
+
+
+def index_tensor_files(index) -> dict[str, str]:
+    """Tensor name -> safetensors file, from mergekit's ``ShardedTensorIndex``."""
+    from mergekit_lrp.scores.fingerprint import FingerprintError
+
+    if not index.is_safetensors:
+        raise FingerprintError(
+            f"{index.base_path}: checkpoint is not stored as safetensors; mergekit-lrp never "
+            "unpickles weights. Convert it first (load and save_pretrained)."
+        )
+    return {name: os.path.join(index.base_path, file) for name, file in index.tensor_paths.items()}
 
 
 def plan_lrp_merge(merge_config, options):
@@ -66,18 +86,10 @@ def preflight(merge_config, options) -> None:
     """Raise :class:`LRPConfigError` / :class:`ScoreFileError` naming what is wrong."""
     from mergekit.io.tasks import LoaderCache
 
-    targets = plan_lrp_merge(merge_config, options)
     models: dict = {}
-    checked_shared = False
-    for weight, task in targets:
-        if not checked_shared:
-            check_shared_parameters(
-                task.parameters["importance"],
-                task.parameters["consensus"],
-                task.parameters["missing_scores"],
-            )
-            checked_shared = True
+    for weight, task in plan_lrp_merge(merge_config, options):
         shared = task.parameters
+        check_shared_parameters(shared["importance"], shared["consensus"], shared["missing_scores"])
         for model, input_weight in _input_weights(task).items():
             if model == task.base_model:
                 continue
@@ -85,10 +97,11 @@ def preflight(merge_config, options) -> None:
             check_model_parameters(model, params["weight"], params["density"])
             if model not in models:
                 index = LoaderCache().get(model).index
-                models[model] = _ModelFiles(index_tensor_files(index))
+                model_type = model.config(trust_remote_code=options.trust_remote_code).model_type
+                models[model] = _ModelFiles(index_tensor_files(index), model_type)
             files = models[model]
-            stored = _stored_name(input_weight, files.tensor_files)
-            if stored is None:
+            shape = _weight_shape(input_weight, files)
+            if shape is None:
                 continue  # an optional tensor this model lacks: base passthrough
             if input_weight.name != weight.name:
                 raise LRPConfigError(
@@ -96,25 +109,38 @@ def preflight(merge_config, options) -> None:
                     f"{weight.name!r}; lrp scores are looked up by tensor name, so slices that "
                     "shift layers are not supported"
                 )
-            with safe_open(files.tensor_files[stored], framework="pt") as handle:
-                shape = tuple(handle.get_slice(stored).get_shape())
-            protected = shared["protect_special"] and (
-                len(shape) < 2 or weight.vocabulary_axis is not None
+            _check_file(model, params["lrp_scores"], files)
+            protected = shared["protect_special"] and is_protected(
+                len(shape), weight.vocabulary_axis
             )
             if protected or params["density"] >= 1:
-                _check_file(model, params["lrp_scores"], files)
                 continue
-            _check_tensor(model, weight.name, shape, params["lrp_scores"], shared, files)
+            path = str(params["lrp_scores"]) if params["lrp_scores"] else None
+            locate_scores(model, weight.name, path, shared["missing_scores"]).check(shape)
     for model, files in models.items():
         for path in files.score_paths_seen:
             _check_extra_tensors(model, path, files)
 
 
-def _stored_name(weight, tensor_files) -> str | None:
+def _weight_shape(weight, files: _ModelFiles) -> tuple[int, ...] | None:
+    """The shape mergekit will load ``weight`` with from this model, or None if absent:
+    stored under its name or an alias, or assembled by transformers' conversion."""
+    from mergekit.architecture.conversion import (
+        can_convert_checkpoint_keys,
+        convert_checkpoint_tensors,
+    )
+
     for name in (weight.name, *(weight.aliases or ()), *(weight.tied_names or ())):
-        if name in tensor_files:
-            return name
-    return None
+        if name in files.tensor_files:
+            return files.shape(name)
+    names = set(files.tensor_files)
+    if not can_convert_checkpoint_keys(files.model_type, names, weight.name):
+        return None
+    sources = {
+        n: (lambda n=n: torch.empty(files.shape(n), device="meta")) for n in files.tensor_files
+    }
+    assembled = convert_checkpoint_tensors(files.model_type, sources, weight.name)
+    return None if assembled is None else tuple(assembled.shape)
 
 
 def _check_file(model, path, files: _ModelFiles) -> ScoreReader | None:
@@ -134,34 +160,6 @@ def _check_file(model, path, files: _ModelFiles) -> ScoreReader | None:
         )
     files.score_paths_seen.add(str(path))
     return reader
-
-
-def _check_tensor(model, name, shape, path, shared, files: _ModelFiles) -> None:
-    reader = _check_file(model, path, files)
-    missing = shared["missing_scores"]
-    if reader is None:
-        if missing == "error":
-            raise LRPConfigError(
-                f"lrp: model {model} has no lrp_scores. Add `lrp_scores: path.safetensors` to its "
-                "parameters (compute it with lrp-compute), or set missing_scores: magnitude|base"
-            )
-        return
-    if reader.resolve(name) is None:
-        if missing == "error":
-            raise ScoreFileError(
-                f"{path}: no scores for tensor {name!r} (model {model}); set missing_scores: "
-                "base or magnitude to merge it without relevance"
-            )
-        return
-    if reader.shape(name) != shape:
-        raise ScoreFileError(
-            f"{path}: scores for {name!r} have shape {reader.shape(name)}, but model {model} "
-            f"has shape {shape}"
-        )
-    if reader.dtype_name(name) not in SCORE_DTYPES:
-        raise ScoreFileError(
-            f"{path}: scores for {name!r} are {reader.dtype_name(name)}; expected F32 or BF16"
-        )
 
 
 def _check_extra_tensors(model, path: str, files: _ModelFiles) -> None:

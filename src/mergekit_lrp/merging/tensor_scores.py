@@ -1,0 +1,153 @@
+"""The scores of one tensor of one model: the one definition that the merge kernel
+(:mod:`.method`) and the pre-merge check (:mod:`.preflight`) share, so that what is
+checked before a merge is exactly what the merge will read.
+
+A tensor's scores are found in the model's score file under the tensor's own name, a
+tied alias, or (MoE experts that transformers 5 fuses on load, while checkpoints and
+score files store them per expert) assembled from several stored score tensors by the
+conversion mergekit applies to the weights.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+from mergekit_lrp.errors import LrpError
+from mergekit_lrp.scores.file import SCORE_DTYPES, ScoreFileError, ScoreReader
+
+IMPORTANCE_MODES = ("weight", "delta")
+MISSING_SCORES_MODES = ("error", "magnitude", "base")
+
+
+class LRPConfigError(LrpError):
+    """An ``lrp`` parameter is out of range or a model has no usable scores."""
+
+
+def open_scores(path: str) -> ScoreReader:
+    """The reader of a score file, its header read and validated once while the file is
+    unchanged (a file rewritten in the same process is opened anew)."""
+    stat = os.stat(path) if os.path.exists(path) else None
+    key = (stat.st_mtime_ns, stat.st_size, stat.st_ino) if stat else None
+    return _open_scores(str(path), key)
+
+
+@lru_cache(maxsize=64)
+def _open_scores(path: str, _version) -> ScoreReader:
+    return ScoreReader(path)
+
+
+def is_protected(ndim: int, vocabulary_axis) -> bool:
+    """Norms, biases (1-D) and embeddings / lm_head (vocabulary-indexed) tensors."""
+    return ndim < 2 or vocabulary_axis is not None
+
+
+@dataclass(frozen=True)
+class TensorScores:
+    """Where the scores of tensor ``name`` of ``model`` come from.
+
+    ``fallback`` is None when they come from ``reader``; otherwise the model has none for
+    this tensor and ``missing_scores`` said what to do: ``magnitude`` (rank by |delta|)
+    or ``base`` (the model contributes nothing to this tensor).
+    """
+
+    model: Hashable
+    name: str
+    reader: ScoreReader | None
+    converted: bool = False
+    fallback: str | None = None
+
+    def check(self, shape: tuple[int, ...]) -> None:
+        """Raise :class:`ScoreFileError` unless the scores can be read with ``shape``;
+        reads headers only (NaN/Inf are found when the tensor is read)."""
+        if self.fallback is not None:
+            return
+        if self.converted:
+            assembled = _assemble(self.reader, self.name, _meta_loader(self.reader))
+            _check_shape(self.reader, self.name, tuple(assembled.shape), shape)
+            return
+        _check_shape(self.reader, self.name, self.reader.shape(self.name), shape)
+        dtype = self.reader.dtype_name(self.name)
+        if dtype not in SCORE_DTYPES:
+            raise ScoreFileError(
+                f"{self.reader.path}: scores for {self.name!r} are {dtype}; expected F32 or BF16"
+            )
+
+    def read(self, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+        """The scores as float32 tensor of ``shape``."""
+        if not self.converted:
+            return self.reader.get(self.name, shape=shape)
+        assembled = _assemble(self.reader, self.name, self.reader.get)
+        _check_shape(self.reader, self.name, tuple(assembled.shape), tuple(shape))
+        return assembled.float()
+
+
+def locate_scores(
+    model: Hashable, name: str, scores_path: str | None, missing_scores: str
+) -> TensorScores:
+    """Find the scores of tensor ``name`` of ``model``, or apply ``missing_scores``."""
+    reader = open_scores(scores_path) if scores_path else None
+    if reader is not None:
+        if reader.resolve(name) is not None:
+            return TensorScores(model, name, reader)
+        if _convertible(reader, name):
+            return TensorScores(model, name, reader, converted=True)
+    if missing_scores != "error":
+        return TensorScores(model, name, reader, fallback=missing_scores)
+    fix = (
+        "set missing_scores: magnitude (use |delta|) or base (keep the base weight for this model)"
+    )
+    if reader is None:
+        raise LRPConfigError(
+            f"lrp: model {model} has no lrp_scores. Add `lrp_scores: path.safetensors` to its "
+            f"parameters (compute it with lrp-compute), or {fix}"
+        )
+    raise ScoreFileError(
+        f"{reader.path}: no scores for tensor {name!r} (model {model}); compute them with "
+        f"lrp-compute on this model, or {fix}"
+    )
+
+
+def _convertible(reader: ScoreReader, name: str) -> bool:
+    from mergekit.architecture.conversion import can_convert_checkpoint_keys
+
+    return can_convert_checkpoint_keys(reader.metadata.model_type, reader.names(), name)
+
+
+def _meta_loader(reader: ScoreReader) -> Callable[[str], torch.Tensor]:
+    return lambda stored: torch.empty(reader.shape(stored), dtype=torch.float32, device="meta")
+
+
+def _assemble(reader: ScoreReader, name: str, load: Callable[[str], torch.Tensor]):
+    """``name``'s scores built from the stored ones by mergekit's checkpoint conversion."""
+    from mergekit.architecture.conversion import convert_checkpoint_tensors
+
+    sources = {stored: (lambda stored=stored: load(stored)) for stored in reader.names()}
+    scores = convert_checkpoint_tensors(reader.metadata.model_type, sources, name)
+    if scores is None:
+        raise ScoreFileError(f"{reader.path}: scores for {name!r} could not be assembled")
+    return scores
+
+
+def _check_shape(reader: ScoreReader, name: str, found: tuple, expected: tuple) -> None:
+    if tuple(found) != tuple(expected):
+        raise ScoreFileError(
+            f"{reader.path}: scores for {name!r} have shape {tuple(found)}, the weight has "
+            f"{tuple(expected)}"
+        )
+
+
+def importance_of(
+    scores: TensorScores, theta: torch.Tensor, delta: torch.Tensor, mode: str
+) -> torch.Tensor:
+    """Importance of each entry of ``delta`` (see docs/method.md):
+    ``delta``: |delta| * scores; ``weight``: |theta| * scores; |delta| when falling back."""
+    if scores.fallback == "magnitude":
+        return delta.abs().float()
+    values = scores.read(delta.shape).to(delta.device)
+    source = theta if mode == "weight" else delta
+    return source.abs().float() * values

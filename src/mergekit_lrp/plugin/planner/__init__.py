@@ -1,0 +1,20 @@
+"""Fixes to mergekit's planner, applied by the plugin to the mergekit versions they fit.
+
+One patch a module: :mod:`.referenced_models` (deterministic architecture choice),
+:mod:`.mtp_passthrough` (MTP tensors merged, not dropped), :mod:`.converted_optional`
+(MoE experts present in only some layers). Each says what it fixes; tests/test_planner.py
+and tests/test_hybrid.py show the failure without it (docs/hybrid.md lists what mergekit
+0.1.5 already handles).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+
+PATCHED_MERGEKIT_VERSIONS = ("0.1.5",)
+# what each patch replaced, for tests and for anyone comparing behaviour
+ORIGINALS: dict[str, object] = {}
+
+
+def mergekit_version_is_patched() -> bool:
+    return importlib.metadata.version("mergekit") in PATCHED_MERGEKIT_VERSIONS

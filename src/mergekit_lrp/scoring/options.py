@@ -1,0 +1,70 @@
+"""``lrp-compute``'s options: one definition, one set of defaults, validated in one place.
+
+The CLI (:mod:`.cli`) reads its defaults and choices from here, and the library checks
+every value when :class:`ComputeOptions` is built, so both entry points refuse the same
+inputs with the same messages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from mergekit_lrp.errors import LrpError
+from mergekit_lrp.scoring.relevance import TARGETS
+
+#: dtype of the weights during the pass; ``auto`` = float32 on CPU, bfloat16 on CUDA
+WEIGHT_DTYPES = ("auto", "float32", "bfloat16")
+#: dtype of the stored scores (accumulation is float32 either way)
+SCORE_DTYPES = ("float32", "bfloat16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ComputeError(LrpError):
+    """Bad input to lrp-compute (model, output path, options)."""
+
+
+@dataclass(frozen=True)
+class ComputeOptions:
+    max_length: int = 512
+    num_prompts: int | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    target: str = "predicted"
+    #: bfloat16 halves the file; 3 in 10,000 top-k entries flip (docs/BENCHMARKS.md)
+    score_dtype: str = "bfloat16"
+    resume: bool = False
+    overwrite: bool = False
+    #: prompts between two resume checkpoints (``--checkpoint-every``)
+    checkpoint_every: int = 100
+    gradient_checkpointing: bool = True
+    progress: bool = True
+    #: passed to ``from_pretrained``: "auto" spreads a model too big for one GPU over all
+    #: of them; a dict maps module names to devices
+    device_map: str | dict | None = None
+
+    def __post_init__(self):
+        for name, allowed in (
+            ("dtype", WEIGHT_DTYPES),
+            ("score_dtype", SCORE_DTYPES),
+            ("device", DEVICES),
+            ("target", TARGETS),
+        ):
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ComputeError(f"--{_flag(name)} must be one of {', '.join(allowed)}")
+        for name, minimum in (("max_length", 2), ("checkpoint_every", 1), ("num_prompts", 1)):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < minimum):
+                raise ComputeError(f"--{_flag(name)} must be an integer of at least {minimum}")
+        if self.device_map is not None and self.device_map != "auto":
+            if not isinstance(self.device_map, dict):
+                raise ComputeError("--device-map must be 'auto' (or, from Python, a dict)")
+
+
+def default(name: str):
+    """The default of option ``name`` (for the CLI)."""
+    return next(f.default for f in fields(ComputeOptions) if f.name == name)
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")

@@ -131,8 +131,9 @@ def scoring_code_hash() -> str:
     import mergekit_lrp
 
     package = Path(mergekit_lrp.__file__).parent
-    modules = ["accumulator.py", "compute.py", "relevance.py", "score_file.py"]
-    sources = [package / m for m in modules] + sorted((package / "attnlrp").glob("*.py"))
+    sources = sorted((package / "scoring").rglob("*.py")) + sorted(
+        (package / "scores").glob("*.py")
+    )
     digest = hashlib.sha256()
     for source in sources:
         digest.update(source.read_bytes())

@@ -51,7 +51,8 @@ class ScoreMetadata:
     quantity: str = QUANTITY
     reduction: str = "mean"
     fingerprint_scheme: str = ""
-    # stored name -> names of tied parameters that share it (e.g. lm_head.weight)
+    # other name of a tied parameter -> the stored tensor holding its scores
+    # (e.g. lm_head.weight -> model.embed_tokens.weight)
     aliases: dict[str, str] = field(default_factory=dict)
     generator: str = ""
     extra: dict[str, str] = field(default_factory=dict)

@@ -9,20 +9,6 @@ from torch import nn
 from mergekit_lrp.errors import LrpError
 from mergekit_lrp.scoring.attnlrp import forwards, hybrid
 
-SUPPORTED_MODEL_TYPES: tuple[str, ...] = (
-    "llama",
-    "mistral",
-    "qwen2",
-    "qwen3",
-    "gemma2",
-    "gemma3",  # Gemma3ForConditionalGeneration: its language model
-    "gemma3_text",  # Gemma3ForCausalLM
-    "phi3",
-    "qwen3_5",  # Qwen3_5ForConditionalGeneration: its language model
-    "qwen3_5_text",  # Qwen3_5ForCausalLM
-    "qwen3_next",
-)
-
 
 class UnsupportedArchitectureError(LrpError):
     """The model's ``config.model_type`` has no AttnLRP rule set here."""
@@ -102,12 +88,18 @@ ARCHITECTURES: dict[str, Architecture] = {
     "qwen3": _family("qwen3", "Qwen3"),
     "phi3": _family("phi3", "Phi3", mlp_forward=forwards.fused_gated_mlp),
     "gemma2": _family("gemma2", "Gemma2", norm_forward=forwards.gemma_rms_norm),
+    # Gemma3ForConditionalGeneration (its language model) and Gemma3ForCausalLM
     "gemma3": _family("gemma3", "Gemma3", norm_forward=forwards.gemma_rms_norm),
     "gemma3_text": _family("gemma3", "Gemma3", norm_forward=forwards.gemma_rms_norm),
+    # Qwen3_5ForConditionalGeneration (its language model) and Qwen3_5ForCausalLM
     "qwen3_5": _hybrid("qwen3_5", "Qwen3_5", moe=False),
     "qwen3_5_text": _hybrid("qwen3_5", "Qwen3_5", moe=False),
     "qwen3_next": _hybrid("qwen3_next", "Qwen3Next", moe=True),
 }
+
+
+#: every model type with a rule set; comments in ARCHITECTURES say which class each loads
+SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(ARCHITECTURES)
 
 
 def architecture_of(model: nn.Module) -> Architecture:

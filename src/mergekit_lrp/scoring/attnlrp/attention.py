@@ -48,8 +48,7 @@ def attnlrp_attention(
     value = torch.repeat_interleave(value, groups, dim=1)
 
     scores = lxt.divide_gradient(torch.matmul(query, key.transpose(2, 3)), 2) * scaling
-    if softcap is not None:
-        scores = lxt.identity_rule_implicit(functools.partial(softcap_scores, cap=softcap), scores)
+    scores = lxt.identity_rule_implicit(functools.partial(softcap_scores, cap=softcap), scores)
     if attention_mask is not None:
         scores = scores + attention_mask
     weights = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)

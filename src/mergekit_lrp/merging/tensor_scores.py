@@ -127,7 +127,13 @@ def _assemble(reader: ScoreReader, name: str, load: Callable[[str], torch.Tensor
     from mergekit.architecture.conversion import convert_checkpoint_tensors
 
     sources = {stored: (lambda stored=stored: load(stored)) for stored in reader.names()}
-    scores = convert_checkpoint_tensors(reader.metadata.model_type, sources, name)
+    try:
+        scores = convert_checkpoint_tensors(reader.metadata.model_type, sources, name)
+    except RuntimeError as error:  # torch.cat / stack of parts with other shapes
+        raise ScoreFileError(
+            f"{reader.path}: scores for {name!r} are assembled from stored tensors whose "
+            f"shapes do not fit together ({error}); the file does not match the checkpoint"
+        ) from None
     if scores is None:
         raise ScoreFileError(f"{reader.path}: scores for {name!r} could not be assembled")
     return scores

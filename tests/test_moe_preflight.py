@@ -1,0 +1,99 @@
+"""Fused MoE expert tensors are checked before the merge by the code that reads them."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from checkpoints import char_tokenizer
+from merging import run
+from safetensors import safe_open
+from tiny_models import make_tiny_hybrid
+
+from mergekit_lrp.scores.file import ScoreFileError, ScoreMetadata, write_scores
+from mergekit_lrp.scores.fingerprint import checkpoint_tensor_files, model_fingerprint
+
+EXPERT = "model.layers.0.mlp.experts.1.up_proj.weight"  # stored per expert
+
+
+def save(model, path: Path) -> Path:
+    model.save_pretrained(path)
+    char_tokenizer().save_pretrained(path)
+    return path
+
+
+def score_file(model_dir: Path, out: Path, edit=None) -> Path:
+    """Random per-expert scores named as the checkpoint stores them; ``edit`` may change them."""
+    generator = torch.Generator().manual_seed(0)
+    scores = {}
+    for name, file in checkpoint_tensor_files(model_dir).items():
+        with safe_open(file, framework="pt") as handle:
+            scores[name] = torch.rand(handle.get_slice(name).get_shape(), generator=generator)
+    if edit:
+        edit(scores)
+    metadata = ScoreMetadata(
+        model_fingerprint=model_fingerprint(model_dir),
+        num_prompts=1,
+        num_tokens=4,
+        target="predicted",
+        model_type="qwen3_next",
+    )
+    write_scores(out, scores, metadata)
+    return out
+
+
+@pytest.fixture(scope="module")
+def moe_pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("moe")
+    vocab = len(char_tokenizer())
+    base = save(make_tiny_hybrid("qwen3_next", vocab_size=vocab), root / "base")
+    model = make_tiny_hybrid("qwen3_next", vocab_size=vocab)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+    return root, base, save(model, root / "ft")
+
+
+def config(base, ft, scores) -> dict:
+    return {
+        "merge_method": "lrp",
+        "base_model": str(base),
+        "parameters": {"density": 0.5},
+        "models": [{"model": str(ft), "parameters": {"lrp_scores": str(scores)}}],
+        "dtype": "float32",
+    }
+
+
+def preflight_of(merge_config: dict):
+    from mergekit.config import MergeConfiguration
+    from mergekit.options import MergeOptions
+
+    from mergekit_lrp.merging.preflight import preflight
+
+    preflight(MergeConfiguration.model_validate(merge_config), MergeOptions(quiet=True))
+
+
+def test_fused_experts_merge_from_per_expert_scores(moe_pair, tmp_path):
+    root, base, ft = moe_pair
+    scores = score_file(ft, tmp_path / "ok.safetensors")
+    preflight_of(config(base, ft, scores))
+    merged = run(config(base, ft, scores), tmp_path / "out")
+    fused = [n for n in merged if "experts" in n and "gate_up" in n]
+    assert fused, sorted(merged)[:10]
+
+
+@pytest.mark.parametrize(
+    "edit, fragment",
+    [
+        (lambda s: s.__setitem__(EXPERT, torch.rand(3, 3)), "shape"),
+        (lambda s: s.pop(EXPERT), "no scores for tensor"),
+    ],
+)
+def test_bad_expert_scores_are_refused_before_the_merge(moe_pair, tmp_path, edit, fragment):
+    """Without the shared lookup the preflight skipped fused tensors (they are not stored
+    under their own name) and the merge failed midway."""
+    root, base, ft = moe_pair
+    scores = score_file(ft, tmp_path / "bad.safetensors", edit)
+    with pytest.raises(ScoreFileError, match=fragment) as error:
+        preflight_of(config(base, ft, scores))
+    assert "experts" in str(error.value)

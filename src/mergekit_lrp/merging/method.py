@@ -80,9 +80,9 @@ def lrp_merge(
         keep = 1.0 if protected else density[entry.id]
         if keep < 1:
             scores = locate_scores(entry.id, name, _lookup(lrp_scores, entry.id), missing_scores)
-            if scores.fallback == "base":
-                continue
             imp = importance_of(scores, entry.tensor, delta, importance)
+            if imp is None:
+                continue
             delta = delta * top_k_mask(imp, kept_count(keep, delta.numel()))
             del imp
             if rescale:

@@ -12,6 +12,7 @@ guarantees nothing half-written is left behind when that happens.
 
 from __future__ import annotations
 
+import difflib
 import os
 from dataclasses import dataclass, field
 
@@ -82,10 +83,39 @@ def _input_weights(task):
     return gather.weight_info
 
 
+#: names of the first lrp pull request (shared/seeds/001) that mean something here
+FORMER_NAMES = {"lrp_path": "lrp_scores"}
+
+
+def check_parameter_names(merge_config) -> None:
+    """Refuse parameters ``lrp`` does not take (mergekit ignores them silently)."""
+    from mergekit_lrp.merging.method import lrp_merge
+
+    known = [parameter.name for parameter in lrp_merge.spec.parameters]
+    places = [("parameters", merge_config.parameters or {})]
+    places += [(f"parameters of {m.model}", m.parameters or {}) for m in merge_config.models or ()]
+    for output_slice in merge_config.slices or ():
+        places += [(f"parameters of {s.model}", s.parameters or {}) for s in output_slice.sources]
+    for where, parameters in places:
+        for name in parameters:
+            if name in known:
+                continue
+            if name in FORMER_NAMES:
+                raise LRPConfigError(
+                    f"lrp: {name!r} ({where}) is called {FORMER_NAMES[name]!r} in mergekit-lrp"
+                )
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise LRPConfigError(
+                f"lrp: unknown parameter {name!r} ({where}); {hint}lrp takes: {', '.join(known)}"
+            )
+
+
 def preflight(merge_config, options) -> None:
     """Raise :class:`LRPConfigError` / :class:`ScoreFileError` naming what is wrong."""
     from mergekit.io.tasks import LoaderCache
 
+    check_parameter_names(merge_config)
     models: dict = {}
     for weight, task in plan_lrp_merge(merge_config, options):
         shared = task.parameters

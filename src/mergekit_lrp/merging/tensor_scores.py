@@ -58,6 +58,7 @@ class TensorScores:
     model: Hashable
     name: str
     reader: ScoreReader | None
+    missing_scores: str = "error"
     converted: bool = False
     fallback: str | None = None
 
@@ -93,11 +94,11 @@ def locate_scores(
     reader = open_scores(scores_path) if scores_path else None
     if reader is not None:
         if reader.resolve(name) is not None:
-            return TensorScores(model, name, reader)
+            return TensorScores(model, name, reader, missing_scores)
         if _convertible(reader, name):
-            return TensorScores(model, name, reader, converted=True)
+            return TensorScores(model, name, reader, missing_scores, converted=True)
     if missing_scores != "error":
-        return TensorScores(model, name, reader, fallback=missing_scores)
+        return TensorScores(model, name, reader, missing_scores, fallback=missing_scores)
     fix = (
         "set missing_scores: magnitude (use |delta|) or base (keep the base weight for this model)"
     )
@@ -149,11 +150,28 @@ def _check_shape(reader: ScoreReader, name: str, found: tuple, expected: tuple) 
 
 def importance_of(
     scores: TensorScores, theta: torch.Tensor, delta: torch.Tensor, mode: str
-) -> torch.Tensor:
-    """Importance of each entry of ``delta`` (see docs/method.md):
-    ``delta``: |delta| * scores; ``weight``: |theta| * scores; |delta| when falling back."""
-    if scores.fallback == "magnitude":
+) -> torch.Tensor | None:
+    """Importance of each entry of ``delta`` (see docs/method.md), or None when the model
+    contributes nothing to this tensor (``missing_scores: base``).
+
+    ``delta``: |delta| * scores; ``weight``: |theta| * scores. Scores that are the same
+    for every entry rank nothing (top-k would keep entries in index order): they are
+    refused, or replaced as ``missing_scores`` says.
+    """
+    fallback = scores.fallback
+    if fallback is None:
+        values = scores.read(delta.shape).to(delta.device)
+        if values.numel() > 1 and bool(values.min() == values.max()):
+            if scores.missing_scores == "error":
+                raise ScoreFileError(
+                    f"{scores.reader.path}: scores for {scores.name!r} are the same for every "
+                    f"entry ({float(values.reshape(-1)[0]):g}), so they rank nothing (model "
+                    f"{scores.model}); recompute them, or set missing_scores: magnitude or base"
+                )
+            fallback = scores.missing_scores
+    if fallback == "base":
+        return None
+    if fallback == "magnitude":
         return delta.abs().float()
-    values = scores.read(delta.shape).to(delta.device)
     source = theta if mode == "weight" else delta
     return source.abs().float() * values

@@ -38,3 +38,21 @@ def register_method(method_module: ModuleType) -> None:
     registry = sys.modules.get("mergekit.merge_methods.registry")
     if registry is not None and hasattr(registry, "registered_methods"):
         register_with(registry)
+
+
+def hint_when_disabled(registry: ModuleType) -> None:
+    """With ``MERGEKIT_LRP_DISABLE`` set, make mergekit's error for ``lrp`` say why."""
+    get = registry.get
+
+    def get_with_hint(name: str):
+        try:
+            return get(name)
+        except RuntimeError as error:
+            if name != "lrp":
+                raise
+            raise RuntimeError(
+                f"{error}: mergekit-lrp is installed but disabled by MERGEKIT_LRP_DISABLE; "
+                "unset it to use merge_method: lrp"
+            ) from None
+
+    registry.get = get_with_hint

@@ -52,8 +52,11 @@ class _AfterImportLoader(importlib.abc.Loader):
 
 
 class _AfterImportFinder(importlib.abc.MetaPathFinder):
+    def __init__(self, callbacks: dict[str, str] | None = None):
+        self.callbacks = AFTER_IMPORT if callbacks is None else callbacks
+
     def find_spec(self, fullname, path, target=None):
-        callback = AFTER_IMPORT.get(fullname)
+        callback = self.callbacks.get(fullname)
         if callback is None:
             return None
         for finder in sys.meta_path:
@@ -79,18 +82,25 @@ def _run_callback(module, callback: str) -> None:
     getattr(importlib.import_module(module_name), function)(module)
 
 
+#: when disabled, only this: mergekit's "Unimplemented merge method lrp" says why
+DISABLED_HINT = {
+    "mergekit.merge_methods.registry": "mergekit_lrp.plugin.registration:hint_when_disabled",
+}
+
+
 def install() -> None:
     """Put the hook first on ``sys.meta_path`` (idempotent)."""
     if disabled():
+        sys.meta_path.insert(0, _AfterImportFinder(DISABLED_HINT))
         return
-    if not any(isinstance(f, _AfterImportFinder) for f in sys.meta_path):
+    if not any(getattr(f, "callbacks", None) is AFTER_IMPORT for f in sys.meta_path):
         sys.meta_path.insert(0, _AfterImportFinder())
 
 
 def activate() -> None:
     """Everything the start-up hook does, now: install the hook for modules not imported
     yet and run the callbacks of those already imported (for ``python -S``)."""
-    if not any(isinstance(f, _AfterImportFinder) for f in sys.meta_path):
+    if not any(getattr(f, "callbacks", None) is AFTER_IMPORT for f in sys.meta_path):
         sys.meta_path.insert(0, _AfterImportFinder())
     for name, callback in AFTER_IMPORT.items():
         module = sys.modules.get(name)

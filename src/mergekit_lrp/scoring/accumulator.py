@@ -32,6 +32,9 @@ class GradientAccumulator:
         self.sums = {
             name: torch.zeros(p.shape, dtype=torch.float32) for name, p in self.parameters.items()
         }
+        #: parameters that received a gradient in this process (MoE routers never do:
+        #: AttnLRP treats them as constants)
+        self.seen: set[str] = set()
         self._handles = []
 
     def attach(self) -> None:
@@ -51,6 +54,7 @@ class GradientAccumulator:
         def consume(parameter: torch.Tensor) -> None:
             total.add_(parameter.grad.detach().to("cpu", torch.float32).abs_())
             parameter.grad = None
+            self.seen.add(name)
 
         return consume
 

@@ -6,6 +6,7 @@ import os
 
 import click
 
+from mergekit_lrp import __version__
 from mergekit_lrp.errors import LrpError
 from mergekit_lrp.scoring.distributed import Workers, launched_world_size
 from mergekit_lrp.scoring.options import (
@@ -24,13 +25,20 @@ from mergekit_lrp.scoring.resume import resume_path
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
 )
 @click.argument("model")
+@click.version_option(__version__, "--version", prog_name="lrp-compute (mergekit-lrp)")
 @click.option(
     "--prompts",
     "prompts",
     required=True,
-    help="Calibration prompts: a text file (one per line), a JSONL file (field 'text', or chat "
-    "'messages' rendered with the tokenizer's chat template), or a directory written by "
-    "datasets' save_to_disk. Use prompts from the task the fine-tune was trained for.",
+    help="Calibration prompts: a .txt file (one per line), a .jsonl, .json, .csv or .parquet "
+    "file, a directory written by datasets' save_to_disk, or a hub dataset id. Each row's "
+    "--column (default: 'text', else 'messages') is a text or a chat (a list of {role, "
+    "content}, rendered by the tokenizer's chat template). Use prompts from the task the "
+    "fine-tune was trained for.",
+)
+@click.option("--split", default=None, help="Dataset split, when the source has several.")
+@click.option(
+    "--column", default=None, help="Column holding the text or chat messages (see --prompts)."
 )
 @click.option(
     "--output",
@@ -52,18 +60,24 @@ from mergekit_lrp.scoring.resume import resume_path
     help="Use only the first N non-blank prompts.  [default: all]",
 )
 @click.option(
+    "--tokenizer",
+    default=None,
+    help="Take the tokenizer from this directory or hub id.  [default: MODEL's]",
+)
+@click.option("--revision", default=None, help="Hub revision (branch, tag, commit) of MODEL.")
+@click.option(
     "--dtype",
     type=click.Choice(WEIGHT_DTYPES),
     default=default("dtype"),
     show_default=True,
-    help="Weights' dtype for the pass: auto = float32 on CPU, bfloat16 on CUDA.",
+    help="Weights' dtype for the pass: auto = float32 on CPU, bfloat16 on CUDA. Scores are "
+    "summed in float32 either way.",
 )
 @click.option(
     "--device",
-    type=click.Choice(DEVICES),
     default=default("device"),
     show_default=True,
-    help="auto = CUDA when available, else CPU.",
+    help=f"{', '.join(DEVICES)} or cuda:N; auto = CUDA when available, else CPU.",
 )
 @click.option(
     "--device-map",
@@ -79,7 +93,10 @@ from mergekit_lrp.scoring.resume import resume_path
     default=default("target"),
     show_default=True,
     help="Backward seed: 'predicted' = argmax logit at the last token; 'next-token' = "
-    "sum of the teacher-forced logits of every actual next token.",
+    "sum of the teacher-forced logits of every actual next token. For a chat that ends with "
+    "an assistant answer, 'predicted' explains the answer's first token and 'next-token' "
+    "the answer's tokens only; for one that ends with the user, the generation prompt is "
+    "appended.",
 )
 @click.option(
     "--score-dtype",
@@ -117,6 +134,10 @@ def main(
     output,
     max_length,
     num_prompts,
+    split,
+    column,
+    tokenizer,
+    revision,
     dtype,
     device,
     device_map,
@@ -129,6 +150,9 @@ def main(
     quiet,
 ):
     """Compute AttnLRP relevance scores of MODEL (a checkpoint directory or a hub id).
+
+    Every input (lxt, output folder, prompts, config, architecture, tokenizer) is
+    checked before the weights are loaded or downloaded.
 
     Each prompt gets one forward and one backward pass under lxt's AttnLRP rules,
     with gradient checkpointing; the mean over prompts of |d target / d weight| is
@@ -150,20 +174,27 @@ def main(
     """
     from mergekit_lrp.scoring.run import compute_scores
 
-    options = ComputeOptions(
-        max_length=max_length,
-        num_prompts=num_prompts,
-        dtype=dtype,
-        device=device,
-        device_map=device_map,
-        target=target,
-        score_dtype=score_dtype,
-        resume=resume,
-        overwrite=overwrite,
-        checkpoint_every=checkpoint_every,
-        gradient_checkpointing=gradient_checkpointing,
-        progress=not quiet,
-    )
+    try:
+        options = ComputeOptions(
+            max_length=max_length,
+            num_prompts=num_prompts,
+            split=split,
+            column=column,
+            tokenizer=tokenizer,
+            revision=revision,
+            dtype=dtype,
+            device=device,
+            device_map=device_map,
+            target=target,
+            score_dtype=score_dtype,
+            resume=resume,
+            overwrite=overwrite,
+            checkpoint_every=checkpoint_every,
+            gradient_checkpointing=gradient_checkpointing,
+            progress=not quiet,
+        )
+    except LrpError as error:
+        raise click.ClickException(str(error)) from None
     try:
         summary = compute_scores(model, prompts, output, options)
     except KeyboardInterrupt:

@@ -8,6 +8,7 @@ import torch
 
 from mergekit_lrp.scoring.accumulator import GradientAccumulator
 from mergekit_lrp.scoring.options import ComputeOptions
+from mergekit_lrp.scoring.prompts import Prompt
 from mergekit_lrp.scoring.relevance import backward_ready, relevance_pass
 from mergekit_lrp.scoring.resume import LoopState
 
@@ -18,8 +19,9 @@ def input_device(net) -> torch.device:
     return net.get_input_embeddings().weight.device
 
 
-def run_prompts(net, tokenizer, prompts, options, accumulator, state, save_state=None):
-    """Score ``prompts[state.done:]`` into ``accumulator`` under the AttnLRP rules.
+def run_prompts(net, prompts, options, accumulator, state, save_state=None):
+    r"""Score ``prompts[state.done:]`` (tokenized :class:`Prompt`\ s) into ``accumulator``
+    under the AttnLRP rules.
 
     The model is patched and prepared for backward only for the duration; calls
     ``save_state(state)`` every ``options.checkpoint_every`` prompts.
@@ -41,12 +43,19 @@ def run_prompts(net, tokenizer, prompts, options, accumulator, state, save_state
         accumulator.attach()
         try:
             for index in range(state.done, len(prompts)):
-                ids = tokenizer(prompts[index], return_tensors="pt")["input_ids"][0]
+                prompt = prompts[index]
+                ids = torch.tensor(prompt.ids, dtype=torch.long)
+                answer_start = prompt.answer_start
                 if ids.numel() > options.max_length:
-                    ids = ids[-options.max_length :]
+                    cut = ids.numel() - options.max_length
+                    ids = ids[cut:]
+                    if answer_start is not None:
+                        answer_start = max(answer_start - cut, 1)
                     state.truncated += 1
                 mask = torch.ones_like(ids)
-                state.last = relevance_pass(net, ids.to(device), mask.to(device), options.target)
+                state.last = relevance_pass(
+                    net, ids.to(device), mask.to(device), options.target, answer_start
+                )
                 state.tokens += state.last.tokens
                 state.done = index + 1
                 bar.update(1)
@@ -60,8 +69,10 @@ def run_prompts(net, tokenizer, prompts, options, accumulator, state, save_state
 
 
 def relevance_scores(net, tokenizer, prompts, options=None) -> dict[str, torch.Tensor]:
-    """In-memory scores (parameter name -> mean |grad|) for an already loaded model."""
+    """In-memory scores (parameter name -> mean |grad|) of an already loaded model on
+    plain-text ``prompts``."""
     options = options or ComputeOptions(progress=False)
     accumulator = GradientAccumulator(dict(net.named_parameters()))
-    run_prompts(net, tokenizer, prompts, options, accumulator, LoopState())
+    tokenized = [Prompt(tuple(tokenizer(text)["input_ids"])) for text in prompts]
+    run_prompts(net, tokenized, options, accumulator, LoopState())
     return {name: total / len(prompts) for name, total in accumulator.sums.items()}

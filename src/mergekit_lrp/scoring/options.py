@@ -7,16 +7,18 @@ inputs with the same messages.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, fields
 
 from mergekit_lrp.errors import LrpError
 from mergekit_lrp.scoring.relevance import TARGETS
 
 #: dtype of the weights during the pass; ``auto`` = float32 on CPU, bfloat16 on CUDA
-WEIGHT_DTYPES = ("auto", "float32", "bfloat16")
+WEIGHT_DTYPES = ("auto", "float32", "bfloat16", "float16")
 #: dtype of the stored scores (accumulation is float32 either way)
 SCORE_DTYPES = ("float32", "bfloat16")
-DEVICES = ("auto", "cpu", "cuda")
+#: also ``cuda:N`` for one GPU of several
+DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
 class ComputeError(LrpError):
@@ -27,6 +29,13 @@ class ComputeError(LrpError):
 class ComputeOptions:
     max_length: int = 512
     num_prompts: int | None = None
+    #: split and column of a dataset source (see :mod:`.prompts`)
+    split: str | None = None
+    column: str | None = None
+    #: where the tokenizer comes from when not the model's directory
+    tokenizer: str | None = None
+    #: hub revision (branch, tag or commit) of a hub model
+    revision: str | None = None
     dtype: str = "auto"
     device: str = "auto"
     target: str = "predicted"
@@ -43,10 +52,11 @@ class ComputeOptions:
     device_map: str | dict | None = None
 
     def __post_init__(self):
+        if not re.fullmatch(r"cuda:\d+", str(self.device)) and self.device not in DEVICES:
+            raise ComputeError(f"--device must be one of {', '.join(DEVICES)} or cuda:N")
         for name, allowed in (
             ("dtype", WEIGHT_DTYPES),
             ("score_dtype", SCORE_DTYPES),
-            ("device", DEVICES),
             ("target", TARGETS),
         ):
             value = getattr(self, name)

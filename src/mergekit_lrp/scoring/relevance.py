@@ -75,13 +75,20 @@ def last_position(attention_mask) -> int:
     return int(torch.nonzero(attention_mask.bool())[-1])
 
 
-def next_token_positions(attention_mask) -> torch.Tensor:
-    """``next-token`` seeds the teacher-forced logit of the next token at these positions."""
+def next_token_positions(attention_mask, answer_start: int | None = None) -> torch.Tensor:
+    """``next-token`` seeds the teacher-forced logit of the next token at these positions:
+    every non-pad position followed by one, or (chat answers) those predicting a token at
+    or after ``answer_start``."""
     keep = attention_mask.bool()
-    return torch.nonzero(keep[:-1] & keep[1:]).squeeze(1)
+    seeded = keep[:-1] & keep[1:]
+    if answer_start is not None:
+        seeded[: max(answer_start - 1, 0)] = False
+    return torch.nonzero(seeded).squeeze(1)
 
 
-def relevance_pass(model, input_ids, attention_mask, target: str) -> PassResult:
+def relevance_pass(
+    model, input_ids, attention_mask, target: str, answer_start: int | None = None
+) -> PassResult:
     """Forward and backward one sequence (1-D ``input_ids``) under the active rules.
 
     Gradients land in ``p.grad`` (or in whatever post-accumulate hooks consume them).
@@ -100,7 +107,7 @@ def relevance_pass(model, input_ids, attention_mask, target: str) -> PassResult:
         if target == "predicted":  # the output head runs on the seeded position only
             keep = torch.tensor([last_position(attention_mask)], device=input_ids.device)
         else:
-            keep = next_token_positions(attention_mask)
+            keep = next_token_positions(attention_mask, answer_start)
         outputs = model(
             input_ids=input_ids.unsqueeze(0),
             attention_mask=attention_mask.unsqueeze(0),

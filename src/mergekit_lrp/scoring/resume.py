@@ -11,6 +11,7 @@ from pathlib import Path
 from mergekit_lrp.scoring.accumulator import GradientAccumulator, ResumeError
 from mergekit_lrp.scoring.distributed import Workers
 from mergekit_lrp.scoring.options import ComputeError, ComputeOptions
+from mergekit_lrp.scoring.prompts import Prompt
 from mergekit_lrp.scoring.relevance import PassResult
 
 
@@ -37,10 +38,10 @@ def check_resume_layout(output: Path, workers: Workers) -> None:
 
 
 def run_signature(
-    fingerprint: str, prompts: list[str], options: ComputeOptions, dtype, workers: Workers
+    fingerprint: str, prompts: list[Prompt], options: ComputeOptions, dtype, workers: Workers
 ) -> dict:
     """What a resume file must agree on to be continued."""
-    digest = hashlib.sha256(json.dumps(prompts).encode()).hexdigest()
+    digest = hashlib.sha256(json.dumps([p.key() for p in prompts]).encode()).hexdigest()
     return {
         "model_fingerprint": fingerprint,
         "prompts_sha256": digest,

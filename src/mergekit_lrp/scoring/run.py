@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -20,7 +20,7 @@ from mergekit_lrp.scoring.accumulator import GradientAccumulator
 from mergekit_lrp.scoring.distributed import Workers, joined_workers, launched_world_size
 from mergekit_lrp.scoring.loop import run_prompts
 from mergekit_lrp.scoring.options import ComputeError, ComputeOptions
-from mergekit_lrp.scoring.prompts import load_prompts
+from mergekit_lrp.scoring.prompts import Prompt, read_records, tokenize_records
 from mergekit_lrp.scoring.resume import (
     check_resume_layout,
     resume_path,
@@ -31,22 +31,31 @@ from mergekit_lrp.scoring.resume import (
 from mergekit_lrp.scoring.summary import ComputeSummary, peak_memory
 from mergekit_lrp.scoring.tensor_names import checkpoint_layout, checkpoint_names
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def resolve_model_dir(model: str) -> Path:
-    """A local checkpoint directory, or a hub id fetched into the local cache."""
-    path = Path(model)
-    if path.is_dir():
-        return path
-    if path.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1:
+def is_hub_id(model: str) -> bool:
+    return model.count("/") == 1 and not model.startswith((".", "/", "~")) and "\\" not in model
+
+
+def check_model_source(model: str) -> None:
+    if not Path(model).is_dir() and (Path(model).exists() or not is_hub_id(model)):
         raise ComputeError(f"model directory {model} does not exist")
+
+
+def resolve_model_dir(model: str, revision: str | None = None) -> Path:
+    """A local checkpoint directory, or a hub id fetched into the local cache."""
+    check_model_source(model)
+    if Path(model).is_dir():
+        return Path(model)
     try:
         from huggingface_hub import snapshot_download
 
         return Path(
             snapshot_download(
-                model, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
+                model,
+                revision=revision,
+                allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"],
             )
         )
     except Exception as error:
@@ -58,15 +67,34 @@ def resolve_model_dir(model: str) -> Path:
 def pick_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ComputeError("--device cuda was given but no CUDA device is available")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ComputeError(f"--device {device} was given but no CUDA device is available")
+        index = torch.device(device).index
+        if index is not None and index >= torch.cuda.device_count():
+            raise ComputeError(
+                f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise ComputeError("--device mps was given but no MPS device is available")
     return torch.device(device)
 
 
+def check_lxt() -> None:
+    from mergekit_lrp.scoring.attnlrp.lxt_rules import load_lxt_rules
+
+    try:
+        load_lxt_rules()
+    except ImportError as error:
+        raise ComputeError(str(error)) from None
+
+
 def check_output(output: Path, options: ComputeOptions) -> None:
-    """Fail now, not after hours of scoring."""
-    if not output.parent.is_dir():
-        raise ComputeError(f"output directory {output.parent} does not exist")
+    """Create the output's folder and make sure it is writable: fail now, not after hours."""
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ComputeError(f"cannot create output directory {output.parent} ({error})") from None
     if output.exists() and not options.overwrite:
         raise ComputeError(f"output {output} already exists; pass --overwrite to replace it")
     try:
@@ -75,32 +103,74 @@ def check_output(output: Path, options: ComputeOptions) -> None:
         raise ComputeError(f"cannot write to {output.parent} ({error.strerror})") from None
 
 
-def compute_scores(model: str, prompts_path: str, output: str, options: ComputeOptions):
-    """Compute and write the score file of ``model`` (a directory or hub id); returns a
-    :class:`~mergekit_lrp.scoring.summary.ComputeSummary`."""
+def load_config(model: str, revision: str | None):
     from transformers import AutoConfig
 
+    try:
+        return AutoConfig.from_pretrained(model, revision=revision)
+    except (OSError, ValueError) as error:
+        raise ComputeError(f"{model}: no usable config.json ({_first_line(error)})") from None
+
+
+def load_tokenizer(source: str, revision: str | None, model: str):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
+    except (OSError, ValueError, ImportError, TypeError) as error:
+        hint = "" if source != model else "; pass --tokenizer to take it from elsewhere"
+        raise ComputeError(f"{source}: no usable tokenizer ({_first_line(error)}){hint}") from None
+    if isinstance(tokenizer, bool) or not callable(tokenizer):
+        raise ComputeError(f"{source}: no usable tokenizer; pass --tokenizer")
+    tokenizer.truncation_side = "left"  # the predicted token comes at the end
+    return tokenizer
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def compute_scores(model: str, prompts_path: str, output: str, options: ComputeOptions):
+    """Compute and write the score file of ``model`` (a directory or hub id); returns a
+    :class:`~mergekit_lrp.scoring.summary.ComputeSummary`.
+
+    Every input is checked before the weights are loaded or downloaded: lxt, the output
+    folder, the prompts, the config and architecture, the tokenizer.
+    """
     from mergekit_lrp.scoring.attnlrp import SUPPORTED_MODEL_TYPES, UnsupportedArchitectureError
 
     output_path = Path(output)
+    check_lxt()
     check_output(output_path, options)
     if options.device_map is not None and launched_world_size() > 1:
         raise ComputeError(
             "--device-map spreads one model over this machine's GPUs; it cannot be combined "
             "with several processes (torchrun / accelerate launch), which each load a copy"
         )
-    model_dir = resolve_model_dir(model)
-    config = AutoConfig.from_pretrained(model_dir)
+    check_model_source(model)
+    records = read_records(prompts_path, options.split, options.column, options.num_prompts)
+    config = load_config(model, options.revision)
     model_type = getattr(config, "model_type", "?")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise UnsupportedArchitectureError(model_type)
+    tokenizer = load_tokenizer(options.tokenizer or model, options.revision, model)
+    prompts = tokenize_records(records, tokenizer, options.target)
     device = pick_device(options.device)
+    source = Source(model, options.revision, str(prompts_path), model_type)
     with joined_workers(use_cuda=device.type == "cuda") as workers:
         if device.type == "cuda" and workers.world_size > 1:
             device = torch.device("cuda", workers.local_rank)
-        return _score_checkpoint(
-            model_dir, model_type, prompts_path, output_path, options, device, workers
-        )
+        return _score_checkpoint(source, prompts, output_path, options, device, workers)
+
+
+@dataclass(frozen=True)
+class Source:
+    """What a score file says it was computed from."""
+
+    model: str
+    revision: str | None
+    prompts: str
+    model_type: str
 
 
 def _load(model_dir: Path, options: ComputeOptions, device: torch.device, dtype):
@@ -114,22 +184,17 @@ def _load(model_dir: Path, options: ComputeOptions, device: torch.device, dtype)
 
 
 def _score_checkpoint(
-    model_dir: Path,
-    model_type: str,
-    prompts_path: str,
+    source: Source,
+    prompts: list[Prompt],
     output_path: Path,
     options: ComputeOptions,
     device: torch.device,
     workers: Workers,
 ) -> ComputeSummary:
-    from transformers import AutoTokenizer
-
     dtype = DTYPES.get(options.dtype) or (
         torch.bfloat16 if device.type == "cuda" else torch.float32
     )
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    tokenizer.truncation_side = "left"  # the predicted token comes at the end
-    prompts = load_prompts(prompts_path, tokenizer, limit=options.num_prompts)
+    model_dir = resolve_model_dir(source.model, source.revision)
     tensor_files = checkpoint_tensor_files(model_dir)
     fingerprint = fingerprint_tensors(tensor_files)
 
@@ -149,7 +214,6 @@ def _score_checkpoint(
     loop_options = replace(options, progress=options.progress and workers.is_main)
     run_prompts(
         net,
-        tokenizer,
         share,
         loop_options,
         accumulator,
@@ -161,23 +225,31 @@ def _score_checkpoint(
         [state.tokens, state.truncated, resumed_from], device
     )
     count = len(prompts)
-    unscored = []
+    unscored, no_relevance = [], []
     if workers.is_main:
         scores = {name: total / count for name, total in accumulator.sums.items()}
+        no_relevance = check_scores(scores, accumulator.seen, output_path)
+        scores = {name: value for name, value in scores.items() if name not in no_relevance}
         scores = checkpoint_layout(net, scores, converted)
         metadata = ScoreMetadata(
             model_fingerprint=fingerprint,
             num_prompts=count,
             num_tokens=tokens,
             target=options.target,
-            model_type=model_type,
+            model_type=source.model_type,
             fingerprint_scheme=SCHEME,
-            aliases=aliases,
+            aliases={a: s for a, s in aliases.items() if s in scores},
             generator=f"mergekit-lrp {__version__}",
-            extra={"max_length": str(options.max_length), "dtype": str(dtype)},
+            extra={
+                "max_length": str(options.max_length),
+                "dtype": str(dtype),
+                "model": source.model,
+                "revision": source.revision or "",
+                "prompts": source.prompts,
+            },
         )
         write_scores(output_path, scores, metadata, dtype=DTYPES[options.score_dtype])
-        unscored = sorted(set(tensor_files) - set(scores) - set(aliases))
+        unscored = sorted(set(tensor_files) - set(scores) - set(metadata.aliases))
     workers.barrier()  # every resume file stays until the score file is written
     resume_file.unlink(missing_ok=True)
     return ComputeSummary(
@@ -190,6 +262,36 @@ def _score_checkpoint(
         last=state.last,
         resumed_from=resumed_from,
         unscored_tensors=unscored,
+        no_relevance=no_relevance,
         processes=workers.world_size,
         main_process=workers.is_main,
     )
+
+
+def check_scores(scores: dict[str, torch.Tensor], seen: set[str], output: Path) -> list[str]:
+    """Refuse scores that would make a merge arbitrary; return the tensors to leave out.
+
+    Non-finite scores stop the run with no file written, and so do matrices whose scores
+    are zero everywhere although gradients reached them: the model's output did not
+    depend on them for these prompts (a tokenizer that turned every prompt into padding,
+    a model that ignores its input), so a merge would rank their entries by index order.
+    Tensors that no gradient reached (MoE routers, which AttnLRP treats as constants) and
+    all-zero vectors are left out of the file: a merge then needs ``missing_scores``.
+    """
+    for name, value in scores.items():
+        if not torch.isfinite(value).all():
+            raise ComputeError(
+                f"scores of {name!r} are not finite (NaN or Inf); {output} was not written. "
+                "Try --dtype float32"
+            )
+    zero = sorted(name for name, value in scores.items() if not value.any())
+    dead = [name for name in zero if name in seen and scores[name].ndim >= 2]
+    if dead or len(zero) == len(scores):
+        shown = ", ".join(dead[:3] or zero[:3])
+        raise ComputeError(
+            f"the scores of {len(dead) or len(zero)} tensor(s) are zero everywhere ({shown}, "
+            f"...), so their entries cannot be ranked; {output} was not written. The model's "
+            "output does not depend on them for these prompts: check that the tokenizer fits "
+            "the model and that the prompts are not empty or all padding"
+        )
+    return zero

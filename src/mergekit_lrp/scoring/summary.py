@@ -10,6 +10,9 @@ import torch
 
 from mergekit_lrp.scoring.relevance import PassResult
 
+#: fewer tokens than this on average is a sign of a wrong tokenizer or empty prompts
+MIN_TOKENS_PER_PROMPT = 4
+
 
 @dataclass
 class ComputeSummary:
@@ -22,6 +25,8 @@ class ComputeSummary:
     last: PassResult | None
     resumed_from: int = 0
     unscored_tensors: list[str] = field(default_factory=list)
+    #: tensors whose scores were zero everywhere, left out of the file
+    no_relevance: list[str] = field(default_factory=list)
     processes: int = 1
     main_process: bool = True  # only the first of several processes reports
 
@@ -50,13 +55,34 @@ class ComputeSummary:
                 f"conservation on the last prompt: input relevance {self.last.input_relevance:.4g}"
                 f" / target logit {self.last.target:.4g} = {self.conservation:.3f}"
             )
-        if self.unscored_tensors:
-            shown = ", ".join(self.unscored_tensors[:3])
+        unused = [name for name in self.unscored_tensors if name not in self.no_relevance]
+        if unused:
             lines.append(
-                f"{len(self.unscored_tensors)} checkpoint tensor(s) are not used by the model "
-                f"class and have no scores ({shown}, ...): merge them with missing_scores: base"
+                f"{len(unused)} checkpoint tensor(s) are not used by the model class and have "
+                f"no scores ({', '.join(unused[:3])}, ...): merge them with missing_scores: base"
             )
-        return lines
+        if self.no_relevance:
+            lines.append(
+                f"warning: {len(self.no_relevance)} tensor(s) got no relevance on these prompts "
+                f"and were left out ({', '.join(self.no_relevance[:3])}, ...): merge them with "
+                "missing_scores: magnitude or base"
+            )
+        return lines + self.warnings()
+
+    def warnings(self) -> list[str]:
+        """Signs that the prompts did not exercise the model as intended."""
+        found = []
+        if self.prompts and self.tokens / self.prompts < MIN_TOKENS_PER_PROMPT:
+            found.append(
+                f"warning: prompts average {self.tokens / self.prompts:.1f} tokens; check that "
+                "the tokenizer fits the model and that the prompts are the task's"
+            )
+        if self.last is not None and not self.last.target:
+            found.append(
+                "warning: the target logit of the last prompt is 0, so conservation is "
+                "undefined; the model's output may not depend on its input"
+            )
+        return found
 
 
 def peak_memory(device: torch.device) -> int:

@@ -10,11 +10,23 @@ and tests/test_hybrid.py show the failure without it (docs/hybrid.md lists what 
 from __future__ import annotations
 
 import importlib.metadata
+import warnings
 
 PATCHED_MERGEKIT_VERSIONS = ("0.1.5",)
 # what each patch replaced, for tests and for anyone comparing behaviour
 ORIGINALS: dict[str, object] = {}
 
 
-def mergekit_version_is_patched() -> bool:
-    return importlib.metadata.version("mergekit") in PATCHED_MERGEKIT_VERSIONS
+def mergekit_version_is_patched(fix: str = "") -> bool:
+    """Whether the installed mergekit is one the patches were written for; if not, warn
+    that ``fix`` is off (mergekit works as it is, without that fix)."""
+    version = importlib.metadata.version("mergekit")
+    if version in PATCHED_MERGEKIT_VERSIONS:
+        return True
+    if fix:
+        warnings.warn(
+            f"mergekit-lrp: the planner fix '{fix}' is off for mergekit {version} (written for "
+            f"{', '.join(PATCHED_MERGEKIT_VERSIONS)}); merges run with mergekit's own planner",
+            stacklevel=2,
+        )
+    return False

@@ -68,7 +68,7 @@ def _skipped_by_mergekit(weights_in, models) -> bool:
 
 def patch_plan(plan_module: ModuleType) -> None:
     """Plan optional weights that transformers' conversion produces (see above)."""
-    if mergekit_version_is_patched():
+    if mergekit_version_is_patched("MoE experts in some layers kept"):
         planner = plan_module.MergePlanner
         ORIGINALS.setdefault("plan_tensor", planner.plan_tensor)
         planner.plan_tensor = plan_converted_optional_weights(planner.plan_tensor)

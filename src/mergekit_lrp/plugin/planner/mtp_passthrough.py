@@ -116,7 +116,7 @@ def keep_checkpoint_only_tensors(get_architecture_info):
 
 def patch_architecture(architecture_module: ModuleType) -> None:
     """Keep the base checkpoint's MTP tensors in merges (see checkpoint_only_tensors)."""
-    if mergekit_version_is_patched():
+    if mergekit_version_is_patched("MTP tensors kept"):
         original = architecture_module.get_architecture_info
         ORIGINALS.setdefault("get_architecture_info", original)
         architecture_module.get_architecture_info = keep_checkpoint_only_tensors(original)

@@ -26,7 +26,7 @@ def ordered_referenced_models(self) -> list:
 
 def patch_config(config_module: ModuleType) -> None:
     """Make ``MergeConfiguration.referenced_models`` deterministic."""
-    if mergekit_version_is_patched():
+    if mergekit_version_is_patched("deterministic architecture choice"):
         configuration = config_module.MergeConfiguration
         ORIGINALS.setdefault("referenced_models", configuration.referenced_models)
         configuration.referenced_models = ordered_referenced_models

@@ -22,6 +22,7 @@ from safetensors import safe_open
 from mergekit_lrp.merging.method import check_model_parameters, check_shared_parameters
 from mergekit_lrp.merging.tensor_scores import (
     LRPConfigError,
+    check_mode,
     is_protected,
     locate_scores,
     open_scores,
@@ -139,7 +140,9 @@ def preflight(merge_config, options) -> None:
                     f"{weight.name!r}; lrp scores are looked up by tensor name, so slices that "
                     "shift layers are not supported"
                 )
-            _check_file(model, params["lrp_scores"], files)
+            reader = _check_file(model, params["lrp_scores"], files)
+            if reader is not None:
+                check_mode(reader, shared["importance"], model)
             protected = shared["protect_special"] and is_protected(
                 len(shape), weight.vocabulary_axis
             )

@@ -20,7 +20,9 @@ import torch
 from mergekit_lrp.errors import LrpError
 from mergekit_lrp.scores.file import SCORE_DTYPES, ScoreFileError, ScoreReader
 
-IMPORTANCE_MODES = ("weight", "delta")
+IMPORTANCE_MODES = ("delta", "weight", "scores")
+#: quantities whose scores are the same along a weight's rows (one value an input column)
+COLUMN_QUANTITIES = ("mean_sq_input",)
 MISSING_SCORES_MODES = ("error", "magnitude", "base")
 
 
@@ -148,18 +150,32 @@ def _check_shape(reader: ScoreReader, name: str, found: tuple, expected: tuple) 
         )
 
 
+def check_mode(reader: ScoreReader, mode: str, model: Hashable) -> None:
+    """Refuse an ``importance`` mode the file's quantity cannot serve."""
+    quantity = reader.metadata.quantity
+    if mode == "scores" and quantity in COLUMN_QUANTITIES:
+        raise LRPConfigError(
+            f"lrp: importance: scores ranks entries by their scores alone, but {reader.path} "
+            f"(model {model}) holds {quantity}, one value per input column, which ties every "
+            "entry of a column; use importance: delta or weight with it"
+        )
+
+
 def importance_of(
     scores: TensorScores, theta: torch.Tensor, delta: torch.Tensor, mode: str
 ) -> torch.Tensor | None:
     """Importance of each entry of ``delta`` (see docs/method.md), or None when the model
     contributes nothing to this tensor (``missing_scores: base``).
 
-    ``delta``: |delta| * scores; ``weight``: |theta| * scores. Scores that are the same
-    for every entry rank nothing (top-k would keep entries in index order): they are
+    With s the scores: ``delta`` = |delta| * s for gradient magnitudes (attnlrp, gradient),
+    delta^2 * s for squared quantities (fisher, activation: the OBS / Fisher-merging
+    saliency); ``weight`` the same with theta; ``scores`` = s alone. Scores that are the
+    same for every entry rank nothing (top-k would keep entries in index order): they are
     refused, or replaced as ``missing_scores`` says.
     """
     fallback = scores.fallback
     if fallback is None:
+        check_mode(scores.reader, mode, scores.model)
         values = scores.read(delta.shape).to(delta.device)
         if values.numel() > 1 and bool(values.min() == values.max()):
             if scores.missing_scores == "error":
@@ -173,5 +189,9 @@ def importance_of(
         return None
     if fallback == "magnitude":
         return delta.abs().float()
-    source = theta if mode == "weight" else delta
-    return source.abs().float() * values
+    if mode == "scores":
+        return values
+    source = (theta if mode == "weight" else delta).float()
+    if scores.reader.metadata.quantity == "mean_abs_grad":
+        return source.abs() * values
+    return source.square() * values

@@ -31,6 +31,12 @@ from mergekit_lrp.errors import LrpError
 FORMAT_NAME = "mergekit-lrp-scores"
 FORMAT_VERSION = "1"
 QUANTITY = "mean_abs_grad"
+#: quantity -> what it is, per entry, averaged over the calibration prompts
+QUANTITIES = {
+    "mean_abs_grad": "|d target / d theta| (attnlrp: under the AttnLRP rules; gradient)",
+    "mean_sq_grad": "(d log-likelihood / d theta)^2 (fisher: diagonal empirical Fisher)",
+    "mean_sq_input": "summed squared input of the entry's column (activation: diag X^T X)",
+}
 SCORE_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16}
 
 
@@ -77,10 +83,11 @@ class ScoreMetadata:
                 f"{path}: score format version {header.get('format_version')!r} is not "
                 f"supported (this mergekit-lrp reads version {FORMAT_VERSION})"
             )
-        if header.get("quantity") != QUANTITY or header.get("reduction") != "mean":
+        if header.get("quantity") not in QUANTITIES or header.get("reduction") != "mean":
             raise ScoreFileError(
                 f"{path}: holds quantity={header.get('quantity')!r} "
-                f"reduction={header.get('reduction')!r}; expected {QUANTITY!r}, 'mean'"
+                f"reduction={header.get('reduction')!r}, which this mergekit-lrp does not know "
+                f"(it reads {', '.join(QUANTITIES)}, reduction 'mean'); upgrade mergekit-lrp"
             )
         try:
             return cls(
@@ -90,6 +97,7 @@ class ScoreMetadata:
                 target=header["target"],
                 model_type=header["model_type"],
                 method=header["method"],
+                quantity=header["quantity"],
                 fingerprint_scheme=header.get("fingerprint_scheme", ""),
                 aliases=json.loads(header.get("aliases", "{}")),
                 generator=header.get("generator", ""),

@@ -25,10 +25,12 @@ class ResumeError(LrpError):
 
 
 class GradientAccumulator:
-    """Running sums of |d target / d p| for a model's (deduplicated) parameters."""
+    """Running sums of |d target / d p| (or of its square, ``square=True``) for a model's
+    (deduplicated) parameters."""
 
-    def __init__(self, parameters: Mapping[str, torch.nn.Parameter]):
+    def __init__(self, parameters: Mapping[str, torch.nn.Parameter], square: bool = False):
         self.parameters = dict(parameters)
+        self.square = square
         self.sums = {
             name: torch.zeros(p.shape, dtype=torch.float32) for name, p in self.parameters.items()
         }
@@ -49,36 +51,49 @@ class GradientAccumulator:
             parameter.grad = None
 
     def _hook(self, name: str):
-        total = self.sums[name]
+        total, square = self.sums[name], self.square
 
         def consume(parameter: torch.Tensor) -> None:
-            total.add_(parameter.grad.detach().to("cpu", torch.float32).abs_())
+            grad = parameter.grad.detach().to("cpu", torch.float32)
+            total.add_(grad.square_() if square else grad.abs_())
             parameter.grad = None
             self.seen.add(name)
 
         return consume
 
+    def scores(self, count: int) -> dict[str, torch.Tensor]:
+        """The mean over ``count`` prompts of each parameter's sum."""
+        return {name: total / count for name, total in self.sums.items()}
+
     def save(self, path: Path, state: Mapping[str, object]) -> None:
-        """Checkpoint the sums and the loop ``state`` (JSON) for ``--resume``."""
-        header = {"format": RESUME_FORMAT, "state": json.dumps(dict(state), sort_keys=True)}
-        atomic_save(path, self.sums, header)
+        save_sums(path, self.sums, state)
 
     def load(self, path: Path) -> dict:
-        """Restore sums from a checkpoint; return its loop state."""
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                header = handle.metadata() or {}
-                if header.get("format") != RESUME_FORMAT:
-                    raise ResumeError(f"{path}: not an lrp-compute resume checkpoint")
-                if set(handle.keys()) != set(self.sums):
-                    raise ResumeError(
-                        f"{path}: checkpoint tensors do not match this model's parameters"
-                    )
-                for name in self.sums:
-                    saved = handle.get_tensor(name)
-                    if saved.shape != self.sums[name].shape or saved.dtype != torch.float32:
-                        raise ResumeError(f"{path}: checkpoint tensor {name!r} does not match")
-                    self.sums[name].copy_(saved)
-                return json.loads(header["state"])
-        except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as error:
-            raise ResumeError(f"{path}: unreadable resume checkpoint ({error})") from None
+        return load_sums(path, self.sums)
+
+
+def save_sums(path: Path, sums: Mapping[str, torch.Tensor], state: Mapping[str, object]) -> None:
+    """Checkpoint ``sums`` and the loop ``state`` (JSON) for ``--resume``."""
+    header = {"format": RESUME_FORMAT, "state": json.dumps(dict(state), sort_keys=True)}
+    atomic_save(path, sums, header)
+
+
+def load_sums(path: Path, sums: Mapping[str, torch.Tensor]) -> dict:
+    """Restore ``sums`` in place from a checkpoint; return its loop state."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            header = handle.metadata() or {}
+            if header.get("format") != RESUME_FORMAT:
+                raise ResumeError(f"{path}: not an lrp-compute resume checkpoint")
+            if set(handle.keys()) != set(sums):
+                raise ResumeError(
+                    f"{path}: checkpoint tensors do not match this model's parameters"
+                )
+            for name, total in sums.items():
+                saved = handle.get_tensor(name)
+                if saved.shape != total.shape or saved.dtype != torch.float32:
+                    raise ResumeError(f"{path}: checkpoint tensor {name!r} does not match")
+                total.copy_(saved)
+            return json.loads(header["state"])
+    except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as error:
+        raise ResumeError(f"{path}: unreadable resume checkpoint ({error})") from None

@@ -18,6 +18,7 @@ from mergekit_lrp.scoring.options import (
     default,
 )
 from mergekit_lrp.scoring.resume import resume_path
+from mergekit_lrp.scoring.signals import SIGNALS
 
 
 @click.command(
@@ -35,6 +36,17 @@ from mergekit_lrp.scoring.resume import resume_path
     "--column (default: 'text', else 'messages') is a text or a chat (a list of {role, "
     "content}, rendered by the tokenizer's chat template). Use prompts from the task the "
     "fine-tune was trained for.",
+)
+@click.option(
+    "--method",
+    type=click.Choice(tuple(SIGNALS)),
+    default=default("method"),
+    show_default=True,
+    help="Importance signal. attnlrp: |d target/d weight| under the AttnLRP rules. gradient: "
+    "the same without the rules (what they add). fisher: squared gradient of the observed "
+    "next tokens' log-likelihood (diagonal empirical Fisher). activation: forward only, "
+    "squared inputs of each linear layer's columns (OBS/SparseGPT-style); cheapest, no "
+    "backward pass. Costs are measured side by side in docs/BENCHMARKS.md.",
 )
 @click.option("--split", default=None, help="Dataset split, when the source has several.")
 @click.option(
@@ -132,6 +144,7 @@ def main(
     model,
     prompts,
     output,
+    method,
     max_length,
     num_prompts,
     split,
@@ -149,7 +162,8 @@ def main(
     gradient_checkpointing,
     quiet,
 ):
-    """Compute AttnLRP relevance scores of MODEL (a checkpoint directory or a hub id).
+    """Compute AttnLRP relevance scores (or --method's signal) of MODEL (a checkpoint
+    directory or a hub id).
 
     Every input (lxt, output folder, prompts, config, architecture, tokenizer) is
     checked before the weights are loaded or downloaded.
@@ -176,6 +190,7 @@ def main(
 
     try:
         options = ComputeOptions(
+            method=method,
             max_length=max_length,
             num_prompts=num_prompts,
             split=split,

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 import torch
 
 from mergekit_lrp.scoring.accumulator import GradientAccumulator
+from mergekit_lrp.scoring.activation import ActivationAccumulator
 from mergekit_lrp.scoring.options import ComputeOptions
 from mergekit_lrp.scoring.prompts import Prompt
 from mergekit_lrp.scoring.relevance import backward_ready, relevance_pass
 from mergekit_lrp.scoring.resume import LoopState
+from mergekit_lrp.scoring.signals import SIGNALS, Signal
 
 
 def input_device(net) -> torch.device:
@@ -28,8 +31,7 @@ def run_prompts(net, prompts, options, accumulator, state, save_state=None):
     """
     from tqdm import tqdm
 
-    from mergekit_lrp.scoring.attnlrp import attnlrp_rules
-
+    signal = SIGNALS[options.method]
     device = input_device(net)
     bar = tqdm(
         total=len(prompts),
@@ -39,7 +41,7 @@ def run_prompts(net, prompts, options, accumulator, state, save_state=None):
         disable=not options.progress,
         file=sys.stderr,
     )
-    with attnlrp_rules(net), backward_ready(net, options.gradient_checkpointing):
+    with _pass_context(net, signal, options):
         accumulator.attach()
         try:
             for index in range(state.done, len(prompts)):
@@ -53,10 +55,15 @@ def run_prompts(net, prompts, options, accumulator, state, save_state=None):
                         answer_start = max(answer_start - cut, 1)
                     state.truncated += 1
                 mask = torch.ones_like(ids)
-                state.last = relevance_pass(
-                    net, ids.to(device), mask.to(device), options.target, answer_start
-                )
-                state.tokens += state.last.tokens
+                if signal.backward:
+                    target = signal.seed or options.target
+                    state.last = relevance_pass(
+                        net, ids.to(device), mask.to(device), target, answer_start
+                    )
+                else:
+                    net(input_ids=ids.to(device).unsqueeze(0), use_cache=False, logits_to_keep=1)
+                    state.last = None
+                state.tokens += ids.numel()
                 state.done = index + 1
                 bar.update(1)
                 if save_state and state.done % options.checkpoint_every == 0:
@@ -68,11 +75,33 @@ def run_prompts(net, prompts, options, accumulator, state, save_state=None):
     return state
 
 
+@contextlib.contextmanager
+def _pass_context(net, signal: Signal, options: ComputeOptions):
+    """The rules (AttnLRP only) and backward preparation, or no-grad for forward-only."""
+    if not signal.backward:
+        with torch.no_grad():
+            yield
+        return
+    from mergekit_lrp.scoring.attnlrp import attnlrp_rules
+
+    rules = attnlrp_rules(net) if signal.rules else contextlib.nullcontext()
+    with rules, backward_ready(net, options.gradient_checkpointing):
+        yield
+
+
 def relevance_scores(net, tokenizer, prompts, options=None) -> dict[str, torch.Tensor]:
     """In-memory scores (parameter name -> mean |grad|) of an already loaded model on
     plain-text ``prompts``."""
     options = options or ComputeOptions(progress=False)
-    accumulator = GradientAccumulator(dict(net.named_parameters()))
+    accumulator = new_accumulator(net, dict(net.named_parameters()), options.method)
     tokenized = [Prompt(tuple(tokenizer(text)["input_ids"])) for text in prompts]
     run_prompts(net, tokenized, options, accumulator, LoopState())
-    return {name: total / len(prompts) for name, total in accumulator.sums.items()}
+    return accumulator.scores(len(prompts))
+
+
+def new_accumulator(net, parameters: dict, method: str):
+    """The accumulator ``method`` sums into, over ``parameters`` (score name -> parameter)."""
+    signal = SIGNALS[method]
+    if not signal.backward:
+        return ActivationAccumulator(net, parameters)
+    return GradientAccumulator(parameters, square=signal.square)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, fields
 
 from mergekit_lrp.errors import LrpError
 from mergekit_lrp.scoring.relevance import TARGETS
+from mergekit_lrp.scoring.signals import SIGNALS
 
 #: dtype of the weights during the pass; ``auto`` = float32 on CPU, bfloat16 on CUDA
 WEIGHT_DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -27,6 +28,8 @@ class ComputeError(LrpError):
 
 @dataclass(frozen=True)
 class ComputeOptions:
+    #: the importance signal (:mod:`.signals`)
+    method: str = "attnlrp"
     max_length: int = 512
     num_prompts: int | None = None
     #: split and column of a dataset source (see :mod:`.prompts`)
@@ -58,6 +61,7 @@ class ComputeOptions:
             ("dtype", WEIGHT_DTYPES),
             ("score_dtype", SCORE_DTYPES),
             ("target", TARGETS),
+            ("method", tuple(SIGNALS)),
         ):
             value = getattr(self, name)
             if value not in allowed:

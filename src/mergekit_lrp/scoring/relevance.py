@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+#: what users choose with --target (fisher seeds "log-likelihood" itself)
 TARGETS = ("predicted", "next-token")
 
 
@@ -117,7 +118,9 @@ def relevance_pass(
         logits = outputs.logits[0]
         if target == "predicted":
             seed = logits[0].float().max()
-        else:
+        else:  # next-token, or log-likelihood (Fisher): at the observed next tokens
+            if target == "log-likelihood":
+                logits = torch.log_softmax(logits.float(), dim=-1)
             rows = torch.arange(len(keep), device=logits.device)
             seed = logits[rows, input_ids[keep + 1].to(logits.device)].float().sum()
         seed.backward()

@@ -47,6 +47,7 @@ def run_signature(
         "prompts_sha256": digest,
         "max_length": options.max_length,
         "target": options.target,
+        "method": options.method,
         "dtype": str(dtype),
         "process": f"{workers.rank} of {workers.world_size}",
     }

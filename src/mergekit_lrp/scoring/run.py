@@ -16,9 +16,8 @@ import torch
 from mergekit_lrp import __version__
 from mergekit_lrp.scores.file import ScoreMetadata, write_scores
 from mergekit_lrp.scores.fingerprint import SCHEME, checkpoint_tensor_files, fingerprint_tensors
-from mergekit_lrp.scoring.accumulator import GradientAccumulator
 from mergekit_lrp.scoring.distributed import Workers, joined_workers, launched_world_size
-from mergekit_lrp.scoring.loop import run_prompts
+from mergekit_lrp.scoring.loop import new_accumulator, run_prompts
 from mergekit_lrp.scoring.options import ComputeError, ComputeOptions
 from mergekit_lrp.scoring.prompts import Prompt, read_records, tokenize_records
 from mergekit_lrp.scoring.resume import (
@@ -28,6 +27,7 @@ from mergekit_lrp.scoring.resume import (
     save_state,
     start_state,
 )
+from mergekit_lrp.scoring.signals import SIGNALS
 from mergekit_lrp.scoring.summary import ComputeSummary, peak_memory
 from mergekit_lrp.scoring.tensor_names import checkpoint_layout, checkpoint_names
 
@@ -191,6 +191,7 @@ def _score_checkpoint(
     device: torch.device,
     workers: Workers,
 ) -> ComputeSummary:
+    signal = SIGNALS[options.method]
     dtype = DTYPES.get(options.dtype) or (
         torch.bfloat16 if device.type == "cuda" else torch.float32
     )
@@ -201,7 +202,8 @@ def _score_checkpoint(
     net = _load(model_dir, options, device, dtype)
     stored_to_param, aliases, converted = checkpoint_names(net, tensor_files)
     params = dict(net.named_parameters())
-    accumulator = GradientAccumulator({s: params[p] for s, p in stored_to_param.items()})
+    scored = {s: params[p] for s, p in stored_to_param.items()}
+    accumulator = new_accumulator(net, scored, options.method)
     signature = run_signature(fingerprint, prompts, options, dtype, workers)
 
     resume_file = resume_path(output_path, workers)
@@ -227,7 +229,7 @@ def _score_checkpoint(
     count = len(prompts)
     unscored, no_relevance = [], []
     if workers.is_main:
-        scores = {name: total / count for name, total in accumulator.sums.items()}
+        scores = accumulator.scores(count)
         no_relevance = check_scores(scores, accumulator.seen, output_path)
         scores = {name: value for name, value in scores.items() if name not in no_relevance}
         scores = checkpoint_layout(net, scores, converted)
@@ -235,8 +237,10 @@ def _score_checkpoint(
             model_fingerprint=fingerprint,
             num_prompts=count,
             num_tokens=tokens,
-            target=options.target,
+            target=signal.seed or options.target,
             model_type=source.model_type,
+            method=signal.name,
+            quantity=signal.quantity,
             fingerprint_scheme=SCHEME,
             aliases={a: s for a, s in aliases.items() if s in scores},
             generator=f"mergekit-lrp {__version__}",
@@ -263,6 +267,7 @@ def _score_checkpoint(
         resumed_from=resumed_from,
         unscored_tensors=unscored,
         no_relevance=no_relevance,
+        method=options.method,
         processes=workers.world_size,
         main_process=workers.is_main,
     )

@@ -27,6 +27,7 @@ class ComputeSummary:
     unscored_tensors: list[str] = field(default_factory=list)
     #: tensors whose scores were zero everywhere, left out of the file
     no_relevance: list[str] = field(default_factory=list)
+    method: str = "attnlrp"
     processes: int = 1
     main_process: bool = True  # only the first of several processes reports
 
@@ -50,7 +51,7 @@ class ComputeSummary:
             f"peak memory: {self.peak_memory_bytes / 2**30:.2f} GiB"
             + (" (largest process)" if self.processes > 1 else ""),
         ]
-        if self.last is not None:
+        if self.last is not None and self.method == "attnlrp":
             lines.append(
                 f"conservation on the last prompt: input relevance {self.last.input_relevance:.4g}"
                 f" / target logit {self.last.target:.4g} = {self.conservation:.3f}"
@@ -77,7 +78,7 @@ class ComputeSummary:
                 f"warning: prompts average {self.tokens / self.prompts:.1f} tokens; check that "
                 "the tokenizer fits the model and that the prompts are the task's"
             )
-        if self.last is not None and not self.last.target:
+        if self.last is not None and self.method == "attnlrp" and not self.last.target:
             found.append(
                 "warning: the target logit of the last prompt is 0, so conservation is "
                 "undefined; the model's output may not depend on its input"

@@ -72,6 +72,7 @@ def checkpoint_layout(
     Uses transformers' reverse weight conversion on the score tensors, so every score
     entry lands where ``save_pretrained`` puts the weight entry it belongs to.
     """
+    converted = {name: parts for name, parts in converted.items() if name in scores}
     if not converted:
         return scores
     from transformers.core_model_loading import revert_weight_conversion

@@ -1,0 +1,44 @@
+"""The importance signals ``lrp-compute --method`` can write, one row each.
+
+Each writes the same score format (one tensor per checkpoint tensor, mean over prompts)
+and records its ``quantity``, so the merge knows how to combine it with a task vector
+(docs/method.md):
+
+* ``attnlrp``: mean |d target / d theta| under the AttnLRP rules (the default);
+* ``gradient``: the same pass and target without the rules, what the rules add isolated;
+* ``fisher``: diagonal empirical Fisher, the mean over prompts of the squared gradient of
+  the log-likelihood of the observed next tokens (the answer's, for chats);
+* ``activation``: forward only; for every linear layer the mean over prompts of the
+  summed squared inputs per input column (the diagonal of X^T X, OBS/SparseGPT-style),
+  broadcast over the weight's rows; for embedding matrices the number of times each row
+  was looked up. Other tensors (norms, convolutions, fused MoE experts) get no scores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Signal:
+    name: str
+    #: what the score file holds (scores/file.py lists the known quantities)
+    quantity: str
+    #: AttnLRP rules patched in during the pass
+    rules: bool
+    #: False: forward passes only (input statistics)
+    backward: bool
+    #: accumulate squared gradients instead of absolute ones
+    square: bool = False
+    #: the pass's seed when fixed by the signal (else --target)
+    seed: str | None = None
+
+
+SIGNALS: dict[str, Signal] = {
+    "attnlrp": Signal("attnlrp", "mean_abs_grad", rules=True, backward=True),
+    "gradient": Signal("gradient", "mean_abs_grad", rules=False, backward=True),
+    "fisher": Signal(
+        "fisher", "mean_sq_grad", rules=False, backward=True, square=True, seed="log-likelihood"
+    ),
+    "activation": Signal("activation", "mean_sq_input", rules=False, backward=False, seed="inputs"),
+}

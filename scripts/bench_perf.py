@@ -9,6 +9,8 @@ Sections (each a ratio against a baseline measured in the same run, alternating)
   merge:      `lrp` vs mergekit's `dare_ties` on a ~100M Llama and two fine-tunes: wall time
               and peak RSS, each merge in a fresh process, median of alternating runs.
   scores:     float32 vs bfloat16 score files: size, and top-k mask entries that flip.
+  signals:    each `lrp-compute --method` (attnlrp, gradient, fisher, activation) through the
+              real prompt loop, against a plain forward+backward: time and peak RSS.
 Writes perf.json and perf.md into --out.
 """
 
@@ -47,7 +49,8 @@ SIZES = {  # name -> LlamaConfig overrides
 }
 
 
-SECTIONS = ("precompute", "merge", "score_dtype", "profile")
+SECTIONS = ("precompute", "merge", "score_dtype", "profile", "signals")
+SIGNAL_MODES = ("plain", "attnlrp", "gradient", "fisher", "activation")
 
 
 def peak_rss_bytes() -> int:
@@ -110,6 +113,84 @@ def worker_precompute(model_dir: str, mode: str, length: int, count: int) -> dic
         "rss_before_model": rss_before_model,
         "weights_fp32": weights,
     }
+
+
+def worker_signal(model_dir: str, mode: str, length: int, count: int) -> dict:
+    """One signal through lrp-compute's loop (default options), in this fresh process."""
+    from transformers import AutoModelForCausalLM
+
+    from mergekit_lrp.scoring.loop import new_accumulator, run_prompts
+    from mergekit_lrp.scoring.options import ComputeOptions
+    from mergekit_lrp.scoring.prompts import Prompt
+    from mergekit_lrp.scoring.resume import LoopState
+
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    rss_before_model = peak_rss_bytes()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    weights = sum(p.numel() for p in model.parameters()) * 4
+    prompts = random_prompts(model.config.vocab_size, length, count + 1)
+    times = []
+    if mode == "plain":
+        model.train()
+        for ids in prompts:
+            start = time.perf_counter()
+            model(input_ids=ids[None], use_cache=False).logits[0, -1].max().backward()
+            model.zero_grad(set_to_none=True)
+            times.append(time.perf_counter() - start)
+    else:
+        options = ComputeOptions(method=mode, progress=False)
+        accumulator = new_accumulator(model, dict(model.named_parameters()), mode)
+        for ids in prompts:  # one prompt a call, so each is timed alone
+            start = time.perf_counter()
+            run_prompts(model, [Prompt(tuple(ids.tolist()))], options, accumulator, LoopState())
+            times.append(time.perf_counter() - start)
+    per_prompt = statistics.median(times[1:])  # the first prompt warms up
+    return {
+        "seconds_per_prompt": per_prompt,
+        "peak_rss": peak_rss_bytes(),
+        "rss_before_model": rss_before_model,
+        "weights_fp32": weights,
+    }
+
+
+def bench_signals(root: Path, quick: bool, repeats: int) -> list[dict]:
+    rows = []
+    size, length, count = ("10M", 256, 3) if quick else ("100M", 512, 4)
+    model_dir = build_model(size, root)
+    runs = {mode: [] for mode in SIGNAL_MODES}
+    for _ in range(repeats):  # alternate so drift on a shared machine hits all
+        for mode in runs:
+            runs[mode].append(run_worker("signal", str(model_dir), mode, str(length), str(count)))
+    plain = statistics.median(r["seconds_per_prompt"] for r in runs["plain"])
+    for mode, results in runs.items():
+        seconds = statistics.median(r["seconds_per_prompt"] for r in results)
+        rows.append(
+            {
+                "size": size,
+                "length": length,
+                "method": mode,
+                "s_per_prompt": seconds,
+                "time_ratio": seconds / plain,
+                "rss_over_weights": max(r["peak_rss"] - r["rss_before_model"] for r in results)
+                / results[0]["weights_fp32"],
+            }
+        )
+        print(json.dumps(rows[-1]), file=sys.stderr)
+    return rows
+
+
+def signals_table(rows: list[dict]) -> str:
+    lines = [
+        "| model | prompt tokens | method | s/prompt | time / plain fwd+bwd "
+        "| (peak RSS - runtime) / fp32 weights |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['size']} | {r['length']} | {r['method']} | {r['s_per_prompt']:.3f} | "
+            f"{r['time_ratio']:.2f} | {r['rss_over_weights']:.2f} |"
+        )
+    return "\n".join(lines)
 
 
 def worker_profile(model_dir: str, mode: str, length: int) -> dict:
@@ -407,6 +488,9 @@ def main() -> None:
         elif kind == "profile":
             model_dir, mode, length = rest
             print(json.dumps(worker_profile(model_dir, mode, int(length))))
+        elif kind == "signal":
+            model_dir, mode, length, count = rest
+            print(json.dumps(worker_signal(model_dir, mode, int(length), int(count))))
         else:
             print(json.dumps(worker_merge(*rest)))
         return
@@ -419,6 +503,7 @@ def main() -> None:
         "merge": lambda: bench_merge(cache, args.quick, args.repeats),
         "score_dtype": lambda: bench_score_dtype(cache, args.quick),
         "profile": lambda: bench_profile(cache, profile_size, 256),
+        "signals": lambda: bench_signals(cache, args.quick, args.repeats),
     }
     results = {name: run() for name, run in sections.items() if name in args.only}
     results["command"] = " ".join(["python", "scripts/bench_perf.py", *sys.argv[1:]])
@@ -426,6 +511,8 @@ def main() -> None:
     lines = []
     if "precompute" in results:
         lines += ["## Precompute cost", "", precompute_table(results["precompute"]), ""]
+    if "signals" in results:
+        lines += ["## Cost of each importance signal", "", signals_table(results["signals"]), ""]
     if "merge" in results:
         merge = results["merge"]
         lines += [

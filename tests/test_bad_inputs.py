@@ -113,4 +113,4 @@ def test_out_of_range_parameters(family, tmp_path, per_model, fragment):
 
 
 def test_unknown_option_value(family, tmp_path):
-    fails(lrp_config(family, importance="gradient"), tmp_path, "importance", "weight, delta")
+    fails(lrp_config(family, importance="gradient"), tmp_path, "importance", "delta, weight")

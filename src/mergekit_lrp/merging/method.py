@@ -3,8 +3,8 @@
 For every non-base model m: delta_m = theta_m - theta_base; importance_m comes from
 m's score file (:mod:`.tensor_scores`); the top ``density`` fraction of delta_m by
 importance is kept, the rest zeroed; then
-merged = theta_base + sum_m weight_m * masked delta_m, optionally with TIES sign
-election (mergekit's own helper) and normalisation by the summed weights.
+merged = theta_base + sum_m weight_m * masked delta_m, with the selection, rescaling
+and sign rules of :mod:`.combine`, and normalisation by the summed weights.
 """
 
 from __future__ import annotations
@@ -14,9 +14,15 @@ from collections.abc import Hashable, Mapping
 import torch
 from mergekit.merge_methods.base import BasePolicy, InputContract, PerNonBase, TensorGroup
 from mergekit.merge_methods.easy_define import merge_method
-from mergekit.merge_methods.generalized_task_arithmetic import get_mask as sign_consensus_mask
 
-from mergekit_lrp.merging.selection import kept_count, top_k_mask
+from mergekit_lrp.merging.combine import (
+    CONSENSUS_MODES,
+    RESCALE_MODES,
+    SELECTION_MODES,
+    combine,
+    generator_for,
+    select,
+)
 from mergekit_lrp.merging.tensor_scores import (
     IMPORTANCE_MODES,
     MISSING_SCORES_MODES,
@@ -28,27 +34,51 @@ from mergekit_lrp.merging.tensor_scores import (
 
 SHARED_CHOICES = {
     "importance": IMPORTANCE_MODES,
-    "consensus": ("none", "sum", "count"),
+    "consensus": CONSENSUS_MODES,
     "missing_scores": MISSING_SCORES_MODES,
+    "selection": SELECTION_MODES,
 }
 
 
-def check_shared_parameters(importance: str, consensus: str, missing_scores: str) -> None:
+def check_shared_parameters(
+    importance: str,
+    consensus: str,
+    missing_scores: str,
+    selection: str = "topk",
+    rescale: bool | str = False,
+) -> None:
     """Choices, checked here because mergekit's message would not name the option
     (pydantic's literal error names the type, not the parameter)."""
-    values = {"importance": importance, "consensus": consensus, "missing_scores": missing_scores}
+    values = {
+        "importance": importance,
+        "consensus": consensus,
+        "missing_scores": missing_scores,
+        "selection": selection,
+    }
     for name, value in values.items():
         allowed = SHARED_CHOICES[name]
         if value not in allowed:
             raise LRPConfigError(f"lrp: {name} must be one of {', '.join(allowed)}; got {value!r}")
+    if not (isinstance(rescale, bool) or rescale in RESCALE_MODES):
+        raise LRPConfigError(f"lrp: rescale must be true, false or mass; got {rescale!r}")
 
 
-def check_model_parameters(model: Hashable, weight: float, density: float) -> None:
-    """Per-model values, checked here because mergekit's messages would not name the model."""
+def check_model_parameters(
+    model: Hashable, weight: float, density: float, epsilon: float | None = None
+) -> None:
+    """Per-model values, checked here because mergekit's messages would not name the model.
+    ``epsilon`` is checked when the selection is stochastic."""
     if not 0 < density <= 1:
         raise LRPConfigError(f"lrp: density for {model} must be in (0, 1], got {density}")
     if weight < 0:
         raise LRPConfigError(f"lrp: weight for {model} must not be negative, got {weight}")
+    if epsilon is not None and not (
+        epsilon >= 0 and density - epsilon > 0 and density + epsilon <= 1
+    ):
+        raise LRPConfigError(
+            f"lrp: with selection: stochastic, density ± epsilon for {model} must stay in "
+            f"(0, 1]; got density {density}, epsilon {epsilon}"
+        )
 
 
 @merge_method(
@@ -63,51 +93,46 @@ def lrp_merge(
     density: PerNonBase[float] = 0.3,
     lrp_scores: PerNonBase[str | None] = None,
     importance: str = "delta",
-    rescale: bool = False,
+    rescale: bool | str = False,
     consensus: str = "none",
     normalize: bool = False,
     protect_special: bool = True,
     missing_scores: str = "error",
+    selection: str = "topk",
+    epsilon: float = 0.1,
 ) -> torch.Tensor:
-    check_shared_parameters(importance, consensus, missing_scores)
+    check_shared_parameters(importance, consensus, missing_scores, selection, rescale)
     base = group.base.tensor
     name = group.metadata.name or "<unnamed tensor>"
     protected = protect_special and is_protected(base.ndim, group.metadata.vocabulary_axis)
-    deltas, weights = [], []
-    for entry in group.non_base:
-        check_model_parameters(entry.id, weight[entry.id], density[entry.id])
+    stochastic = selection == "stochastic"
+    deltas, importances, weights = [], [], []
+    for index, entry in enumerate(group.non_base):
+        check_model_parameters(
+            entry.id, weight[entry.id], density[entry.id], epsilon if stochastic else None
+        )
         delta = entry.tensor - base
         keep = 1.0 if protected else density[entry.id]
+        imp = None
         if keep < 1:
             scores = locate_scores(entry.id, name, _lookup(lrp_scores, entry.id), missing_scores)
             imp = importance_of(scores, entry.tensor, delta, importance)
             if imp is None:
                 continue
-            delta = delta * top_k_mask(imp, kept_count(keep, delta.numel()))
-            del imp
-            if rescale:
-                delta = delta / keep
+            generator = generator_for(name, index, delta.device) if stochastic else None
+            delta, imp = select(delta, imp, keep, selection, rescale, epsilon, generator)
         deltas.append(delta)
+        importances.append(delta.abs().float() if imp is None else imp)
         weights.append(weight[entry.id])
     if not deltas:
         return base
 
-    # The mixing below is the tail of mergekit's GeneralizedTaskArithmeticMerge.merge_group
-    # (0.1.5); it is not a function there, so it cannot be called without its sparsifier.
     stacked = torch.stack(deltas)
     del deltas
     w = torch.tensor(weights, dtype=stacked.dtype, device=stacked.device)
     w = w.reshape(-1, *([1] * base.ndim))
     stacked.mul_(w)
-    if consensus != "none":
-        agree = sign_consensus_mask(stacked, method=consensus, mask_dtype=stacked.dtype)
-        mixed = (stacked * agree).sum(dim=0)
-        divisor = (w * agree).sum(dim=0)
-        divisor[divisor == 0] = 1
-    else:
-        mixed = stacked.sum(dim=0)
-        divisor = w.sum(dim=0)
-        divisor[divisor.abs() < 1e-8] = 1
+    mixed, divisor = combine(stacked, w, torch.stack(importances), consensus)
     if normalize:
         mixed = mixed / divisor
     return (base + mixed).to(base.dtype)

@@ -120,12 +120,20 @@ def preflight(merge_config, options) -> None:
     models: dict = {}
     for weight, task in plan_lrp_merge(merge_config, options):
         shared = task.parameters
-        check_shared_parameters(shared["importance"], shared["consensus"], shared["missing_scores"])
+        check_shared_parameters(
+            shared["importance"],
+            shared["consensus"],
+            shared["missing_scores"],
+            shared["selection"],
+            shared["rescale"],
+        )
+        stochastic = shared["selection"] == "stochastic"
         for model, input_weight in _input_weights(task).items():
             if model == task.base_model:
                 continue
             params = task.input_parameters[model]
-            check_model_parameters(model, params["weight"], params["density"])
+            epsilon = shared["epsilon"] if stochastic else None
+            check_model_parameters(model, params["weight"], params["density"], epsilon)
             if model not in models:
                 index = LoaderCache().get(model).index
                 model_type = model.config(trust_remote_code=options.trust_remote_code).model_type

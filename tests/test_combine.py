@@ -1,0 +1,130 @@
+"""lrp's selection, rescaling and sign rules against hand computation."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from mergekit.merge_methods.api import merge_state_dicts
+
+from mergekit_lrp.merging.combine import combine, keep_probabilities, select
+from mergekit_lrp.merging.tensor_scores import LRPConfigError
+from mergekit_lrp.scores.file import ScoreMetadata, write_scores
+
+
+def scores_file(path: Path, values: torch.Tensor) -> str:
+    meta = ScoreMetadata(
+        model_fingerprint="x", num_prompts=1, num_tokens=1, target="predicted", model_type="llama"
+    )
+    write_scores(path, {"w": values}, meta)
+    return str(path)
+
+
+def merge(tmp_path, deltas, scores, **parameters) -> torch.Tensor:
+    base = torch.zeros_like(deltas[0])
+    models = {"base": {"w": base}}
+    paths = {}
+    for index, (delta, score) in enumerate(zip(deltas, scores, strict=True)):
+        models[f"m{index}"] = {"w": base + delta}
+        paths[f"m{index}"] = scores_file(tmp_path / f"s{index}.safetensors", score)
+    parameters = {"lrp_scores": paths, "density": 1.0, **parameters}
+    return merge_state_dicts(models, "lrp", base="base", parameters=parameters)["w"]
+
+
+# two models, one row of four entries; scores chosen so relevance and magnitude disagree
+DELTAS = [torch.tensor([[3.0, -1.0, 2.0, 1.0]]), torch.tensor([[-1.0, 2.0, -4.0, 1.0]])]
+SCORES = [torch.tensor([[1.0, 9.0, 1.0, 1.0]]), torch.tensor([[30.0, 1.0, 1.0, 1.0]])]
+ALL = 0.99  # keeps all four entries, and the scores are read (at density 1 they are not)
+
+
+def test_relevance_sign_election_differs_from_magnitude_election(tmp_path):
+    """Entry 0: magnitudes 3 vs 1 elect +, importances |d|*s = 3 vs 30 elect -.
+    Entry 1: magnitudes 1 vs 2 elect +, importances 9 vs 2 elect -."""
+    ties = merge(tmp_path, DELTAS, SCORES, consensus="sum", density=ALL)
+    relevance = merge(tmp_path, DELTAS, SCORES, consensus="relevance", density=ALL)
+    # comparable importances: each model's |d|*s divided by its mean over the tensor
+    imp = [(d.abs() * s) for d, s in zip(DELTAS, SCORES, strict=True)]
+    imp = [i / i.mean() for i in imp]
+    elected = torch.sign(imp[0] * DELTAS[0] + imp[1] * DELTAS[1])
+    expected = sum(torch.where(torch.sign(d) == elected, d, torch.zeros_like(d)) for d in DELTAS)
+    torch.testing.assert_close(relevance, expected)
+    assert relevance[0, 0] == -1.0 and ties[0, 0] == 3.0
+    assert relevance[0, 1] == -1.0 and ties[0, 1] == 2.0
+
+
+def test_winner_and_drop_resolve_only_the_conflicting_entries(tmp_path):
+    winner = merge(tmp_path, DELTAS, SCORES, consensus="winner", density=ALL)
+    drop = merge(tmp_path, DELTAS, SCORES, consensus="drop", density=ALL)
+    # entries 0-2 conflict; entry 3 (1 and 1) agrees and is summed by both
+    # normalised importances: m0 [3, 9, 2, 1] / 3.75, m1 [30, 2, 4, 1] / 9.25
+    assert winner.tolist() == [[-1.0, -1.0, 2.0, 2.0]]
+    assert drop.tolist() == [[0.0, 0.0, 0.0, 2.0]]
+
+
+def test_mass_rescale_divides_by_the_kept_share_of_importance():
+    delta = torch.tensor([4.0, 3.0, 2.0, 1.0])
+    importance = torch.tensor([5.0, 3.0, 1.0, 1.0])
+    kept, kept_importance = select(delta, importance, 0.5, rescale="mass")
+    share = (5.0 + 3.0) / 10.0
+    assert kept.tolist() == [4.0 / share, 3.0 / share, 0.0, 0.0]
+    assert kept_importance.tolist() == [5.0, 3.0, 0.0, 0.0]
+    by_density, _ = select(delta, importance, 0.5, rescale=True)
+    assert by_density.tolist() == [8.0, 6.0, 0.0, 0.0]
+
+
+def test_stochastic_probabilities_rise_with_importance_rank():
+    importance = torch.tensor([0.3, 0.1, 0.9, 0.5, 0.7])
+    p = keep_probabilities(importance, density=0.5, epsilon=0.2)
+    # ranks 1, 0, 4, 2, 3 of 4 -> 0.3 + 0.4 * rank / 4
+    torch.testing.assert_close(p, torch.tensor([0.4, 0.3, 0.7, 0.5, 0.6]))
+    assert abs(float(p.mean()) - 0.5) < 1e-6
+
+
+def test_stochastic_selection_is_unbiased_and_seeded():
+    torch.manual_seed(0)
+    delta, importance = torch.randn(200, 50), torch.rand(200, 50)
+    runs = []
+    for seed in range(40):
+        generator = torch.Generator().manual_seed(seed)
+        kept, _ = select(delta, importance, 0.5, "stochastic", epsilon=0.2, generator=generator)
+        runs.append(kept)
+    mean = torch.stack(runs).mean(dim=0)
+    assert float((mean - delta).abs().mean()) < 0.2 * float(delta.abs().mean())
+    generator = torch.Generator().manual_seed(0)
+    again, _ = select(delta, importance, 0.5, "stochastic", epsilon=0.2, generator=generator)
+    assert torch.equal(again, runs[0]) and not torch.equal(runs[0], runs[1])
+
+
+def test_stochastic_merge_is_deterministic_for_a_random_seed(tmp_path):
+    torch.manual_seed(1)
+    deltas = [torch.randn(8, 8), torch.randn(8, 8)]
+    scores = [torch.rand(8, 8), torch.rand(8, 8)]
+    settings = {"density": 0.5, "selection": "stochastic", "epsilon": 0.2}
+    torch.manual_seed(7)
+    first = merge(tmp_path, deltas, scores, **settings)
+    torch.manual_seed(7)
+    second = merge(tmp_path, deltas, scores, **settings)
+    torch.manual_seed(8)
+    other = merge(tmp_path, deltas, scores, **settings)
+    assert torch.equal(first, second) and not torch.equal(first, other)
+
+
+def test_consensus_none_and_normalize_match_the_plain_sum():
+    stacked = torch.stack(DELTAS) * torch.tensor([0.5, 2.0]).reshape(2, 1, 1)
+    weights = torch.tensor([0.5, 2.0]).reshape(2, 1, 1)
+    mixed, divisor = combine(stacked, weights, torch.ones_like(stacked), "none")
+    torch.testing.assert_close(mixed, stacked.sum(dim=0))
+    torch.testing.assert_close(divisor, torch.full((1, 4), 2.5))
+
+
+@pytest.mark.parametrize(
+    "parameters, fragment",
+    [
+        ({"selection": "random"}, "selection must be one of topk, stochastic"),
+        ({"consensus": "vote"}, "consensus must be one of none, sum, count, relevance"),
+        ({"rescale": "entries"}, "rescale must be true, false or mass"),
+        ({"selection": "stochastic", "density": 0.1, "epsilon": 0.2}, "density ± epsilon"),
+    ],
+)
+def test_new_parameters_are_validated(tmp_path, parameters, fragment):
+    with pytest.raises(LRPConfigError, match=fragment):
+        merge(tmp_path, DELTAS, SCORES, **parameters)

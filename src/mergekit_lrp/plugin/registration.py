@@ -5,39 +5,49 @@ from __future__ import annotations
 import sys
 from types import ModuleType
 
-METHOD_MODULE = "mergekit_lrp.merging.method"
+#: module -> the merge method it defines
+METHODS = {
+    "mergekit_lrp.merging.method": "lrp_merge",
+    "mergekit_lrp.merging.circuit": "circuit_merge",
+}
 
 
 def register_with(registry: ModuleType) -> None:
-    """Add ``lrp`` to ``registry`` unless it is already there (idempotent).
+    """Add ``lrp`` and ``circuit`` to ``registry`` unless they are there (idempotent).
 
-    Called right after mergekit's registry module executes. When that happens while
-    the method module itself is being imported (it imports mergekit, which imports the
-    registry), the method does not exist yet: :func:`register_method` registers it as
-    soon as its module is complete. A method named ``lrp`` that is not ours is left
+    Called right after mergekit's registry module executes. When that happens while one
+    of the method modules is being imported (it imports mergekit, which imports the
+    registry), that method does not exist yet: :func:`register_method` registers it as
+    soon as its module is complete. A method of the same name that is not ours is left
     alone, loudly.
     """
-    importing = sys.modules.get(METHOD_MODULE)
-    if importing is not None and not hasattr(importing, "lrp_merge"):
-        return
-    from mergekit_lrp.merging.method import lrp_merge
+    import importlib
 
-    existing = {method.spec.name: method for method in registry.registered_methods()}
-    current = existing.get(lrp_merge.spec.name)
-    if current is lrp_merge:
+    for module_name, attribute in METHODS.items():
+        importing = sys.modules.get(module_name)
+        if importing is not None and not hasattr(importing, attribute):
+            continue
+        _register(registry, getattr(importlib.import_module(module_name), attribute))
+
+
+def _register(registry: ModuleType, method) -> None:
+    existing = {m.spec.name: m for m in registry.registered_methods()}
+    current = existing.get(method.spec.name)
+    if current is method:
         return
     if current is not None:
         raise RuntimeError(
-            "mergekit already has a merge method named 'lrp' that is not mergekit-lrp's"
+            f"mergekit already has a merge method named {method.spec.name!r} that is not "
+            "mergekit-lrp's"
         )
-    registry.register(lrp_merge)
+    registry.register(method)
 
 
 def register_method(method_module: ModuleType) -> None:
-    """Called when the method module is complete: register it if the registry is loaded."""
+    """Called when a method module is complete: register it if the registry is loaded."""
     registry = sys.modules.get("mergekit.merge_methods.registry")
     if registry is not None and hasattr(registry, "registered_methods"):
-        register_with(registry)
+        _register(registry, getattr(method_module, METHODS[method_module.__name__]))
 
 
 def hint_when_disabled(registry: ModuleType) -> None:

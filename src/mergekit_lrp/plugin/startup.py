@@ -23,6 +23,7 @@ AFTER_IMPORT = {
     "mergekit.plan": "mergekit_lrp.plugin.planner.converted_optional:patch_plan",
     "mergekit.merge_methods.registry": "mergekit_lrp.plugin.registration:register_with",
     "mergekit_lrp.merging.method": "mergekit_lrp.plugin.registration:register_method",
+    "mergekit_lrp.merging.circuit": "mergekit_lrp.plugin.registration:register_method",
     "mergekit.merge": "mergekit_lrp.plugin.run_guard:guard_run_merge",
 }
 

@@ -47,7 +47,8 @@ def select(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(kept and rescaled delta, importance of the kept entries, 0 elsewhere)."""
     if selection == "stochastic":
-        probability = keep_probabilities(importance, density, epsilon)
+        # a budget may move a tensor's density to within epsilon of 0 or 1
+        probability = keep_probabilities(importance, density, epsilon).clamp(1e-6, 1.0)
         mask = torch.bernoulli(probability, generator=generator).bool()
         return delta * mask / probability, importance * mask
     mask = top_k_mask(importance, kept_count(density, delta.numel()))

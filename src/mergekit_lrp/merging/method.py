@@ -15,6 +15,7 @@ import torch
 from mergekit.merge_methods.base import BasePolicy, InputContract, PerNonBase, TensorGroup
 from mergekit.merge_methods.easy_define import merge_method
 
+from mergekit_lrp.merging.budgets import BUDGETS, budget_density
 from mergekit_lrp.merging.combine import (
     CONSENSUS_MODES,
     RESCALE_MODES,
@@ -37,6 +38,7 @@ SHARED_CHOICES = {
     "consensus": CONSENSUS_MODES,
     "missing_scores": MISSING_SCORES_MODES,
     "selection": SELECTION_MODES,
+    "budget": BUDGETS,
 }
 
 
@@ -46,6 +48,7 @@ def check_shared_parameters(
     missing_scores: str,
     selection: str = "topk",
     rescale: bool | str = False,
+    budget: str = "tensor",
 ) -> None:
     """Choices, checked here because mergekit's message would not name the option
     (pydantic's literal error names the type, not the parameter)."""
@@ -54,6 +57,7 @@ def check_shared_parameters(
         "consensus": consensus,
         "missing_scores": missing_scores,
         "selection": selection,
+        "budget": budget,
     }
     for name, value in values.items():
         allowed = SHARED_CHOICES[name]
@@ -100,8 +104,9 @@ def lrp_merge(
     missing_scores: str = "error",
     selection: str = "topk",
     epsilon: float = 0.1,
+    budget: str = "tensor",
 ) -> torch.Tensor:
-    check_shared_parameters(importance, consensus, missing_scores, selection, rescale)
+    check_shared_parameters(importance, consensus, missing_scores, selection, rescale, budget)
     base = group.base.tensor
     name = group.metadata.name or "<unnamed tensor>"
     protected = protect_special and is_protected(base.ndim, group.metadata.vocabulary_axis)
@@ -115,10 +120,13 @@ def lrp_merge(
         keep = 1.0 if protected else density[entry.id]
         imp = None
         if keep < 1:
-            scores = locate_scores(entry.id, name, _lookup(lrp_scores, entry.id), missing_scores)
+            path = _lookup(lrp_scores, entry.id)
+            scores = locate_scores(entry.id, name, path, missing_scores)
             imp = importance_of(scores, entry.tensor, delta, importance)
             if imp is None:
                 continue
+            if path and scores.fallback is None:
+                keep = budget_density(path, name, keep, budget)
             generator = generator_for(name, index, delta.device) if stochastic else None
             delta, imp = select(delta, imp, keep, selection, rescale, epsilon, generator)
         deltas.append(delta)

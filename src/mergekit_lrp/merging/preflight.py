@@ -126,6 +126,7 @@ def preflight(merge_config, options) -> None:
             shared["missing_scores"],
             shared["selection"],
             shared["rescale"],
+            shared["budget"],
         )
         stochastic = shared["selection"] == "stochastic"
         for model, input_weight in _input_weights(task).items():

@@ -1,0 +1,77 @@
+"""Budgets beyond one tensor: per-tensor densities from a model's whole score file.
+
+With ``budget: layer`` (or ``model``), the entries kept in a layer (or the whole model)
+add up to ``density`` times its entries, shared among its tensors in proportion to
+their relevance mass, numel × mean score, so that important tensors keep more entries than
+unimportant ones at the same total density. A tensor's share is capped at all of its
+entries; the excess goes to the others (water-filling). Within a tensor the top-k by
+importance is unchanged.
+
+The shares come from the score file alone (one read of each score tensor, once per file
+and density), not from the weights. Protected tensors (1-D, embeddings and output heads)
+take no part; a tensor the file does not store under its own name (fused MoE experts)
+keeps the plain density.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+
+from mergekit_lrp.merging.tensor_scores import open_scores
+
+BUDGETS = ("tensor", "layer", "model")
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+_VOCABULARY = ("embed_tokens", "lm_head", "embed_in", "embed_out", "wte")
+
+
+def budget_density(path: str, name: str, density: float, budget: str) -> float:
+    """The density tensor ``name`` gets under ``budget``."""
+    if budget == "tensor":
+        return density
+    return _densities(str(path), density, budget).get(name, density)
+
+
+def group_of(name: str, budget: str) -> str:
+    if budget == "model":
+        return "model"
+    match = _LAYER.search(name)
+    return f"layer {match.group(1)}" if match else "outside the layers"
+
+
+@lru_cache(maxsize=32)
+def _densities(path: str, density: float, budget: str) -> dict[str, float]:
+    reader = open_scores(path)
+    groups: dict[str, dict[str, tuple[int, float]]] = {}
+    for name in sorted(reader.names()):
+        shape = reader.shape(name)
+        if len(shape) < 2 or any(v in name for v in _VOCABULARY):
+            continue
+        scores = reader.get(name)
+        groups.setdefault(group_of(name, budget), {})[name] = (scores.numel(), float(scores.sum()))
+    densities = {}
+    for members in groups.values():
+        densities.update(allocate(members, density))
+    return densities
+
+
+def allocate(members: dict[str, tuple[int, float]], density: float) -> dict[str, float]:
+    """Densities for tensors given as name -> (numel, relevance mass): kept entries
+    proportional to mass, each at most its numel, summing to density × total numel."""
+    remaining = density * sum(n for n, _ in members.values())
+    open_ = dict(members)
+    result = {}
+    while open_:
+        mass = sum(m for _, m in open_.values())
+        if mass <= 0:  # no relevance left to share by: the plain density for the rest
+            share = remaining / sum(n for n, _ in open_.values())
+            result.update({name: min(1.0, share) for name in open_})
+            break
+        full = {name for name, (n, m) in open_.items() if remaining * m / mass >= n}
+        if not full:
+            result.update({name: remaining * m / mass / n for name, (n, m) in open_.items()})
+            break
+        for name in full:
+            result[name] = 1.0
+            remaining -= open_.pop(name)[0]
+    return {name: max(value, 1e-9) for name, value in result.items()}

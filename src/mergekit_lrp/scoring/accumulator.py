@@ -1,8 +1,8 @@
-"""Sum |grad| per parameter on the CPU as soon as each gradient is complete.
+"""Sum |grad| per parameter as soon as each gradient is complete.
 
-A post-accumulate-grad hook moves every finished gradient into a float32 CPU sum
-and frees it, so peak memory is weights + accumulator + activations rather than
-weights + all gradients + accumulator.
+A post-accumulate-grad hook adds every finished gradient into a float32 sum, on the
+parameter's own device or on the host (:mod:`.placement` decides), and frees it, so peak
+memory is weights + sums + activations rather than weights + all gradients + sums.
 """
 
 from __future__ import annotations
@@ -28,11 +28,17 @@ class GradientAccumulator:
     """Running sums of |d target / d p| (or of its square, ``square=True``) for a model's
     (deduplicated) parameters."""
 
-    def __init__(self, parameters: Mapping[str, torch.nn.Parameter], square: bool = False):
+    def __init__(
+        self,
+        parameters: Mapping[str, torch.nn.Parameter],
+        square: bool = False,
+        on_device: bool = False,
+    ):
         self.parameters = dict(parameters)
         self.square = square
         self.sums = {
-            name: torch.zeros(p.shape, dtype=torch.float32) for name, p in self.parameters.items()
+            name: torch.zeros(p.shape, dtype=torch.float32, device=p.device if on_device else "cpu")
+            for name, p in self.parameters.items()
         }
         #: parameters that received a gradient in this process (MoE routers never do:
         #: AttnLRP treats them as constants)
@@ -54,7 +60,7 @@ class GradientAccumulator:
         total, square = self.sums[name], self.square
 
         def consume(parameter: torch.Tensor) -> None:
-            grad = parameter.grad.detach().to("cpu", torch.float32)
+            grad = parameter.grad.detach().to(total.device, torch.float32)
             total.add_(grad.square_() if square else grad.abs_())
             parameter.grad = None
             self.seen.add(name)
@@ -75,7 +81,7 @@ class GradientAccumulator:
 def save_sums(path: Path, sums: Mapping[str, torch.Tensor], state: Mapping[str, object]) -> None:
     """Checkpoint ``sums`` and the loop ``state`` (JSON) for ``--resume``."""
     header = {"format": RESUME_FORMAT, "state": json.dumps(dict(state), sort_keys=True)}
-    atomic_save(path, sums, header)
+    atomic_save(path, {name: total.cpu() for name, total in sums.items()}, header)
 
 
 def load_sums(path: Path, sums: Mapping[str, torch.Tensor]) -> dict:

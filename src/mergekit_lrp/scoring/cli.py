@@ -10,6 +10,7 @@ from mergekit_lrp import __version__
 from mergekit_lrp.errors import LrpError
 from mergekit_lrp.scoring.distributed import Workers, launched_world_size
 from mergekit_lrp.scoring.options import (
+    ACCUMULATE_ON,
     DEVICES,
     SCORE_DTYPES,
     TARGETS,
@@ -134,10 +135,20 @@ from mergekit_lrp.scoring.signals import SIGNALS
 )
 @click.option(
     "--gradient-checkpointing/--no-gradient-checkpointing",
-    default=default("gradient_checkpointing"),
-    show_default=True,
+    default=None,
     help="Recompute activations in the backward pass: far less memory for long prompts and "
-    "big models, about a third more time. Turn off when activations fit.",
+    "big models, about a third more time.  [default: auto, on only when a --max-length "
+    "prompt's estimated activations do not fit in the device's free memory; the choice is "
+    "printed]",
+)
+@click.option(
+    "--accumulate-on",
+    type=click.Choice(ACCUMULATE_ON),
+    default=default("accumulate_on"),
+    show_default=True,
+    help="Where the float32 sums live: 'device' = beside each parameter (no per-prompt "
+    "copies to the host; 4 bytes a parameter of GPU memory), 'cpu' = host RAM; 'auto' = "
+    "the device when they fit in its free memory, else the host (the choice is printed).",
 )
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def main(
@@ -160,6 +171,7 @@ def main(
     overwrite,
     checkpoint_every,
     gradient_checkpointing,
+    accumulate_on,
     quiet,
 ):
     """Compute AttnLRP relevance scores (or --method's signal) of MODEL (a checkpoint
@@ -168,8 +180,9 @@ def main(
     Every input (lxt, output folder, prompts, config, architecture, tokenizer) is
     checked before the weights are loaded or downloaded.
 
-    Each prompt gets one forward and one backward pass under lxt's AttnLRP rules,
-    with gradient checkpointing; the mean over prompts of |d target / d weight| is
+    Each prompt gets one forward and one backward pass under lxt's AttnLRP rules
+    (gradient checkpointing when activations would not fit); the mean over prompts of
+    |d target / d weight| is
     written for every checkpoint tensor, under the checkpoint's own tensor names,
     with a fingerprint of the checkpoint. The lrp merge method reads the file:
 
@@ -205,7 +218,10 @@ def main(
             resume=resume,
             overwrite=overwrite,
             checkpoint_every=checkpoint_every,
-            gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing="auto"
+            if gradient_checkpointing is None
+            else gradient_checkpointing,
+            accumulate_on=accumulate_on,
             progress=not quiet,
         )
     except LrpError as error:

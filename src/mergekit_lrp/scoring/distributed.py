@@ -34,10 +34,11 @@ class Workers:
         return items[self.rank :: self.world_size]
 
     def sum_tensors(self, tensors: MutableMapping[str, torch.Tensor], device) -> None:
-        """Sum each (CPU) tensor over all processes, in place and one tensor at a time.
+        """Sum each tensor over all processes, in place and one tensor at a time.
 
-        nccl reduces device tensors only, so each tensor visits ``device`` alone; peak
-        extra memory there is one tensor.
+        Sums on a GPU are reduced there (nccl); host sums visit ``device`` one tensor at
+        a time under nccl (peak extra memory there is one tensor), or stay on the host
+        under gloo.
         """
         if self.backend is None:
             return
@@ -45,7 +46,9 @@ class Workers:
 
         for name in sorted(tensors):  # same order in every process
             total = tensors[name]
-            if self.backend == "nccl":
+            if self.backend == "nccl" and total.device.type == "cuda":
+                dist.all_reduce(total)  # sums kept on the device: reduced where they are
+            elif self.backend == "nccl":
                 buffer = total.to(device)
                 dist.all_reduce(buffer)
                 total.copy_(buffer.cpu())

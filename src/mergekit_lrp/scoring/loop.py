@@ -85,7 +85,7 @@ def _pass_context(net, signal: Signal, options: ComputeOptions):
     from mergekit_lrp.scoring.attnlrp import attnlrp_rules
 
     rules = attnlrp_rules(net) if signal.rules else contextlib.nullcontext()
-    with rules, backward_ready(net, options.gradient_checkpointing):
+    with rules, backward_ready(net, options.gradient_checkpointing is True):
         yield
 
 
@@ -99,9 +99,10 @@ def relevance_scores(net, tokenizer, prompts, options=None) -> dict[str, torch.T
     return accumulator.scores(len(prompts))
 
 
-def new_accumulator(net, parameters: dict, method: str):
-    """The accumulator ``method`` sums into, over ``parameters`` (score name -> parameter)."""
+def new_accumulator(net, parameters: dict, method: str, on_device: bool = False):
+    """The accumulator ``method`` sums into, over ``parameters`` (score name -> parameter);
+    gradient sums on each parameter's device when ``on_device``."""
     signal = SIGNALS[method]
     if not signal.backward:
         return ActivationAccumulator(net, parameters)
-    return GradientAccumulator(parameters, square=signal.square)
+    return GradientAccumulator(parameters, square=signal.square, on_device=on_device)

@@ -18,6 +18,7 @@ from mergekit_lrp.scoring.signals import SIGNALS
 WEIGHT_DTYPES = ("auto", "float32", "bfloat16", "float16")
 #: dtype of the stored scores (accumulation is float32 either way)
 SCORE_DTYPES = ("float32", "bfloat16")
+ACCUMULATE_ON = ("auto", "device", "cpu")
 #: also ``cuda:N`` for one GPU of several
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
@@ -48,7 +49,10 @@ class ComputeOptions:
     overwrite: bool = False
     #: prompts between two resume checkpoints (``--checkpoint-every``)
     checkpoint_every: int = 100
-    gradient_checkpointing: bool = True
+    #: True, False, or "auto": on only when a --max-length prompt's activations do not fit
+    gradient_checkpointing: bool | str = "auto"
+    #: where the float32 sums live: "device" (each parameter's), "cpu", or "auto"
+    accumulate_on: str = "auto"
     progress: bool = True
     #: passed to ``from_pretrained``: "auto" spreads a model too big for one GPU over all
     #: of them; a dict maps module names to devices
@@ -70,6 +74,10 @@ class ComputeOptions:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < minimum):
                 raise ComputeError(f"--{_flag(name)} must be an integer of at least {minimum}")
+        if self.gradient_checkpointing not in (True, False, "auto"):
+            raise ComputeError("--gradient-checkpointing must be on, off or auto")
+        if self.accumulate_on not in ACCUMULATE_ON:
+            raise ComputeError(f"--accumulate-on must be one of {', '.join(ACCUMULATE_ON)}")
         if self.device_map is not None and self.device_map != "auto":
             if not isinstance(self.device_map, dict):
                 raise ComputeError("--device-map must be 'auto' (or, from Python, a dict)")

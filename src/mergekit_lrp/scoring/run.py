@@ -6,6 +6,7 @@ Under torchrun or accelerate launch the prompts are shared by the processes (see
 
 from __future__ import annotations
 
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, replace
@@ -19,6 +20,7 @@ from mergekit_lrp.scores.fingerprint import SCHEME, checkpoint_tensor_files, fin
 from mergekit_lrp.scoring.distributed import Workers, joined_workers, launched_world_size
 from mergekit_lrp.scoring.loop import new_accumulator, run_prompts
 from mergekit_lrp.scoring.options import ComputeError, ComputeOptions
+from mergekit_lrp.scoring.placement import plan
 from mergekit_lrp.scoring.prompts import Prompt, read_records, tokenize_records
 from mergekit_lrp.scoring.resume import (
     check_resume_layout,
@@ -203,7 +205,12 @@ def _score_checkpoint(
     stored_to_param, aliases, converted = checkpoint_names(net, tensor_files)
     params = dict(net.named_parameters())
     scored = {s: params[p] for s, p in stored_to_param.items()}
-    accumulator = new_accumulator(net, scored, options.method)
+    placement = plan(options, net, scored, dtype)
+    if options.progress and workers.is_main:
+        for note in placement.notes:
+            print(note, file=sys.stderr)
+    options = replace(options, gradient_checkpointing=placement.checkpointing)
+    accumulator = new_accumulator(net, scored, options.method, placement.sums_on_device)
     signature = run_signature(fingerprint, prompts, options, dtype, workers)
 
     resume_file = resume_path(output_path, workers)
@@ -268,6 +275,7 @@ def _score_checkpoint(
         unscored_tensors=unscored,
         no_relevance=no_relevance,
         method=options.method,
+        notes=list(placement.notes),
         processes=workers.world_size,
         main_process=workers.is_main,
     )

@@ -28,6 +28,8 @@ class ComputeSummary:
     #: tensors whose scores were zero everywhere, left out of the file
     no_relevance: list[str] = field(default_factory=list)
     method: str = "attnlrp"
+    #: the choices ``auto`` options made
+    notes: list[str] = field(default_factory=list)
     processes: int = 1
     main_process: bool = True  # only the first of several processes reports
 
@@ -51,6 +53,7 @@ class ComputeSummary:
             f"peak memory: {self.peak_memory_bytes / 2**30:.2f} GiB"
             + (" (largest process)" if self.processes > 1 else ""),
         ]
+        lines += self.notes
         if self.last is not None and self.method == "attnlrp":
             lines.append(
                 f"conservation on the last prompt: input relevance {self.last.input_relevance:.4g}"

@@ -1,0 +1,131 @@
+"""Where sums live and whether activations are checkpointed: same bytes every way, and
+the auto choices follow the free memory."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from checkpoints import save, tiny_llama
+
+from mergekit_lrp.scoring.accumulator import GradientAccumulator
+from mergekit_lrp.scoring.options import ComputeError, ComputeOptions
+from mergekit_lrp.scoring.placement import activation_bytes, plan
+from mergekit_lrp.scoring.run import compute_scores
+
+GiB = 2**30
+
+
+@pytest.fixture(scope="module")
+def model_and_prompts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("placement")
+    prompts = root / "prompts.txt"
+    prompts.write_text("\n".join(f"prompt number {i}: the cat sat" for i in range(5)) + "\n")
+    return save(tiny_llama(seed=4), root / "model"), prompts
+
+
+def score(model_and_prompts, out: Path, **options) -> bytes:
+    model, prompts = model_and_prompts
+    options = ComputeOptions(progress=False, checkpoint_every=2, **options)
+    compute_scores(str(model), str(prompts), str(out), options)
+    return out.read_bytes()
+
+
+def test_every_placement_and_checkpointing_writes_the_same_bytes(model_and_prompts, tmp_path):
+    files = {
+        (where, checkpointing): score(
+            model_and_prompts,
+            tmp_path / f"{where}-{checkpointing}.safetensors",
+            accumulate_on=where,
+            gradient_checkpointing=checkpointing,
+        )
+        for where in ("device", "cpu", "auto")
+        for checkpointing in (True, False, "auto")
+    }
+    assert len(set(files.values())) == 1
+
+
+def test_a_resume_file_of_one_placement_continues_under_the_other(
+    model_and_prompts, tmp_path, monkeypatch
+):
+    from mergekit_lrp.scoring import loop
+
+    reference = score(model_and_prompts, tmp_path / "reference.safetensors")
+    real, calls = loop.relevance_pass, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    out = tmp_path / "scores.safetensors"
+    monkeypatch.setattr(loop, "relevance_pass", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        score(model_and_prompts, out, accumulate_on="device", gradient_checkpointing=True)
+    monkeypatch.undo()
+    assert score(model_and_prompts, out, accumulate_on="cpu", resume=True) == reference
+
+
+def test_sums_live_beside_their_parameters_when_asked():
+    model = tiny_llama(seed=0)
+    on_device = GradientAccumulator(dict(model.named_parameters()), on_device=True)
+    assert all(
+        on_device.sums[name].device == p.device for name, p in model.named_parameters()
+    )
+
+
+class FakeDevice:
+    """Pretend the parameters live on a GPU with ``free`` bytes free."""
+
+    def __init__(self, free: int):
+        self.free = free
+
+    def __call__(self, device):
+        return self.free if device.type == "cuda" else 64 * GiB
+
+
+def on_gpu(model):
+    meta = torch.device("cuda", 0)
+    return {name: _Located(p, meta) for name, p in model.named_parameters()}
+
+
+class _Located:
+    def __init__(self, parameter, device):
+        self.device, self._numel = device, parameter.numel()
+
+    def numel(self):
+        return self._numel
+
+
+def test_auto_puts_sums_on_the_device_only_when_they_fit():
+    model = tiny_llama(seed=0)
+    params = on_gpu(model)
+    need = 4 * sum(p.numel() for p in params.values())
+    roomy = plan(ComputeOptions(), model, params, torch.float32, free=FakeDevice(100 * need))
+    tight = plan(ComputeOptions(), model, params, torch.float32, free=FakeDevice(need // 2))
+    assert roomy.sums_on_device and not tight.sums_on_device
+    assert "sums on the host" in " ".join(tight.notes)
+
+
+def test_device_sums_that_do_not_fit_are_refused_before_scoring():
+    model = tiny_llama(seed=0)
+    params = on_gpu(model)
+    options = ComputeOptions(accumulate_on="device")
+    with pytest.raises(ComputeError, match=r"needs .* GiB .* has .* GiB free"):
+        plan(options, model, params, torch.float32, free=FakeDevice(1000))
+
+
+def test_auto_checkpoints_only_when_activations_do_not_fit():
+    model = tiny_llama(seed=0)
+    params = dict(model.named_parameters())
+    options = ComputeOptions(max_length=512)
+    activations = activation_bytes(model.config, 512, torch.float32)
+    fits = plan(options, model, params, torch.float32, free=lambda d: 10 * activations)
+    short = plan(options, model, params, torch.float32, free=lambda d: activations)
+    assert not fits.checkpointing and short.checkpointing
+    assert "gradient-checkpointing auto: on" in " ".join(short.notes)
+    explicit = plan(
+        ComputeOptions(gradient_checkpointing=True), model, params, torch.float32,
+        free=lambda d: 10 * activations,
+    )  # fmt: skip
+    assert explicit.checkpointing

@@ -11,6 +11,11 @@ Sections (each a ratio against a baseline measured in the same run, alternating)
   scores:     float32 vs bfloat16 score files: size, and top-k mask entries that flip.
   signals:    each `lrp-compute --method` (attnlrp, gradient, fisher, activation) through the
               real prompt loop, against a plain forward+backward: time and peak RSS.
+  placement:  the scoring loop on --device (cpu or cuda) with sums on the device or the
+              host, checkpointing on or off, against a plain forward+backward and against
+              the same pass with gradients discarded (the accumulator's share); per prompt:
+              time ratio, tokens/s, peak device memory. On a GPU: models up to ~1B
+              parameters, 512-token prompts (`--device cuda`).
 Writes perf.json and perf.md into --out.
 """
 
@@ -49,7 +54,14 @@ SIZES = {  # name -> LlamaConfig overrides
 }
 
 
-SECTIONS = ("precompute", "merge", "score_dtype", "profile", "signals")
+SECTIONS = ("precompute", "merge", "score_dtype", "profile", "signals", "placement")
+PLACEMENT_MODES = ("plain", "discard", "device-sums", "host-sums", "device-sums-checkpointing")
+GPU_SIZES = {  # name -> LlamaConfig overrides, random weights built on the fly
+    "400M": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                 num_attention_heads=16, num_key_value_heads=8, vocab_size=32000),
+    "1B": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+               num_attention_heads=32, num_key_value_heads=4, vocab_size=32000),
+}  # fmt: skip
 SIGNAL_MODES = ("plain", "attnlrp", "gradient", "fisher", "activation")
 
 
@@ -64,7 +76,8 @@ def build_model(size: str, root: Path, seed: int = 0) -> Path:
     path = root / f"llama-{size}"
     if not (path / "config.json").exists():
         torch.manual_seed(seed)
-        config = LlamaConfig(max_position_embeddings=2048, tie_word_embeddings=False, **SIZES[size])
+        shape = {**SIZES, **GPU_SIZES}[size]
+        config = LlamaConfig(max_position_embeddings=2048, tie_word_embeddings=False, **shape)
         LlamaForCausalLM(config).save_pretrained(path)
     return path
 
@@ -151,6 +164,113 @@ def worker_signal(model_dir: str, mode: str, length: int, count: int) -> dict:
         "rss_before_model": rss_before_model,
         "weights_fp32": weights,
     }
+
+
+def worker_placement(model_dir: str, mode: str, length: int, count: int, device: str) -> dict:
+    """One placement mode through lrp-compute's loop on ``device``, in a fresh process."""
+    from transformers import AutoModelForCausalLM
+
+    from mergekit_lrp.scoring.accumulator import GradientAccumulator
+    from mergekit_lrp.scoring.loop import run_prompts
+    from mergekit_lrp.scoring.options import ComputeOptions
+    from mergekit_lrp.scoring.prompts import Prompt
+    from mergekit_lrp.scoring.resume import LoopState
+
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    cuda = device.startswith("cuda")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
+    prompts = random_prompts(model.config.vocab_size, length, count + 1)
+
+    def synchronize():
+        if cuda:
+            torch.cuda.synchronize()
+
+    times = []
+    if mode == "plain":
+        model.train()
+        for ids in prompts:
+            synchronize()
+            start = time.perf_counter()
+            logits = model(input_ids=ids[None].to(device), use_cache=False).logits
+            logits[0, -1].float().max().backward()
+            model.zero_grad(set_to_none=True)
+            synchronize()
+            times.append(time.perf_counter() - start)
+    else:
+        parameters = dict(model.named_parameters())
+        accumulator = GradientAccumulator(parameters, on_device=mode != "host-sums")
+        if mode == "discard":  # the same pass, gradients dropped as they complete
+            accumulator.attach = lambda: accumulator._handles.extend(
+                p.register_post_accumulate_grad_hook(lambda q: setattr(q, "grad", None))
+                for p in parameters.values()
+            )
+        options = ComputeOptions(
+            progress=False, gradient_checkpointing=mode == "device-sums-checkpointing"
+        )
+        for ids in prompts:
+            synchronize()
+            start = time.perf_counter()
+            run_prompts(model, [Prompt(tuple(ids.tolist()))], options, accumulator, LoopState())
+            synchronize()
+            times.append(time.perf_counter() - start)
+    per_prompt = statistics.median(times[1:])  # the first prompt warms up
+    return {
+        "seconds_per_prompt": per_prompt,
+        "peak_device_memory": torch.cuda.max_memory_allocated() if cuda else peak_rss_bytes(),
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
+
+
+def bench_placement(root: Path, quick: bool, repeats: int, device: str) -> list[dict]:
+    rows = []
+    if device.startswith("cuda"):
+        sizes, length, count = (["100M"] if quick else ["100M", "400M", "1B"]), 512, 8
+    else:
+        sizes, length, count = (["10M"] if quick else ["10M", "100M"]), 256, 3
+    for size in sizes:
+        model_dir = build_model(size, root)
+        runs = {mode: [] for mode in PLACEMENT_MODES}
+        for _ in range(repeats):  # alternate so drift on a shared machine hits all
+            for mode in runs:
+                args = ("placement", str(model_dir), mode, str(length), str(count), device)
+                runs[mode].append(run_worker(*args))
+        seconds = {m: statistics.median(r["seconds_per_prompt"] for r in runs[m]) for m in runs}
+        for mode in PLACEMENT_MODES[1:]:
+            rows.append(
+                {
+                    "device": device,
+                    "size": size,
+                    "length": length,
+                    "mode": mode,
+                    "time_ratio": seconds[mode] / seconds["plain"],
+                    "tokens_per_s": length / seconds[mode],
+                    "accumulator_share": max(0.0, 1 - seconds["discard"] / seconds[mode])
+                    if mode in ("device-sums", "host-sums")
+                    else None,
+                    "peak_memory_gib": max(r["peak_device_memory"] for r in runs[mode]) / 2**30,
+                    "plain_peak_memory_gib": max(r["peak_device_memory"] for r in runs["plain"])
+                    / 2**30,
+                }
+            )
+            print(json.dumps(rows[-1]), file=sys.stderr)
+    return rows
+
+
+def placement_table(rows: list[dict]) -> str:
+    lines = [
+        "| device | model | tokens | mode | time / plain fwd+bwd | tokens/s | accumulator share "
+        "| peak memory GiB (plain) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        share = "" if r["accumulator_share"] is None else f"{r['accumulator_share']:.2f}"
+        lines.append(
+            f"| {r['device']} | {r['size']} | {r['length']} | {r['mode']} | "
+            f"{r['time_ratio']:.2f} | {r['tokens_per_s']:.0f} | {share} | "
+            f"{r['peak_memory_gib']:.2f} ({r['plain_peak_memory_gib']:.2f}) |"
+        )
+    return "\n".join(lines)
 
 
 def bench_signals(root: Path, quick: bool, repeats: int) -> list[dict]:
@@ -478,6 +598,9 @@ def main() -> None:
         default=SECTIONS,
         help="run only these sections (default: all)",
     )
+    parser.add_argument(
+        "--device", default="cpu", help="cpu or cuda[:N], for the placement section"
+    )
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -488,6 +611,9 @@ def main() -> None:
         elif kind == "profile":
             model_dir, mode, length = rest
             print(json.dumps(worker_profile(model_dir, mode, int(length))))
+        elif kind == "placement":
+            model_dir, mode, length, count, device = rest
+            print(json.dumps(worker_placement(model_dir, mode, int(length), int(count), device)))
         elif kind == "signal":
             model_dir, mode, length, count = rest
             print(json.dumps(worker_signal(model_dir, mode, int(length), int(count))))
@@ -504,6 +630,7 @@ def main() -> None:
         "score_dtype": lambda: bench_score_dtype(cache, args.quick),
         "profile": lambda: bench_profile(cache, profile_size, 256),
         "signals": lambda: bench_signals(cache, args.quick, args.repeats),
+        "placement": lambda: bench_placement(cache, args.quick, args.repeats, args.device),
     }
     results = {name: run() for name, run in sections.items() if name in args.only}
     results["command"] = " ".join(["python", "scripts/bench_perf.py", *sys.argv[1:]])
@@ -511,6 +638,8 @@ def main() -> None:
     lines = []
     if "precompute" in results:
         lines += ["## Precompute cost", "", precompute_table(results["precompute"]), ""]
+    if "placement" in results:
+        lines += ["## Scoring placement", "", placement_table(results["placement"]), ""]
     if "signals" in results:
         lines += ["## Cost of each importance signal", "", signals_table(results["signals"]), ""]
     if "merge" in results:

@@ -32,7 +32,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -212,6 +212,15 @@ def selected_methods(args) -> list[Method]:
         if unknown:
             raise SystemExit(f"unknown --methods {unknown}; known: {sorted(known)}")
         methods = [known[name] for name in args.methods]
+    if args.quick:  # a smoke run: one merge seed, 32 calibration prompts
+        methods = [
+            replace(
+                m,
+                seeds=m.seeds[:1],
+                scores=m.scores and m.scores.replace("-128", f"-{QUICK_PROMPTS}"),
+            )
+            for m in methods
+        ]
     return methods
 
 
@@ -405,6 +414,7 @@ def run(args) -> dict:
 
 QUICK_METHODS = {"lrp (delta)", "task_arithmetic", "ties", "dare_ties"}
 QUICK_DENSITIES = (0.5,)
+QUICK_PROMPTS = 32
 
 
 def subset_kinds(results: dict) -> list[tuple[str, list[dict]]]:
@@ -570,7 +580,8 @@ def main() -> None:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="all experts of each family, 4 methods, density 0.5 (a smoke run of the protocol)",
+        help="all experts of each family, 4 methods, density 0.5, one merge seed, 32"
+        " calibration prompts (a smoke run of the protocol, under 5 min with families cached)",
     )
     parser.add_argument(
         "--families",

@@ -34,7 +34,7 @@ class Recipe:
     base_steps: int
     base_lr: float
     #: rows per step of each task in the pretraining mixture (each at loss weight 1); its
-    #: keys, in order, are the family's tasks (a task may have 0 rows: unseen by the base)
+    #: keys, in order, are the family's tasks unless ``experts`` names them
     base_rows: dict[str, int]
     expert_steps: int
     expert_lr: float
@@ -43,10 +43,13 @@ class Recipe:
     replay_weight: float
     multitask_steps: int
     eval_examples: int
+    #: the tasks that get an expert and are scored (default: every key of ``base_rows``);
+    #: the others only shape the base and the replay
+    experts: tuple[str, ...] | None = None
 
     @property
     def tasks(self) -> tuple[str, ...]:
-        return tuple(self.base_rows)
+        return self.experts or tuple(self.base_rows)
 
     @property
     def architecture(self) -> str:
@@ -88,8 +91,9 @@ PRESETS: dict[str, Recipe] = {
         expert_lr=1e-3,
         expert_rows=32,
         replay_weight=1.0,
-        multitask_steps=120,
+        multitask_steps=80,
         eval_examples=200,
+        experts=("rot", "sub"),
     ),
     "gemma2-b": Recipe(
         shape=ModelShape(hidden=256, layers=2, heads=4, intermediate=1024, architecture="gemma2"),
@@ -100,8 +104,9 @@ PRESETS: dict[str, Recipe] = {
         expert_lr=1e-3,
         expert_rows=32,
         replay_weight=1.0,
-        multitask_steps=120,
+        multitask_steps=80,
         eval_examples=200,
+        experts=("rot", "sub"),
     ),
     "qwen3-c": Recipe(
         shape=ModelShape(hidden=256, layers=2, heads=4, intermediate=1024, architecture="qwen3"),
@@ -112,8 +117,9 @@ PRESETS: dict[str, Recipe] = {
         expert_lr=1e-3,
         expert_rows=32,
         replay_weight=1.0,
-        multitask_steps=120,
+        multitask_steps=80,
         eval_examples=200,
+        experts=("rot", "sub"),
     ),
 }
 

@@ -222,3 +222,24 @@ def test_other_architectures_build_and_load(tmp_path, monkeypatch, architecture)
     tokenizer = AutoTokenizer.from_pretrained(family.base)
     assert len(tokenizer("rot abc=")["input_ids"]) == len("rot abc=") + 1
     assert set(evaluate_model(model, family, "val")) == set(family.tasks)
+
+
+def test_recipe_experts_limit_the_scored_tasks(tmp_path, monkeypatch):
+    import dataclasses
+
+    from toy_family import family as family_module
+
+    recipe = dataclasses.replace(family_module.PRESETS["tiny"], experts=("rot", "sort"))
+    monkeypatch.setitem(family_module.PRESETS, "tiny-experts", recipe)
+    family = build_family(tmp_path, preset="tiny-experts", seed=2, progress=False)
+    assert family.tasks == ("rot", "sort")
+    built = sorted(p.name for p in family.root.iterdir() if (p / "config.json").exists())
+    assert built == ["base", "expert-rot", "expert-sort", "multitask"]
+    assert set(evaluate_model(family.base, family, "val")) == {"rot", "sort"}
+
+
+def test_named_families_cover_two_architectures():
+    from toy_family import ACCEPTED, PRESETS
+
+    assert {"llama", "gemma2", "qwen3"} <= {PRESETS[name].architecture for name in PRESETS}
+    assert all(name in PRESETS for name in ACCEPTED)

@@ -243,3 +243,5 @@ def test_named_families_cover_two_architectures():
 
     assert {"llama", "gemma2", "qwen3"} <= {PRESETS[name].architecture for name in PRESETS}
     assert all(name in PRESETS for name in ACCEPTED)
+    assert len(ACCEPTED) >= 3 and len(set(ACCEPTED.values())) == len(ACCEPTED)  # seeds differ
+    assert len({PRESETS[name].architecture for name in ACCEPTED}) >= 2

@@ -125,7 +125,7 @@ PRESETS: dict[str, Recipe] = {
 
 #: presets that pass every acceptance criterion of scripts/check_family.py with the seed
 #: given here (docs/toy-family.md records each check); the quality benchmark's families
-ACCEPTED: dict[str, int] = {"llama-a": 0, "gemma2-b": 1}
+ACCEPTED: dict[str, int] = {"llama-a": 0, "gemma2-b": 1, "qwen3-c": 2}
 
 #: modules whose code decides the weights; their source is part of the cache key
 _RECIPE_MODULES = ("build", "tokenizer", "tasks", "train")

@@ -188,9 +188,11 @@ def evaluate(model_dir: Path, family, split: str, exact: bool, tasks=None) -> di
 
 
 def subsets_of(tasks, quick: bool, which: str = "both") -> list[tuple[str, ...]]:
-    pairs = list(itertools.combinations(tasks, 2))
+    everything = [tuple(tasks)]
+    pairs = [p for p in itertools.combinations(tasks, 2) if p != everything[0]]
     pairs = pairs[:1] if quick else pairs
-    return {"pairs": pairs, "all": [tuple(tasks)], "both": pairs + [tuple(tasks)]}[which]
+    # with two tasks the only pair is all experts: it is listed once, as all experts
+    return {"pairs": pairs, "all": everything, "both": pairs + everything}[which]
 
 
 def weights_for(subset) -> list[float]:
@@ -403,7 +405,9 @@ def run(args) -> dict:
         "methods": [m.name for m in methods],
         "rows": rows,
         "per_family": {
-            family_id(f): per_family_tables([r for r in rows if r["family"] == family_id(f)])
+            family_id(f): per_family_tables(
+                [r for r in rows if r["family"] == family_id(f)], f.tasks
+            )
             for f in families
         },
         "seconds": time.perf_counter() - started,
@@ -419,14 +423,9 @@ QUICK_PROMPTS = 32
 
 def subset_kinds(results: dict) -> list[tuple[str, list[dict]]]:
     """The rows split into two-expert pairs and all-experts merges (those present)."""
-    tasks = results["tasks"]
-    kinds = [
-        ("pairs", [r for r in results["rows"] if len(r["subset"]) == 2]),
-        (
-            "all experts",
-            [r for r in results["rows"] if len(r["subset"]) == len(tasks[r["family"]])],
-        ),
-    ]
+    everything = {f: set(t) for f, t in results["tasks"].items()}
+    full = [r for r in results["rows"] if set(r["subset"]) == everything[r["family"]]]
+    kinds = [("pairs", [r for r in results["rows"] if r not in full]), ("all experts", full)]
     return [(name, rows) for name, rows in kinds if rows]
 
 
@@ -457,11 +456,11 @@ def summarize(rows: list[dict]) -> dict:
     }
 
 
-def per_family_tables(rows: list[dict]) -> dict:
+def per_family_tables(rows: list[dict], tasks) -> dict:
     """One family's own tables: subset kind -> method -> density -> value."""
     kinds = {
-        "pairs": [r for r in rows if len(r["subset"]) == 2],
-        "all experts": [r for r in rows if len(r["subset"]) > 2],
+        "pairs": [r for r in rows if set(r["subset"]) != set(tasks)],
+        "all experts": [r for r in rows if set(r["subset"]) == set(tasks)],
     }
     return {
         kind: {

@@ -1,13 +1,18 @@
-"""Merge-quality benchmark: `lrp` against mergekit's methods on the locally built toy family.
+"""Merge-quality benchmark: `lrp` against mergekit's methods on the locally built toy families.
 
-    python scripts/bench_quality.py [--quick] [--out bench-out/quality] [--cache DIR]
+    python scripts/bench_quality.py [--quick] [--families NAME[:SEED] ...] [--out DIR]
 
-Builds (or reuses) the toy family (docs/toy-family.md), computes AttnLRP scores of every
+Builds (or reuses) every accepted toy family (docs/toy-family.md; `--families` picks
+others), computes AttnLRP scores of every
 expert with lrp-compute's code on calibration prompts of its own task (disjoint from the
 evaluation splits), then merges every pair of experts and all experts together with each
 method at each density, through mergekit's real `run_merge`. The per-model weight is part
 of each method's setting: it is chosen from {1/N, 0.5, 1} on the validation split, and the
 test split is reported at that weight. Random methods run over 3 seeds.
+
+Each table cell is the mean over families of the family's value (itself the mean over
+the merged subsets and, for random methods, merge seeds), with the [min, max] over
+families; results.json holds each family's own tables under "per_family".
 
 Metric: for each task, the fraction of its expert's answer-NLL improvement over the base
 that the merged model keeps (1 = as good as the expert, 0 = the base, < 0 worse); exact
@@ -27,7 +32,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -185,9 +190,11 @@ def evaluate(model_dir: Path, family, split: str, exact: bool, tasks=None) -> di
 
 
 def subsets_of(tasks, quick: bool, which: str = "both") -> list[tuple[str, ...]]:
-    pairs = list(itertools.combinations(tasks, 2))
+    everything = [tuple(tasks)]
+    pairs = [p for p in itertools.combinations(tasks, 2) if p != everything[0]]
     pairs = pairs[:1] if quick else pairs
-    return {"pairs": pairs, "all": [tuple(tasks)], "both": pairs + [tuple(tasks)]}[which]
+    # with two tasks the only pair is all experts: it is listed once, as all experts
+    return {"pairs": pairs, "all": everything, "both": pairs + everything}[which]
 
 
 def weights_for(subset) -> list[float]:
@@ -209,6 +216,15 @@ def selected_methods(args) -> list[Method]:
         if unknown:
             raise SystemExit(f"unknown --methods {unknown}; known: {sorted(known)}")
         methods = [known[name] for name in args.methods]
+    if args.quick:  # a smoke run: one merge seed, 32 calibration prompts
+        methods = [
+            replace(
+                m,
+                seeds=m.seeds[:1],
+                scores=m.scores and m.scores.replace("-128", f"-{QUICK_PROMPTS}"),
+            )
+            for m in methods
+        ]
     return methods
 
 
@@ -224,7 +240,7 @@ class Job:
 
     @property
     def key(self) -> tuple:
-        return (self.family.seed, self.subset, self.method.name, self.density)
+        return (family_id(self.family), self.subset, self.method.name, self.density)
 
     @property
     def merges(self) -> int:
@@ -242,9 +258,10 @@ def family_jobs(args, family, methods, densities, progress) -> list[Job]:
         family, {m.scores for m in methods if m.scores}, score_root, progress
     )
     family = Family(root=family.root, preset=family.preset, seed=family.seed)  # picklable
+    quick = args.quick
     return [
         Job(family, subset, method, density, score_files)
-        for subset in subsets_of(family.tasks, args.quick, args.subsets)
+        for subset in subsets_of(family.tasks, quick, "all" if quick else args.subsets)
         for method in methods
         for density in (densities if method.uses_density else (None,))
     ]
@@ -276,6 +293,7 @@ def merge_row(job: Job, exact: bool) -> dict:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return {
+        "family": family_id(family),
         "family_seed": family.seed,
         "subset": list(subset),
         "method": method.name,
@@ -313,7 +331,28 @@ def run_jobs(jobs: list[Job], args, rows: list, bar) -> None:
 
 def row_key(row: dict) -> tuple:
     """The :attr:`Job.key` a finished row belongs to."""
-    return (row["family_seed"], tuple(row["subset"]), row["method"], row["density"])
+    return (row["family"], tuple(row["subset"]), row["method"], row["density"])
+
+
+def family_id(family) -> str:
+    return f"{family.preset}:{family.seed}"
+
+
+def parse_families(names: list[str] | None) -> list[tuple[str, int]]:
+    """``NAME`` (with its accepted seed, else 0) or ``NAME:SEED``; default: every accepted one."""
+    from toy_family import ACCEPTED, PRESETS
+
+    if not names:
+        if not ACCEPTED:
+            raise SystemExit("no accepted toy family yet; name one with --families")
+        return list(ACCEPTED.items())
+    chosen = []
+    for name in names:
+        preset, _, seed = name.partition(":")
+        if preset not in PRESETS:
+            raise SystemExit(f"unknown family {preset!r}; known: {sorted(PRESETS)}")
+        chosen.append((preset, int(seed) if seed else ACCEPTED.get(preset, 0)))
+    return chosen
 
 
 def save_partial(args, rows) -> None:
@@ -330,10 +369,10 @@ def run(args) -> dict:
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     methods = selected_methods(args)
-    densities = (0.3, 0.7) if args.quick else DENSITIES
+    densities = QUICK_DENSITIES if args.quick else DENSITIES
     families = [
-        build_family(Path(args.cache), preset=args.preset, seed=seed, progress=True)
-        for seed in args.family_seeds
+        build_family(Path(args.cache), preset=preset, seed=seed, progress=True)
+        for preset, seed in parse_families(args.families)
     ]
     jobs = [
         job
@@ -358,15 +397,21 @@ def run(args) -> dict:
     order = {job.key: index for index, job in enumerate(jobs)}
     rows.sort(key=lambda r: order[row_key(r)])
     return {
-        "preset": args.preset,
         "quick": args.quick,
-        "families": [str(f.root) for f in families],
-        "family_seeds": list(args.family_seeds),
-        "tasks": list(families[0].tasks),
+        "families": [family_id(f) for f in families],
+        "family_roots": {family_id(f): str(f.root) for f in families},
+        "architectures": {family_id(f): f.recipe.architecture for f in families},
+        "tasks": {family_id(f): list(f.tasks) for f in families},
         "subsets": args.subsets,
         "densities": list(densities),
         "methods": [m.name for m in methods],
         "rows": rows,
+        "per_family": {
+            family_id(f): per_family_tables(
+                [r for r in rows if r["family"] == family_id(f)], f.tasks
+            )
+            for f in families
+        },
         "seconds": time.perf_counter() - started,
         "workers": args.workers,
         "command": " ".join(["python", "scripts/bench_quality.py", *sys.argv[1:]]),
@@ -374,39 +419,58 @@ def run(args) -> dict:
 
 
 QUICK_METHODS = {"lrp (delta)", "task_arithmetic", "ties", "dare_ties"}
+QUICK_DENSITIES = (0.5,)
+QUICK_PROMPTS = 32
 
 
 def subset_kinds(results: dict) -> list[tuple[str, list[dict]]]:
     """The rows split into two-expert pairs and all-experts merges (those present)."""
-    n_tasks = len(results["tasks"])
-    kinds = [
-        ("pairs", [r for r in results["rows"] if len(r["subset"]) == 2]),
-        (f"all {n_tasks} experts", [r for r in results["rows"] if len(r["subset"]) == n_tasks]),
-    ]
+    everything = {f: set(t) for f, t in results["tasks"].items()}
+    full = [r for r in results["rows"] if set(r["subset"]) == everything[r["family"]]]
+    kinds = [("pairs", [r for r in results["rows"] if r not in full]), ("all experts", full)]
     return [(name, rows) for name, rows in kinds if rows]
 
 
-def summarize(rows: list[dict]) -> dict:
-    """method -> density -> (mean, min, max) over family seeds x merge seeds.
-
-    Each (family seed, merge seed) contributes the mean over the merged subsets of its
-    test-split kept fraction; random methods vary with both, `lrp` only with the family.
-    """
-    runs: dict = {}
+def family_values(rows: list[dict]) -> dict:
+    """method -> density -> family -> the family's value: the mean over its merged subsets
+    and merge seeds of the test-split kept fraction (mean over the subset's tasks)."""
+    values: dict = {}
     for row in rows:
-        by_run = runs.setdefault(row["method"], {}).setdefault(str(row["density"]), {})
-        for index, score in enumerate(row["test_mean_kept"]):
-            by_run.setdefault((row.get("family_seed", 0), index), []).append(score)
+        by_family = values.setdefault(row["method"], {}).setdefault(str(row["density"]), {})
+        by_family.setdefault(row["family"], []).extend(row["test_mean_kept"])
     return {
         method: {
-            d: (
-                statistics.mean(values := [statistics.mean(s) for s in by_run.values()]),
-                min(values),
-                max(values),
-            )
-            for d, by_run in by_density.items()
+            d: {f: statistics.mean(v) for f, v in by_family.items()}
+            for d, by_family in by_density.items()
         }
-        for method, by_density in runs.items()
+        for method, by_density in values.items()
+    }
+
+
+def summarize(rows: list[dict]) -> dict:
+    """method -> density -> (mean, min, max) over families of each family's value."""
+    return {
+        method: {
+            d: (statistics.mean(v := list(by_family.values())), min(v), max(v))
+            for d, by_family in by_density.items()
+        }
+        for method, by_density in family_values(rows).items()
+    }
+
+
+def per_family_tables(rows: list[dict], tasks) -> dict:
+    """One family's own tables: subset kind -> method -> density -> value."""
+    kinds = {
+        "pairs": [r for r in rows if set(r["subset"]) != set(tasks)],
+        "all experts": [r for r in rows if set(r["subset"]) == set(tasks)],
+    }
+    return {
+        kind: {
+            method: {d: next(iter(by_family.values())) for d, by_family in by_density.items()}
+            for method, by_density in family_values(kind_rows).items()
+        }
+        for kind, kind_rows in kinds.items()
+        if kind_rows
     }
 
 
@@ -435,8 +499,8 @@ def markdown(results: dict) -> str:
     lines = [
         "Test-split kept fraction of each expert's answer-NLL improvement (1 = expert, "
         "0 = base), averaged over the merged experts and over the subsets of each kind; "
-        f"family seeds {results.get('family_seeds', [0])}; [min, max] over family seeds "
-        "and, for random methods, merge seeds.",
+        f"families {', '.join(results['families'])}; each cell the mean over families "
+        "(each family averaged over its subsets and merge seeds), [min, max] over families.",
     ]
     for name, rows in subset_kinds(results):
         lines += ["", f"**{name}**", "", *summary_table(rows, results["densities"])]
@@ -459,7 +523,7 @@ def markdown(results: dict) -> str:
         others = f"{statistics.mean(others):.2f}" if others else "-"
         mean = statistics.mean(row["test_mean_kept"])
         lines.append(
-            f"| {row.get('family_seed', 0)} | {'+'.join(row['subset'])} | {row['method']} | "
+            f"| {row['family']} | {'+'.join(row['subset'])} | {row['method']} | "
             f"{row['density']} | {row['weight']} | {per_task} | {others} | {mean:.3f} |"
         )
     return "\n".join(lines) + "\n"
@@ -503,7 +567,7 @@ def plot(results: dict, path: Path) -> None:
         axis.set_ylabel("kept fraction of expert improvement (test)")
         axis.set_ylim(-0.2, 1.0)
         axis.set_title(
-            f"{name}; family seeds {results.get('family_seeds', [0])}; values below -0.2 clipped",
+            f"{name}; {len(results['families'])} families; values below -0.2 clipped",
             fontsize=10,
         )
         axis.legend(fontsize=7, ncol=2, loc="lower right")
@@ -517,22 +581,22 @@ def main() -> None:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="one pair + all experts, 4 methods, 2 densities (a smoke run of the protocol)",
+        help="all experts of each family, 4 methods, density 0.5, one merge seed, 32"
+        " calibration prompts (a smoke run of the protocol, under 5 min with families cached)",
     )
-    parser.add_argument("--preset", default="quick", help="toy family preset (docs/toy-family.md)")
+    parser.add_argument(
+        "--families",
+        nargs="+",
+        default=None,
+        metavar="NAME[:SEED]",
+        help="toy families (presets, docs/toy-family.md); default: every accepted one",
+    )
     parser.add_argument(
         "--variants",
         action="store_true",
         help="also run the lrp variant rows (target, consensus, calibration)",
     )
     parser.add_argument("--no-exact", action="store_true", help="skip exact-match decoding")
-    parser.add_argument(
-        "--family-seeds",
-        type=int,
-        nargs="+",
-        default=[0],
-        help="build and merge one family per seed (spread across families)",
-    )
     parser.add_argument(
         "--methods",
         nargs="+",

@@ -6,11 +6,14 @@
    task's expert gain in NLL, or by more than 5 points of exact match.
 3. Mergeability: the best baseline merge of all experts (``task_arithmetic``, ``ties``,
    ``dare_ties`` with per-model weight 1/N, 0.5 or 1) keeps >= 20% of every expert's gain.
+4. Learning: every exact-match task's expert gains >= 0.25 exact match over the base
+   (hence from a base at most 0.75 on it: not saturated); the text expert lowers its NLL.
 
 Merges run through mergekit's real entry point, in-process. Exit code 1 if any fails.
 """
 
 import argparse
+import json
 import shutil
 import sys
 import tempfile
@@ -28,6 +31,7 @@ DARE_SEEDS = (0, 1, 2)
 MAX_DAMAGE = 0.25
 MAX_EM_DROP = 0.05
 MIN_MERGE_KEEP = 0.20
+MIN_EM_GAIN = 0.25
 METHODS = ("task_arithmetic", "ties", "dare_ties")
 
 
@@ -72,8 +76,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="quick")
     parser.add_argument("--cache", type=Path, default=Path(".cache/mergekit-lrp"))
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seed", type=int, default=None, help="family seed (default: the accepted one, else 0)"
+    )
     parser.add_argument("--split", default="val", choices=("val", "test"))
+    parser.add_argument(
+        "--reference-only",
+        action="store_true",
+        help="build and print criterion 4 only (a quick look while iterating on a recipe)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -82,14 +93,32 @@ def main() -> int:
     reference = reference_metrics(family, split)
     base = reference["base"]
     ok = True
+    built = json.loads((family.root / "family.json").read_text())
     print(f"family {family.root}  split={split}")
-    print("\nreference (exact match / answer NLL)")
+    print(
+        f"architecture {family.recipe.architecture}, tasks {', '.join(family.tasks)},"
+        f" seed {family.seed}, built in {built['seconds']['total'] / 60:.1f} min"
+    )
+    print(f"\n4. reference (exact match / answer NLL): expert EM gain >= {MIN_EM_GAIN}")
     for task in family.tasks:
         expert = reference[f"expert-{task}"][task]
+        em0, em1 = base[task]["exact_match"], expert["exact_match"]
+        if em0 is None:
+            passed = expert["answer_nll"] < base[task]["answer_nll"]
+            gain = f"NLL {expert['answer_nll'] - base[task]['answer_nll']:+.3f}"
+        else:
+            passed = em1 - em0 >= MIN_EM_GAIN
+            gain = f"EM {em1 - em0:+.2f}"
+        ok &= passed
         print(
-            f"  {task:5s} base {fmt_em(base[task]['exact_match'])} / {base[task]['answer_nll']:.3f}"
-            f"   expert {fmt_em(expert['exact_match'])} / {expert['answer_nll']:.3f}"
+            f"  {task:5s} base {fmt_em(em0)} / {base[task]['answer_nll']:.3f}"
+            f"   expert {fmt_em(em1)} / {expert['answer_nll']:.3f}"
+            f"   {gain}  {'PASS' if passed else 'FAIL'}"
         )
+
+    if args.reference_only:
+        print("\ncriterion 4 " + ("PASS" if ok else "FAILED") + " (criteria 1-3 not run)")
+        return 0 if ok else 1
 
     print(f"\n1. DARE 50% of own delta (dare_linear, seeds {DARE_SEEDS}): kept >= {DARE_KEEP}")
     for task in family.tasks:
@@ -131,7 +160,7 @@ def main() -> int:
     print(f"  {'method':16s} {'weight':>6s}  {header}  {'min':>6s}")
     best = (float("-inf"), "")
     for method in METHODS:
-        for weight in (1 / n, 0.5, 1.0):
+        for weight in sorted({1 / n, 0.5, 1.0}):  # 1/N is 0.5 for two experts
             out = merge(family, method, dict.fromkeys(family.tasks, weight), 0.5, seed=0)
             metrics, fraction = scored(family, out, split)
             low = min(fraction.values())

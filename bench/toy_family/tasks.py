@@ -1,21 +1,18 @@
 """The family's tasks: data generation, prompts and answers, and disjoint splits.
 
-Three skills scored by exact match of a greedy answer (reversal, sorting, letter shift)
-and one text domain (Python standard-library source, which ships with every Python)
-scored by held-out NLL.
+Skills scored by exact match of a greedy answer (reversal, sorting, letter shift,
+substitution, digit-wise sum mod 10, pair swap) and one text domain (prose generated from
+a fixed seed by this module, so identical on every machine and Python) scored by held-out
+NLL. A family uses some of the skills and the text domain (its recipe names them).
 Splits are disjoint by construction: a skill example belongs to the split its prompt
-hashes to, a text window to the split its source file hashes to.
+hashes to, a text window to the split its document hashes to.
 """
 
 import hashlib
 import random
 import string
-import sysconfig
 from dataclasses import dataclass
 from functools import cache
-from pathlib import Path
-
-from toy_family.tokenizer import to_alphabet
 
 SPLITS = ("train", "calibration", "val", "test")
 
@@ -115,8 +112,51 @@ _NEXT_LETTER = str.maketrans(
 )
 
 
-class PythonSource(Task):
-    """Windows of Python standard-library source; a file's hash decides its split."""
+class Substitution(Task):
+    """``sub kqzmt=`` -> ``axmdz``: copy five letters through a fixed substitution alphabet."""
+
+    name = "sub"
+
+    def sample(self, rng):
+        s = "".join(rng.choices(string.ascii_lowercase, k=5))
+        return Example(f"sub {s}=", s.translate(_SUBSTITUTE))
+
+
+#: a fixed permutation of the alphabet (written out, so no generator decides it)
+_SUBSTITUTE = str.maketrans(string.ascii_lowercase, "qwertyuiopasdfghjklzxcvbnm")
+
+
+class DigitwiseSum(Task):
+    """``add 4821+3579=`` -> ``7390``: add four digit pairs position by position, mod 10."""
+
+    name = "add"
+
+    def sample(self, rng):
+        a = "".join(rng.choices(string.digits, k=4))
+        b = "".join(rng.choices(string.digits, k=4))
+        answer = "".join(str((int(x) + int(y)) % 10) for x, y in zip(a, b, strict=True))
+        return Example(f"add {a}+{b}=", answer)
+
+
+class PairSwap(Task):
+    """``swp kqzmta=`` -> ``qkmzat``: swap the letters of each adjacent pair (six letters)."""
+
+    name = "swp"
+
+    def sample(self, rng):
+        s = "".join(rng.choices(string.ascii_lowercase, k=6))
+        return Example(f"swp {s}=", "".join(s[i + 1] + s[i] for i in range(0, 6, 2)))
+
+
+class GeneratedText(Task):
+    """Windows of prose the project generates from a fixed seed; a document's hash decides its
+    split.
+
+    The prose is a Markov chain over made-up words (``text_corpus``), so it has structure a
+    model can learn, and it is the same whatever the Python version or the machine: it uses
+    only ``random.Random`` seeded with strings (stable across Python 3 versions) and integer
+    arithmetic.
+    """
 
     name = "text"
     exact = False
@@ -126,8 +166,8 @@ class PythonSource(Task):
 
     @property
     def files(self) -> dict[str, list[str]]:
-        """Split name -> texts of the stdlib's top-level modules in that split."""
-        return _stdlib_files(self.name, 4 * self.window)
+        """Split name -> the generated documents in that split."""
+        return text_corpus()
 
     def draw(self, rng, split):
         texts = self.files[split]
@@ -141,16 +181,41 @@ class PythonSource(Task):
         return [self.draw(rng, split) for _ in range(n)]
 
 
+TEXT_DOCUMENTS = 1200
+_SYLLABLES = [c + v for c in "bcdfghklmnprstvz" for v in "aeiou"]
+
+
 @cache
-def _stdlib_files(name: str, min_chars: int) -> dict[str, list[str]]:
-    root = Path(sysconfig.get_paths()["stdlib"])
+def text_corpus(documents: int = TEXT_DOCUMENTS) -> dict[str, list[str]]:
+    """Split name -> documents of generated prose (lines of sentences), fixed by code alone."""
+    rng = random.Random("toy-family/text/lexicon")
+    words: list[str] = []
+    while len(words) < 240:
+        word = "".join(rng.choices(_SYLLABLES, k=rng.choice((1, 2, 2, 3))))
+        if word not in words:
+            words.append(word)
+    # each word is followed by one of four others, the first twice as often as the rest
+    successors = {w: rng.sample(words, 4) for w in words}
     files: dict[str, list[str]] = {split: [] for split in SPLITS}
-    for path in sorted(root.glob("*.py")):
-        text = to_alphabet(path.read_text(encoding="utf-8", errors="ignore"))
-        if len(text) > min_chars:
-            files[split_of(f"{name}:{path.name}")].append(text)
+    for index in range(documents):
+        doc = random.Random(f"toy-family/text/document/{index}")
+        lines = []
+        for _ in range(8):
+            sentences = []
+            for _ in range(doc.choice((1, 2))):
+                word = doc.choice(words)
+                sentence = [word]
+                for _ in range(doc.randrange(3, 9)):
+                    word = doc.choices(successors[word], weights=(2, 1, 1, 1))[0]
+                    sentence.append(word)
+                sentences.append(" ".join(sentence).capitalize() + ".")
+            lines.append(" ".join(sentences))
+        files[split_of(f"text:document{index}")].append("\n".join(lines) + "\n")
     return files
 
 
+TASK_CLASSES = (Reversal, Sorting, Shift, Substitution, DigitwiseSum, PairSwap, GeneratedText)
+
+
 def all_tasks() -> dict[str, Task]:
-    return {task.name: task for task in (Reversal(), Sorting(), Shift(), PythonSource())}
+    return {cls.name: cls() for cls in TASK_CLASSES}

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 from toy_family.tasks import Example, Task
 
@@ -33,24 +33,49 @@ class ModelShape:
     heads: int
     intermediate: int
     max_positions: int = 128
+    #: ``config.model_type`` of the family: "llama", "qwen3" or "gemma2"
+    architecture: str = "llama"
 
 
-def new_model(shape: ModelShape, tokenizer: PreTrainedTokenizerFast, seed: int) -> LlamaForCausalLM:
+ARCHITECTURES = ("llama", "qwen3", "gemma2")
+
+
+def model_config(shape: ModelShape, tokenizer: PreTrainedTokenizerFast):
+    """The transformers config of ``shape`` (random init, untied embeddings, no dropout)."""
+    from transformers import AutoConfig
+
+    if shape.architecture not in ARCHITECTURES:
+        raise ValueError(f"architecture must be one of {ARCHITECTURES}, not {shape.architecture!r}")
+    common = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": shape.hidden,
+        "intermediate_size": shape.intermediate,
+        "num_hidden_layers": shape.layers,
+        "num_attention_heads": shape.heads,
+        "num_key_value_heads": shape.heads,
+        "max_position_embeddings": shape.max_positions,
+        "tie_word_embeddings": False,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    extra = {}
+    if shape.architecture in ("qwen3", "gemma2"):
+        extra["head_dim"] = shape.hidden // shape.heads
+    if shape.architecture == "qwen3":
+        extra["layer_types"] = ["full_attention"] * shape.layers
+    if shape.architecture == "gemma2":
+        # every layer global: the sequences are shorter than any sliding window anyway
+        extra["sliding_window"] = shape.max_positions
+        extra["query_pre_attn_scalar"] = shape.hidden // shape.heads
+    return AutoConfig.for_model(shape.architecture, **common, **extra)
+
+
+def new_model(shape: ModelShape, tokenizer: PreTrainedTokenizerFast, seed: int):
+    from transformers import AutoModelForCausalLM
+
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=shape.hidden,
-        intermediate_size=shape.intermediate,
-        num_hidden_layers=shape.layers,
-        num_attention_heads=shape.heads,
-        num_key_value_heads=shape.heads,
-        max_position_embeddings=shape.max_positions,
-        tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return LlamaForCausalLM(config)
+    return AutoModelForCausalLM.from_config(model_config(shape, tokenizer))
 
 
 def encode(
@@ -91,7 +116,7 @@ class Component:
 
 
 def train(
-    model: LlamaForCausalLM,
+    model,
     tokenizer,
     mixture: list[Component],
     *,
@@ -102,7 +127,7 @@ def train(
     final_lr_fraction: float = 0.1,
     desc: str = "train",
     progress: bool = True,
-) -> LlamaForCausalLM:
+):
     """AdamW, linear warm-up and cosine decay; each step sums the components' weighted losses.
 
     Components get separate forward passes so short skill rows are never padded to the

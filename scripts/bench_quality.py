@@ -50,7 +50,8 @@ class Method:
     merge_method: str
     params: dict = field(default_factory=dict)
     seeds: tuple = (None,)  # several for random methods
-    scores: str | None = None  # score-set key for lrp: "<target>-<n prompts>"
+    #: score-set key for lrp: "[<signal>:]<target>-<n prompts>", or "random-{seed}"
+    scores: str | None = None
     uses_density: bool = True
 
 
@@ -85,6 +86,20 @@ VARIANTS = [  # the questions the issue asks when lrp does not win, one row each
         scores=DEFAULT_SCORES,
     ),
 ]
+#: the signal ablation (issue 12): the same lrp selection (per-tensor top-k, same densities
+#: and weight sweep), only the importance signal changes
+ABLATION = [
+    Method(
+        "random top-k", "lrp", {"importance": "scores"}, scores="random-{seed}", seeds=(0, 1, 2)
+    ),
+    Method("magnitude |delta|", "lrp", {"missing_scores": "magnitude"}),
+    Method("gradient (delta)", "lrp", {"importance": "delta"}, scores="gradient:predicted-128"),
+    Method("fisher (delta)", "lrp", {"importance": "delta"}, scores="fisher:predicted-128"),
+    Method("activation (delta)", "lrp", {"importance": "delta"}, scores="activation:predicted-128"),
+    Method("attnlrp (delta)", "lrp", {"importance": "delta"}, scores=DEFAULT_SCORES),
+    Method("attnlrp (weight)", "lrp", {"importance": "weight"}, scores=DEFAULT_SCORES),
+    Method("attnlrp next-token (delta)", "lrp", {"importance": "delta"}, scores="next-token-128"),
+]
 DENSITIES = (0.1, 0.3, 0.5, 0.7, 0.9)
 
 
@@ -100,13 +115,13 @@ def method_parameters(method: Method, density: float) -> tuple[dict, dict]:
     return dict(method.params), per_model
 
 
-def merge_config(family, subset, method: Method, density, weight, score_files) -> dict:
+def merge_config(family, subset, method: Method, density, weight, score_files, seed=None) -> dict:
     shared, per_model = method_parameters(method, density)
     models = []
     for task in subset:
         params = {"weight": weight, **per_model}
         if method.scores:
-            params["lrp_scores"] = str(score_files[(method.scores, task)])
+            params["lrp_scores"] = str(score_files[(method.scores.format(seed=seed), task)])
         models.append({"model": str(family.experts[task]), "parameters": params})
     return {
         "merge_method": method.merge_method,
@@ -146,24 +161,60 @@ def scoring_code_hash() -> str:
 
 
 def compute_score_files(family, keys, root: Path, progress) -> dict:
-    """lrp-compute's scoring on each expert, for each score-set key; cached on disk."""
+    """Score files of each expert, for each score-set key; cached on disk.
+
+    ``[<signal>:]<target>-<n>``: lrp-compute's scoring with ``--method signal`` (default
+    attnlrp) on n calibration prompts of the expert's task; ``random-<seed>``: uniform
+    random scores (the floor of the ablation), seeded, with the expert's fingerprint.
+    """
     from mergekit_lrp.scoring.options import ComputeOptions
     from mergekit_lrp.scoring.run import compute_scores
 
     files = {}
     for key in sorted(keys):
-        target, count = key.rsplit("-", 1)
         for task, expert in family.experts.items():
-            out = root / f"{task}-{key}.safetensors"
+            out = root / f"{task}-{key.replace(':', '-')}.safetensors"
             if not out.exists():
-                prompts = root / f"{task}-calibration-{count}.txt"
-                lines = family.calibration_prompts(task, int(count))
-                prompts.write_text("\n".join(p.replace("\n", " ") for p in lines) + "\n")
-                options = ComputeOptions(target=target, max_length=256, progress=False)
-                compute_scores(str(expert), str(prompts), str(out), options)
+                if key.startswith("random-"):
+                    random_scores(expert, out, int(key.split("-")[1]))
+                else:
+                    signal, _, rest = key.rpartition(":")
+                    target, count = rest.rsplit("-", 1)
+                    prompts = root / f"{task}-calibration-{count}.txt"
+                    lines = family.calibration_prompts(task, int(count))
+                    prompts.write_text("\n".join(p.replace("\n", " ") for p in lines) + "\n")
+                    options = ComputeOptions(
+                        method=signal or "attnlrp", target=target, max_length=256, progress=False
+                    )
+                    compute_scores(str(expert), str(prompts), str(out), options)
                 progress(f"scored {task} ({key})")
             files[(key, task)] = out
     return files
+
+
+def random_scores(model_dir: Path, out: Path, seed: int) -> None:
+    from safetensors import safe_open
+
+    from mergekit_lrp.scores.file import ScoreMetadata, write_scores
+    from mergekit_lrp.scores.fingerprint import checkpoint_tensor_files, fingerprint_tensors
+
+    tensor_files = checkpoint_tensor_files(model_dir)
+    generator = torch.Generator().manual_seed(seed)
+    scores = {}
+    for name in sorted(tensor_files):
+        with safe_open(tensor_files[name], framework="pt") as handle:
+            shape = handle.get_slice(name).get_shape()
+        scores[name] = torch.rand(shape, generator=generator)
+    meta = ScoreMetadata(
+        model_fingerprint=fingerprint_tensors(tensor_files),
+        num_prompts=0,
+        num_tokens=0,
+        target="random",
+        model_type="",
+        method="random",
+        extra={"seed": str(seed)},
+    )
+    write_scores(out, scores, meta, dtype=torch.float32)
 
 
 def evaluate(model_dir: Path, family, split: str, exact: bool, tasks=None) -> dict[str, dict]:
@@ -210,8 +261,10 @@ def selected_methods(args) -> list[Method]:
     methods = [m for m in METHODS if not args.quick or m.name in QUICK_METHODS]
     if args.variants and not args.quick:
         methods += VARIANTS
+    if args.ablation:
+        methods = list(ABLATION)
     if args.methods:
-        known = {m.name: m for m in METHODS + VARIANTS}
+        known = {m.name: m for m in METHODS + VARIANTS + ABLATION}
         unknown = [name for name in args.methods if name not in known]
         if unknown:
             raise SystemExit(f"unknown --methods {unknown}; known: {sorted(known)}")
@@ -255,7 +308,10 @@ def family_jobs(args, family, methods, densities, progress) -> list[Job]:
     score_root = family.root / f"scores-{scoring_code_hash()}"
     score_root.mkdir(exist_ok=True)
     score_files = compute_score_files(
-        family, {m.scores for m in methods if m.scores}, score_root, progress
+        family,
+        {m.scores.format(seed=seed) for m in methods if m.scores for seed in m.seeds},
+        score_root,
+        progress,
     )
     family = Family(root=family.root, preset=family.preset, seed=family.seed)  # picklable
     quick = args.quick
@@ -277,7 +333,9 @@ def merge_row(job: Job, exact: bool) -> dict:
         for weight in weights_for(subset):
             per_seed = []
             for seed in method.seeds:
-                config = merge_config(family, subset, method, density, weight, job.score_files)
+                config = merge_config(
+                    family, subset, method, density, weight, job.score_files, seed
+                )
                 run_merge(config, out, seed)
                 # the weight is chosen on the merged tasks only; the test split scores all
                 per_seed.append(subset_mean(evaluate(out, family, "val", False, subset), subset))
@@ -286,7 +344,7 @@ def merge_row(job: Job, exact: bool) -> dict:
         chosen = max(val, key=lambda w: (val[w], -w))
         tests = []
         for seed in method.seeds:
-            config = merge_config(family, subset, method, density, chosen, job.score_files)
+            config = merge_config(family, subset, method, density, chosen, job.score_files, seed)
             run_merge(config, out, seed)
             tests.append(evaluate(out, family, "test", exact=exact))
             shutil.rmtree(out)
@@ -595,6 +653,12 @@ def main() -> None:
         "--variants",
         action="store_true",
         help="also run the lrp variant rows (target, consensus, calibration)",
+    )
+    parser.add_argument(
+        "--ablation",
+        action="store_true",
+        help="the importance-signal ablation instead: the same lrp selection with random, "
+        "|delta|, gradient, fisher, activation and attnlrp scores (docs/BENCHMARKS.md)",
     )
     parser.add_argument("--no-exact", action="store_true", help="skip exact-match decoding")
     parser.add_argument(

@@ -125,7 +125,9 @@ def _fmt(value, digits=3) -> str:
 def _table(header: list[str], rows: list[list]) -> str:
     cells = [header] + [[_fmt(c) for c in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
@@ -185,7 +187,7 @@ def render(report: dict) -> str:
             out.append(f"{pair['a']}  vs  {pair['b']}")
             rows = [[_layer(r["layer"]), r["jaccard"], r["spearman"]] for r in pair["layers"]]
             rows.append(["all", pair["overall"]["jaccard"], pair["overall"]["spearman_mean"]])
-            out += [_table(["layer", "Jaccard", "Spearman"], rows), ""]
+            out += [_table(["layer", "Jaccard", "Spearman (all: mean)"], rows), ""]
     for path in report["plots"]:
         out.append(f"wrote {path}")
     return "\n".join(out).rstrip()
@@ -193,3 +195,7 @@ def render(report: dict) -> str:
 
 def _layer(layer) -> str:
     return "outside" if layer is None else str(layer)
+
+
+if __name__ == "__main__":
+    main()

@@ -52,7 +52,7 @@ def relevance_plot(summary: dict, path: str | os.PathLike) -> Path:
     plt = _pyplot()
     layers = summary["layers"]
     x = range(len(layers))
-    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(layers) + 3), 4))
+    fig, ax = plt.subplots(figsize=(max(8, 0.35 * len(layers) + 4), 4.5))
     bottom = [0.0] * len(layers)
     for kind in KINDS:
         heights = [row[kind] for row in layers]
@@ -68,7 +68,7 @@ def relevance_plot(summary: dict, path: str | os.PathLike) -> Path:
         f"Relevance mass per layer and module kind — {name}\n"
         f"target={summary['target']}, {summary['prompts']} prompts, {summary['tokens']} tokens"
     )
-    ax.legend(title="module kind")
+    ax.legend(title="module kind", loc="upper left", bbox_to_anchor=(1.01, 1))
     return _save(fig, path)
 
 
@@ -78,7 +78,7 @@ def keep_plot(keep: dict, path: str | os.PathLike) -> Path:
     plt = _pyplot()
     layers = keep["layers"]
     x = list(range(len(layers)))
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(6, 0.35 * len(layers) + 3), 6))
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(9, 0.35 * len(layers) + 5), 6.5))
     width = 0.4
     top.bar(
         [i - width / 2 for i in x],
@@ -98,11 +98,11 @@ def keep_plot(keep: dict, path: str | os.PathLike) -> Path:
     top.set_ylim(0, 1.05)
     top.set_ylabel("share of Σ|Δ| kept (0–1)")
     top.set_xticks(x, [_label(r["layer"]) for r in layers])
-    top.legend(loc="lower right", fontsize="small")
+    top.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small")
     top.set_title(
         f"What lrp keeps at density {keep['density']} — {Path(keep['path']).name}\n"
-        f"Δ = {Path(keep['model']).name} − {Path(keep['base']).name}; "
-        "norms, biases and embeddings are kept whole and left out"
+        f"Δ = {Path(keep['model']).name} − {Path(keep['base']).name} "
+        "(norms, biases, embeddings: kept whole, not shown)"
     )
     bottom.plot(
         x,
@@ -115,14 +115,14 @@ def keep_plot(keep: dict, path: str | os.PathLike) -> Path:
     bottom.set_xticks(x, [_label(r["layer"]) for r in layers])
     bottom.set_xlabel("decoder layer")
     bottom.set_ylabel("mask overlap (Jaccard, 0–1)")
-    bottom.legend(loc="lower right", fontsize="small")
+    bottom.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small")
     return _save(fig, path)
 
 
 def compare_plot(compare: dict, path: str | os.PathLike) -> Path:
     """Per layer and pair of files: Jaccard of top-k masks and Spearman's rho."""
     plt = _pyplot()
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6.5), sharex=True)
     labels: list[str] = []
     for pair in compare["pairs"]:
         layers = pair["layers"]
@@ -137,13 +137,13 @@ def compare_plot(compare: dict, path: str | os.PathLike) -> Path:
         f"Where score files agree — top {compare['density']:.0%} of each tensor "
         f"({compare['signal']})\nlow overlap = the experts compete for different entries"
     )
-    top.legend(fontsize="small")
+    top.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small")
     bottom.set_ylim(-1.05, 1.05)
     bottom.axhline(0, color="grey", linewidth=0.5)
     bottom.set_ylabel("Spearman's ρ of the values (−1–1)")
     bottom.set_xlabel("decoder layer (outside = embeddings, final norm, head)")
     bottom.set_xticks(range(len(labels)), labels)
-    bottom.legend(fontsize="small")
+    bottom.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small")
     return _save(fig, path)
 
 

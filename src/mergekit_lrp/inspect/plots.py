@@ -131,6 +131,10 @@ def compare_plot(compare: dict, path: str | os.PathLike) -> Path:
         name = f"{Path(pair['a']).stem} vs {Path(pair['b']).stem}"
         top.plot(x, [_num(r["jaccard"]) for r in layers], marker="o", label=name)
         bottom.plot(x, [_num(r["spearman"]) for r in layers], marker="o", label=name)
+    density = compare["density"]
+    top.axhline(
+        density / (2 - density), color="grey", linestyle=":", label="unrelated masks: d/(2−d)"
+    )
     top.set_ylim(0, 1.05)
     top.set_ylabel("top-k mask overlap (Jaccard, 0–1)")
     top.set_title(

@@ -157,7 +157,7 @@ def test_cli_writes_readable_pngs_and_json(family, tmp_path):
     assert first["model"] == str(family["ft_a"]) and first["unscored"] == []
     assert first["prompts"] == 4 and first["tokens"] == 40
     assert [row["layer"] for row in report["keep"][0]["layers"]] == [0, 1]
-    assert report["compare"]["signal"] == "importance: delta"
+    assert report["compare"]["masks_from"] == "importance: delta"
     for row in report["compare"]["pairs"][0]["layers"]:
         assert 0 <= row["jaccard"] <= 1 and -1 <= row["spearman"] <= 1
 
@@ -198,3 +198,23 @@ def test_other_errors_keep_their_traceback(family, monkeypatch):
     monkeypatch.setattr(stats, "summarize", broken)
     result = CliRunner().invoke(main, [str(family["ft_a_scores"])])
     assert isinstance(result.exception, RuntimeError)
+
+
+def test_comparison_masks_follow_the_merge_importance_with_models(tmp_path):
+    """Equal scores: the score masks agree (ties kept in index order), but the merge's
+    masks (|delta| * score) keep the two models' largest, disjoint, changes."""
+    up = "model.layers.0.mlp.up_proj.weight"
+    base = checkpoint(tmp_path / "base", {up: torch.zeros(2, 2)})
+    first = checkpoint(tmp_path / "a", {up: [[1.0, 2.0], [3.0, 4.0]]})
+    second = checkpoint(tmp_path / "b", {up: [[4.0, 3.0], [2.0, 1.0]]})
+    readers = [
+        ScoreReader(score_file(tmp_path / f"{n}.safetensors", {up: torch.ones(2, 2)}))
+        for n in ("a", "b")
+    ]
+    by_scores = stats.compare_files(readers, density=0.5)
+    assert by_scores["pairs"][0]["layers"][0]["jaccard"] == 1.0
+    assert by_scores["pairs"][0]["layers"][0]["spearman"] is None  # constant scores
+    signal = stats.importance_signal(readers, base, [first, second])
+    by_merge = stats.compare_files(readers, 0.5, signal, "importance: delta")
+    assert by_merge["pairs"][0]["layers"][0]["jaccard"] == 0.0  # {2, 3} against {0, 1}
+    assert by_merge["masks_from"] == "importance: delta"

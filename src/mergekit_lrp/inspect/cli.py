@@ -180,8 +180,8 @@ def render(report: dict) -> str:
     if "compare" in report:
         c = report["compare"]
         out.append(
-            f"== comparison: top {c['density']} of each tensor by {c['signal']}, "
-            f"{c['tensors']} shared tensors"
+            f"== comparison: masks keep the top {c['density']} of each tensor by "
+            f"{c['masks_from']}; Spearman of the scores; {c['tensors']} shared tensors"
         )
         for pair in c["pairs"]:
             out.append(f"{pair['a']}  vs  {pair['b']}")

@@ -138,13 +138,14 @@ def compare_plot(compare: dict, path: str | os.PathLike) -> Path:
     top.set_ylim(0, 1.05)
     top.set_ylabel("top-k mask overlap (Jaccard, 0–1)")
     top.set_title(
-        f"Where score files agree — top {compare['density']:.0%} of each tensor "
-        f"({compare['signal']})\nlow overlap = the experts compete for different entries"
+        f"Where score files agree — masks keep the top {compare['density']:.0%} of each "
+        f"tensor by {compare['masks_from']}\nlow overlap = the experts compete for "
+        "different entries"
     )
     top.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small")
     bottom.set_ylim(-1.05, 1.05)
     bottom.axhline(0, color="grey", linewidth=0.5)
-    bottom.set_ylabel("Spearman's ρ of the values (−1–1)")
+    bottom.set_ylabel("Spearman's ρ of the scores (−1–1)")
     bottom.set_xlabel("decoder layer (outside = embeddings, final norm, head)")
     bottom.set_xticks(range(len(labels)), labels)
     bottom.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small")

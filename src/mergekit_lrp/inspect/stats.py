@@ -254,19 +254,24 @@ def compare_files(
     readers: Sequence[ScoreReader],
     density: float,
     signal: Callable[[int, str], torch.Tensor] | None = None,
-    signal_label: str = "scores",
+    masks_from: str = "scores",
 ) -> dict:
-    """Per layer and pair of files: Jaccard of their per-tensor top-k masks at
-    ``density`` and Spearman correlation of their values (tensors of a layer pooled),
-    over the tensors every file scores with the same shape.
+    """Per layer and pair of files, over the tensors every file scores with the same
+    shape (a layer's tensors pooled): the Jaccard index of their per-tensor top-k masks
+    at ``density``, and Spearman's rank correlation of their scores.
 
-    ``signal(i, name)`` gives file i's values for a tensor; by default its scores (what
-    each file finds relevant). :func:`importance_signal` gives what the merge ranks.
+    ``signal(i, name)`` gives the values file i's mask keeps the top of: by default its
+    scores; :func:`importance_signal` gives the merge's importance, so the masks are the
+    ones ``lrp`` applies (tensors ``protect_special`` keeps whole included).
     """
     check_density(density)
     if len(readers) < 2:
         raise InspectError("comparing needs two or more score files")
-    signal = signal or (lambda i, name: readers[i].get(name))
+
+    def scores(i: int, name: str) -> torch.Tensor:
+        return readers[i].get(name)
+
+    signal = signal or scores
     common = set.intersection(*(r.names() for r in readers))
     common = sorted(n for n in common if len({r.shape(n) for r in readers}) == 1)
     if not common:
@@ -285,9 +290,10 @@ def compare_files(
         masks = [[] for _ in readers]
         for name in by_layer[key]:
             for i in range(len(readers)):
-                v = signal(i, name).float().reshape(-1)
+                v = scores(i, name).reshape(-1)
                 values[i].append(v)
-                masks[i].append(top_k_mask(v, kept_count(density, v.numel())))
+                ranked = v if signal is scores else signal(i, name).float().reshape(-1)
+                masks[i].append(top_k_mask(ranked, kept_count(density, v.numel())))
         for i, j in pairs:
             a, b = torch.cat(masks[i]), torch.cat(masks[j])
             both, either = int((a & b).sum()), int((a | b).sum())
@@ -316,7 +322,7 @@ def compare_files(
                 },
             }
         )
-    return {"density": density, "signal": signal_label, "tensors": len(common), "pairs": result}
+    return {"density": density, "masks_from": masks_from, "tensors": len(common), "pairs": result}
 
 
 def _mean(values: Iterable[float | None]) -> float | None:

@@ -262,11 +262,7 @@ def test_checkpointing_is_on_only_when_asked_and_restored(checkpointing):
 def test_checkpointing_changes_memory_not_scores():
     model = tiny_llama(seed=6)
     with_ckpt = relevance_scores(model, char_tokenizer(), PROMPTS)
-    without = relevance_scores(
-        model,
-        char_tokenizer(),
-        PROMPTS,
-        ComputeOptions(gradient_checkpointing=False, progress=False),
-    )
+    without = relevance_scores(model, char_tokenizer(), PROMPTS,
+                               ComputeOptions(gradient_checkpointing=False, progress=False))
     for name in with_ckpt:
         torch.testing.assert_close(with_ckpt[name], without[name], rtol=1e-5, atol=1e-8)

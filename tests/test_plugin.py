@@ -91,10 +91,6 @@ def test_other_methods_unchanged_by_plugin(family, tmp_path, method):
 def test_registered_whatever_is_imported_first(first):
     """Importing the plugin's modules before mergekit's registry must still register lrp."""
     code = f"import {first}\nfrom mergekit.merge_methods import get\nprint(get('lrp').spec.name)"
-    result = subprocess.run(
-        [sys.executable, "-W", "error::UserWarning", "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", code],
+                            capture_output=True, text=True, timeout=300)
     assert result.stdout.split() == ["lrp"], result.stderr[-2000:]

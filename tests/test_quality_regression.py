@@ -34,12 +34,8 @@ def expert_scores(quick_family, tmp_path_factory):
         lines = quick_family.calibration_prompts(task, 32)
         prompts.write_text("\n".join(p.replace("\n", " ") for p in lines) + "\n")
         files[task] = root / f"{task}.safetensors"
-        compute_scores(
-            str(expert),
-            str(prompts),
-            str(files[task]),
-            ComputeOptions(max_length=256, progress=False),
-        )
+        compute_scores(str(expert), str(prompts), str(files[task]),
+                       ComputeOptions(max_length=256, progress=False))
     return files
 
 
@@ -61,25 +57,16 @@ def config_for(family, method, scores=None) -> dict:
         if scores:
             params["lrp_scores"] = str(scores[task])
         models.append({"model": str(expert), "parameters": params})
-    return {
-        "merge_method": method,
-        "base_model": str(family.base),
-        "models": models,
-        "dtype": "float32",
-    }
+    return {"merge_method": method, "base_model": str(family.base), "models": models,
+            "dtype": "float32"}
 
 
 @pytest.mark.slow
 def test_lrp_default_is_not_behind_dare_ties(quick_family, expert_scores, tmp_path):
-    lrp = merged_kept(
-        quick_family, config_for(quick_family, "lrp", expert_scores), tmp_path / "lrp"
-    )
-    dare = [
-        merged_kept(
-            quick_family, config_for(quick_family, "dare_ties"), tmp_path / f"dare{seed}", seed
-        )
-        for seed in DARE_SEEDS
-    ]
+    lrp = merged_kept(quick_family, config_for(quick_family, "lrp", expert_scores),
+                      tmp_path / "lrp")
+    dare = [merged_kept(quick_family, config_for(quick_family, "dare_ties"),
+                        tmp_path / f"dare{seed}", seed) for seed in DARE_SEEDS]
     # The margin is dare_ties' own spread over seeds, measured in this run: lrp may not fall
     # further below dare_ties' mean than dare_ties' seeds fall from each other.
     margin = max(dare) - min(dare)

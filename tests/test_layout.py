@@ -59,6 +59,13 @@ def test_merging_never_imports_the_autograd_rules():
     assert offending("merging", ("mergekit_lrp.scoring", "lxt", "mergekit_lrp.plugin")) == []
 
 
+def test_inspect_reads_scores_and_the_merge_selection_only():
+    """lrp-inspect shows the merge's own masks without the autograd rules or mergekit."""
+    assert sources("inspect")
+    forbidden = ("mergekit_lrp.scoring", "lxt", "mergekit_lrp.plugin", "mergekit")
+    assert offending("inspect", forbidden) == []
+
+
 def test_no_import_cycles_between_modules():
     graph = {}
     for path in PACKAGE.rglob("*.py"):

@@ -146,8 +146,13 @@ def preflight(merge_config, options) -> None:
             if input_weight.name != weight.name:
                 raise LRPConfigError(
                     f"lrp: model {model} feeds its tensor {input_weight.name!r} into output "
-                    f"{weight.name!r}; lrp scores are looked up by tensor name, so slices that "
-                    "shift layers are not supported"
+                    f"{weight.name!r} (a slice moves its layers). lrp cannot merge that: "
+                    "scores are looked up by the output tensor's name, so the merge would "
+                    f"rank {input_weight.name!r} by the relevance of that model's "
+                    f"{weight.name!r}, measured at another position. Either build the "
+                    "rearranged model first (a passthrough merge with these slices), score "
+                    "it with lrp-compute and lrp-merge that, or merge the moved layers with "
+                    "a method without scores (slerp, linear, ties)"
                 )
             reader = _check_file(model, params["lrp_scores"], files)
             if reader is not None:

@@ -16,11 +16,15 @@ import os
 import sys
 import warnings
 
-# module name -> "module:function" called with the freshly executed module
+# module name -> "module:function" (or a tuple of them, run in order) called with the
+# freshly executed module
 AFTER_IMPORT = {
     "mergekit.config": "mergekit_lrp.plugin.planner.referenced_models:patch_config",
     "mergekit.architecture": "mergekit_lrp.plugin.planner.mtp_passthrough:patch_architecture",
-    "mergekit.plan": "mergekit_lrp.plugin.planner.converted_optional:patch_plan",
+    "mergekit.plan": (
+        "mergekit_lrp.plugin.planner.converted_optional:patch_plan",
+        "mergekit_lrp.plugin.planner.slerp_optional_t:patch_plan",
+    ),
     "mergekit.merge_methods.registry": "mergekit_lrp.plugin.registration:register_with",
     "mergekit_lrp.merging.method": "mergekit_lrp.plugin.registration:register_method",
     "mergekit_lrp.merging.circuit": "mergekit_lrp.plugin.registration:register_method",
@@ -78,9 +82,10 @@ def disabled() -> bool:
     return os.environ.get("MERGEKIT_LRP_DISABLE", "") not in ("", "0")
 
 
-def _run_callback(module, callback: str) -> None:
-    module_name, function = callback.split(":")
-    getattr(importlib.import_module(module_name), function)(module)
+def _run_callback(module, callback: str | tuple[str, ...]) -> None:
+    for one in (callback,) if isinstance(callback, str) else callback:
+        module_name, function = one.split(":")
+        getattr(importlib.import_module(module_name), function)(module)
 
 
 #: when disabled, only this: mergekit's "Unimplemented merge method lrp" says why

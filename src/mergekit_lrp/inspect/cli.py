@@ -1,0 +1,201 @@
+"""``lrp-inspect``: look at score files before merging with them.
+
+    lrp-inspect scores/a.safetensors                               # summary table
+    lrp-inspect a.safetensors --model ./ft-a --base ./base --plots out/   # + what lrp keeps
+    lrp-inspect a.safetensors b.safetensors --plots out/           # + where they compete
+    lrp-inspect a.safetensors b.safetensors --json                 # everything, as JSON
+
+Errors in the input (:class:`~mergekit_lrp.errors.LrpError`) are printed as one line;
+anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from mergekit_lrp.errors import LrpError
+from mergekit_lrp.inspect.names import KINDS
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("score_files", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option(
+    "--model",
+    "models",
+    multiple=True,
+    type=click.Path(file_okay=False),
+    help="The checkpoint a score file was computed on; give one per score file, in the "
+    "same order (checked by fingerprint). Lists unscored tensors.",
+)
+@click.option(
+    "--base",
+    type=click.Path(file_okay=False),
+    help="The base model; with --model, shows what lrp keeps of each task vector and "
+    "compares files by merge importance instead of raw scores.",
+)
+@click.option("--density", default=0.3, show_default=True, help="Fraction kept per tensor.")
+@click.option(
+    "--importance",
+    default="delta",
+    show_default=True,
+    type=click.Choice(["delta", "weight"]),
+    help="As the lrp merge parameter of the same name.",
+)
+@click.option(
+    "--plots",
+    "plot_dir",
+    type=click.Path(file_okay=False),
+    help="Write PNG plots into this directory (created if missing).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead.")
+def main(score_files, models, base, density, importance, plot_dir, as_json):
+    """Summarise, plot and compare lrp-compute score files."""
+    try:
+        report = inspect_files(score_files, models, base, density, importance, plot_dir)
+    except LrpError as error:
+        raise click.ClickException(str(error)) from None
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        click.echo(render(report))
+
+
+def inspect_files(
+    score_files, models=(), base=None, density=0.3, importance="delta", plot_dir=None
+) -> dict:
+    """Everything ``lrp-inspect`` reports, as one dict (what ``--json`` prints)."""
+    from mergekit_lrp.inspect import stats
+    from mergekit_lrp.scores.file import ScoreReader
+
+    stats.check_density(density)
+    stats.check_importance(importance)
+    if models and len(models) != len(score_files):
+        raise stats.InspectError(
+            f"got {len(score_files)} score file(s) and {len(models)} --model; give one "
+            "--model per score file, in the same order, or none"
+        )
+    if base and not models:
+        raise stats.InspectError("--base needs --model (one per score file)")
+    readers = [ScoreReader(path) for path in score_files]
+    pairs = list(zip(readers, models or [None] * len(readers), strict=True))
+    report: dict = {"files": [stats.summarize(r, m) for r, m in pairs], "plots": []}
+    if base:
+        report["keep"] = [
+            stats.keep_by_layer(r, base, m, density, importance, check=False) for r, m in pairs
+        ]
+    if len(readers) > 1:
+        if base:
+            signal = stats.importance_signal(readers, base, models, importance)
+            label = f"importance: {importance}"
+        else:
+            signal, label = None, "scores"
+        report["compare"] = stats.compare_files(readers, density, signal, label)
+    if plot_dir:
+        report["plots"] = [str(p) for p in write_plots(report, Path(plot_dir))]
+    return report
+
+
+def write_plots(report: dict, plot_dir: Path) -> list[Path]:
+    from mergekit_lrp.inspect import plots
+
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for summary in report["files"]:
+        stem = Path(summary["path"]).stem
+        written.append(plots.relevance_plot(summary, plot_dir / f"{stem}-relevance.png"))
+    for keep in report.get("keep", []):
+        stem = Path(keep["path"]).stem
+        written.append(plots.keep_plot(keep, plot_dir / f"{stem}-keep.png"))
+    if "compare" in report:
+        written.append(plots.compare_plot(report["compare"], plot_dir / "compare.png"))
+    return written
+
+
+def _fmt(value, digits=3) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.2e}"
+    return str(value)
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    cells = [header] + [[_fmt(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def render(report: dict) -> str:
+    """The terminal view of :func:`inspect_files`' report."""
+    out = []
+    for s in report["files"]:
+        out.append(f"== {s['path']}")
+        fields = [
+            ("quantity", s["quantity"]),
+            ("target", s["target"]),
+            ("prompts", s["prompts"]),
+            ("tokens", s["tokens"]),
+            ("model type", s["model_type"]),
+            ("model", s["model"] or "(not given)"),
+            ("fingerprint", s["fingerprint"][:16] + ("  (matches)" if s["model"] else "")),
+            ("tensors", s["tensors"]),
+        ]
+        width = max(len(k) for k, _ in fields)
+        out += [f"{k.ljust(width)}  {v}" for k, v in fields]
+        rows = [
+            [
+                kind,
+                s["kinds"][kind]["tensors"],
+                s["kinds"][kind]["entries"],
+                s["kinds"][kind]["total"],
+                f"{s['kinds'][kind]['share']:.1%}",
+            ]
+            for kind in KINDS
+        ]
+        out += ["", _table(["kind", "tensors", "entries", "score total", "share"], rows)]
+        if s["unscored"] is not None:
+            shown = ", ".join(s["unscored"][:8]) + (" …" if len(s["unscored"]) > 8 else "")
+            out.append(
+                f"\nunscored checkpoint tensors: {len(s['unscored'])}"
+                + (f" ({shown})" if shown else "")
+            )
+        out.append("")
+    for keep in report.get("keep", []):
+        out.append(
+            f"== what lrp keeps at density {keep['density']} ({keep['importance']}): {keep['path']}"
+        )
+        rows = [
+            [_layer(r["layer"]), r["entries"], r["lrp_kept"], r["magnitude_kept"], r["overlap"]]
+            for r in keep["layers"]
+        ]
+        header = ["layer", "entries", "Σ|Δ| kept: lrp", "magnitude", "Jaccard(lrp, mag)"]
+        out += [_table(header, rows), ""]
+    if "compare" in report:
+        c = report["compare"]
+        out.append(
+            f"== comparison: masks keep the top {c['density']} of each tensor by "
+            f"{c['masks_from']}; Spearman of the scores; {c['tensors']} shared tensors"
+        )
+        for pair in c["pairs"]:
+            out.append(f"{pair['a']}  vs  {pair['b']}")
+            rows = [[_layer(r["layer"]), r["jaccard"], r["spearman"]] for r in pair["layers"]]
+            rows.append(["all", pair["overall"]["jaccard"], pair["overall"]["spearman_mean"]])
+            out += [_table(["layer", "Jaccard", "Spearman (all: mean)"], rows), ""]
+    for path in report["plots"]:
+        out.append(f"wrote {path}")
+    return "\n".join(out).rstrip()
+
+
+def _layer(layer) -> str:
+    return "outside" if layer is None else str(layer)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,352 @@
+"""The numbers ``lrp-inspect`` shows: a score file's summary, what the ``lrp`` merge
+would keep of a task vector, and how two score files agree.
+
+Every mask here is the merge's own: importance from
+:func:`mergekit_lrp.merging.tensor_scores.importance_of`, exactly k entries from
+:func:`mergekit_lrp.merging.selection.top_k_mask` with k from ``kept_count``.
+Results are plain dicts and lists (what ``--json`` prints).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from mergekit_lrp.errors import LrpError
+from mergekit_lrp.inspect.names import KINDS, layer_index, module_kind
+from mergekit_lrp.merging.selection import kept_count, top_k_mask
+from mergekit_lrp.merging.tensor_scores import IMPORTANCE_MODES, TensorScores, importance_of
+from mergekit_lrp.scores.file import ScoreReader
+from mergekit_lrp.scores.fingerprint import checkpoint_tensor_files, model_fingerprint
+
+
+class InspectError(LrpError):
+    """Bad input to lrp-inspect: a score file paired with the wrong model, a bad option."""
+
+
+class Checkpoint:
+    """Read-only access to the tensors of a local safetensors checkpoint, one at a time."""
+
+    def __init__(self, model_dir: str | os.PathLike):
+        self.path = Path(model_dir)
+        self.files = checkpoint_tensor_files(self.path)
+
+    def names(self) -> set[str]:
+        return set(self.files)
+
+    def get(self, name: str) -> torch.Tensor:
+        with safe_open(self.files[name], framework="pt") as handle:
+            return handle.get_tensor(name)
+
+
+def check_pairing(reader: ScoreReader, model_dir: str | os.PathLike) -> str:
+    """The model's fingerprint; :class:`InspectError` unless the file was computed on it."""
+    found = model_fingerprint(model_dir)
+    if reader.metadata.model_fingerprint != found:
+        raise InspectError(
+            f"{reader.path} was not computed on {model_dir} (the file's fingerprint "
+            f"{reader.metadata.model_fingerprint[:12]}…, the model's {found[:12]}…); "
+            "pair each score file with the model it was computed on, in the same order"
+        )
+    return found
+
+
+def check_density(density: float) -> None:
+    if not 0 < density <= 1:
+        raise InspectError(f"--density must be in (0, 1], got {density}")
+
+
+def check_importance(importance: str) -> None:
+    if importance not in IMPORTANCE_MODES:
+        allowed = ", ".join(IMPORTANCE_MODES)
+        raise InspectError(f"--importance must be one of {allowed}, got {importance!r}")
+
+
+def layer_key(name: str) -> int | None:
+    return layer_index(name)
+
+
+def _sorted_layers(keys: Iterable[int | None]) -> list[int | None]:
+    """Layers in order, tensors outside any layer (None) last."""
+    keys = set(keys)
+    return sorted(k for k in keys if k is not None) + ([None] if None in keys else [])
+
+
+# ---------------------------------------------------------------- one score file
+
+
+def summarize(reader: ScoreReader, model_dir: str | os.PathLike | None = None) -> dict:
+    """Metadata, per-kind and per-layer score totals of one file; with ``model_dir`` the
+    pairing is checked first and the checkpoint's tensors without scores are listed.
+
+    A total is the sum of the stored scores (mean |d target / d theta| per entry) over
+    the tensors of that kind: the file's relevance mass, before any task vector.
+    """
+    meta = reader.metadata
+    summary = {
+        "path": str(reader.path),
+        "quantity": meta.quantity,
+        "target": meta.target,
+        "prompts": meta.num_prompts,
+        "tokens": meta.num_tokens,
+        "model_type": meta.model_type,
+        "method": meta.method,
+        "generator": meta.generator,
+        "fingerprint": meta.model_fingerprint,
+        "model": None,
+        "unscored": None,
+    }
+    if model_dir is not None:
+        check_pairing(reader, model_dir)
+        summary["model"] = str(model_dir)
+    kinds = {kind: {"tensors": 0, "entries": 0, "total": 0.0} for kind in KINDS}
+    layers: dict[int | None, dict[str, float]] = defaultdict(lambda: dict.fromkeys(KINDS, 0.0))
+    for name in sorted(reader.names()):
+        values = reader.get(name)
+        kind = module_kind(name)
+        total = float(values.double().sum())
+        kinds[kind]["tensors"] += 1
+        kinds[kind]["entries"] += values.numel()
+        kinds[kind]["total"] += total
+        layers[layer_key(name)][kind] += total
+    grand = sum(k["total"] for k in kinds.values())
+    for entry in kinds.values():
+        entry["share"] = entry["total"] / grand if grand > 0 else 0.0
+    summary["kinds"] = kinds
+    summary["total"] = grand
+    summary["tensors"] = sum(k["tensors"] for k in kinds.values())
+    summary["layers"] = [{"layer": key, **layers[key]} for key in _sorted_layers(layers)]
+    if model_dir is not None:
+        checkpoint = Checkpoint(model_dir)
+        summary["unscored"] = sorted(n for n in checkpoint.names() if reader.resolve(n) is None)
+    return summary
+
+
+# ---------------------------------------------------------------- what lrp would keep
+
+
+def is_protected_name(name: str, ndim: int) -> bool:
+    """What ``protect_special: true`` keeps whole: 1-D tensors, embeddings and lm_head
+    (the merge asks mergekit for the vocabulary axis; by name here)."""
+    return ndim < 2 or module_kind(name) == "embeddings"
+
+
+def keep_by_layer(
+    reader: ScoreReader,
+    base_dir: str | os.PathLike,
+    model_dir: str | os.PathLike,
+    density: float,
+    importance: str = "delta",
+    check: bool = True,
+) -> dict:
+    """Per layer, how the ``lrp`` mask at ``density`` compares with magnitude top-k.
+
+    For each scored tensor that ``protect_special`` does not keep whole: delta = model -
+    base, the lrp mask (top k of ``importance_of``) and the magnitude mask (top k of
+    |delta|), k = round(density * numel). Per layer (tensors pooled):
+
+    * ``lrp_kept``: fraction of the layer's task vector L1 mass (sum |delta|) lrp keeps;
+    * ``magnitude_kept``: the same for magnitude top-k (the most any k entries keep);
+    * ``overlap``: Jaccard index of the two masks (entries kept by both / by either).
+    """
+    check_density(density)
+    check_importance(importance)
+    if check:
+        check_pairing(reader, model_dir)
+    base, model = Checkpoint(base_dir), Checkpoint(model_dir)
+    sums: dict[int | None, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    protected = []
+    for name in sorted(reader.names() & model.names() & base.names()):
+        theta = model.get(name).float()
+        theta_base = base.get(name).float()
+        if theta.shape != theta_base.shape:
+            raise InspectError(
+                f"{name!r} has shape {tuple(theta.shape)} in {model_dir} but "
+                f"{tuple(theta_base.shape)} in {base_dir}; --base must be the model's base"
+            )
+        if is_protected_name(name, theta.ndim):
+            protected.append(name)
+            continue
+        delta = theta - theta_base
+        k = kept_count(density, delta.numel())
+        lrp = top_k_mask(
+            importance_of(TensorScores(model_dir, name, reader), theta, delta, importance), k
+        )
+        magnitude = top_k_mask(delta.abs(), k)
+        size = delta.abs().double()
+        row = sums[layer_key(name)]
+        row["mass"] += float(size.sum())
+        row["lrp"] += float(size[lrp].sum())
+        row["magnitude"] += float(size[magnitude].sum())
+        row["both"] += int((lrp & magnitude).sum())
+        row["either"] += int((lrp | magnitude).sum())
+        row["entries"] += delta.numel()
+        row["kept"] += k
+    layers = []
+    for key in _sorted_layers(sums):
+        row = sums[key]
+        layers.append(
+            {
+                "layer": key,
+                "entries": int(row["entries"]),
+                "kept": int(row["kept"]),
+                "lrp_kept": _ratio(row["lrp"], row["mass"]),
+                "magnitude_kept": _ratio(row["magnitude"], row["mass"]),
+                "overlap": _ratio(row["both"], row["either"]),
+            }
+        )
+    return {
+        "path": str(reader.path),
+        "base": str(base_dir),
+        "model": str(model_dir),
+        "density": density,
+        "importance": importance,
+        "protected": protected,
+        "layers": layers,
+    }
+
+
+def _ratio(part: float, whole: float) -> float | None:
+    return part / whole if whole > 0 else None
+
+
+# ---------------------------------------------------------------- two or more files
+
+
+def jaccard(a: torch.Tensor, b: torch.Tensor) -> float | None:
+    """|a ∧ b| / |a ∨ b| of two boolean masks; None when both are empty."""
+    either = int((a | b).sum())
+    return int((a & b).sum()) / either if either else None
+
+
+def average_ranks(values: torch.Tensor) -> torch.Tensor:
+    """1-based ranks of a flat tensor, tied values sharing their average rank."""
+    flat = values.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    _, inverse, counts = torch.unique_consecutive(
+        flat[order], return_inverse=True, return_counts=True
+    )
+    ends = torch.cumsum(counts, 0).double()
+    average = ends - (counts.double() - 1) / 2
+    ranks = torch.empty(flat.numel(), dtype=torch.float64)
+    ranks[order] = average[inverse]
+    return ranks
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float | None:
+    """Spearman's rank correlation of two equally long tensors (Pearson's r of their
+    average ranks); None when either is constant."""
+    if a.numel() != b.numel():
+        raise InspectError(f"spearman: {a.numel()} values against {b.numel()}")
+    ra, rb = average_ranks(a), average_ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    norm = math.sqrt(float((ra * ra).sum()) * float((rb * rb).sum()))
+    return float((ra * rb).sum()) / norm if norm > 0 else None
+
+
+def compare_files(
+    readers: Sequence[ScoreReader],
+    density: float,
+    signal: Callable[[int, str], torch.Tensor] | None = None,
+    masks_from: str = "scores",
+) -> dict:
+    """Per layer and pair of files, over the tensors every file scores with the same
+    shape (a layer's tensors pooled): the Jaccard index of their per-tensor top-k masks
+    at ``density``, and Spearman's rank correlation of their scores.
+
+    ``signal(i, name)`` gives the values file i's mask keeps the top of: by default its
+    scores; :func:`importance_signal` gives the merge's importance, so the masks are the
+    ones ``lrp`` applies (tensors ``protect_special`` keeps whole included).
+    """
+    check_density(density)
+    if len(readers) < 2:
+        raise InspectError("comparing needs two or more score files")
+
+    def scores(i: int, name: str) -> torch.Tensor:
+        return readers[i].get(name)
+
+    signal = signal or scores
+    common = set.intersection(*(r.names() for r in readers))
+    common = sorted(n for n in common if len({r.shape(n) for r in readers}) == 1)
+    if not common:
+        raise InspectError(
+            "the score files share no tensor of the same name and shape: "
+            + ", ".join(str(r.path) for r in readers)
+        )
+    by_layer: dict[int | None, list[str]] = defaultdict(list)
+    for name in common:
+        by_layer[layer_key(name)].append(name)
+    pairs = [(i, j) for i in range(len(readers)) for j in range(i + 1, len(readers))]
+    counts = {p: defaultdict(lambda: [0, 0]) for p in pairs}
+    rows = {p: [] for p in pairs}
+    for key in _sorted_layers(by_layer):
+        values = [[] for _ in readers]
+        masks = [[] for _ in readers]
+        for name in by_layer[key]:
+            for i in range(len(readers)):
+                v = scores(i, name).reshape(-1)
+                values[i].append(v)
+                ranked = v if signal is scores else signal(i, name).float().reshape(-1)
+                masks[i].append(top_k_mask(ranked, kept_count(density, v.numel())))
+        for i, j in pairs:
+            a, b = torch.cat(masks[i]), torch.cat(masks[j])
+            both, either = int((a & b).sum()), int((a | b).sum())
+            counts[(i, j)][key] = [both, either]
+            va, vb = torch.cat(values[i]), torch.cat(values[j])
+            rows[(i, j)].append(
+                {
+                    "layer": key,
+                    "jaccard": both / either if either else None,
+                    "spearman": spearman(va, vb),
+                }
+            )
+    result = []
+    for i, j in pairs:
+        both = sum(c[0] for c in counts[(i, j)].values())
+        either = sum(c[1] for c in counts[(i, j)].values())
+        result.append(
+            {
+                "a": str(readers[i].path),
+                "b": str(readers[j].path),
+                "layers": rows[(i, j)],
+                "overall": {
+                    "jaccard": both / either if either else None,
+                    # mean over layers: pooling a whole model's ranks would not fit
+                    "spearman_mean": _mean(r["spearman"] for r in rows[(i, j)]),
+                },
+            }
+        )
+    return {"density": density, "masks_from": masks_from, "tensors": len(common), "pairs": result}
+
+
+def _mean(values: Iterable[float | None]) -> float | None:
+    found = [v for v in values if v is not None]
+    return sum(found) / len(found) if found else None
+
+
+def importance_signal(
+    readers: Sequence[ScoreReader],
+    base_dir: str | os.PathLike,
+    model_dirs: Sequence[str | os.PathLike],
+    importance: str = "delta",
+) -> Callable[[int, str], torch.Tensor]:
+    """``signal`` for :func:`compare_files`: file i's merge importance of a tensor
+    (``importance_of`` with model i's delta from the base), what ``lrp`` ranks."""
+    check_importance(importance)
+    base = Checkpoint(base_dir)
+    models = [Checkpoint(m) for m in model_dirs]
+
+    def signal(i: int, name: str) -> torch.Tensor:
+        theta = models[i].get(name).float()
+        delta = theta - base.get(name).float()
+        return importance_of(
+            TensorScores(model_dirs[i], name, readers[i]), theta, delta, importance
+        )
+
+    return signal

@@ -1,0 +1,78 @@
+"""The notebook API: each docstring example runs as written, and the mask it builds is
+the one the merge applies."""
+
+import doctest
+import os
+import shutil
+import subprocess
+import sys
+
+import torch
+from checkpoints import char_tokenizer, tiny_llama
+from merging import run
+
+from mergekit_lrp import api
+
+
+def run_example(function, **globs) -> None:
+    """Run ``function``'s docstring example as a doctest with ``globs`` defined."""
+    (test,) = doctest.DocTestFinder().find(function, globs=dict(globs))
+    runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
+    runner.run(test)
+    assert runner.failures == 0 and runner.tries > 0, function.__name__
+
+
+def test_import_is_cheap_and_api_names_load_lazily():
+    code = (
+        "import sys, mergekit_lrp; assert 'torch' not in sys.modules, 'eager torch'; "
+        "f = mergekit_lrp.merge_mask; assert 'torch' in sys.modules; "
+        "assert f is __import__('mergekit_lrp.api').api.merge_mask; "
+        "assert {'compute_scores', 'read_scores', 'merge_mask'} <= set(dir(mergekit_lrp))"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ))
+
+
+def test_compute_scores_example():
+    model = tiny_llama(seed=0)
+    run_example(api.compute_scores, model=model, tokenizer=char_tokenizer())
+    scores = api.compute_scores(model, char_tokenizer(), ["2 + 2 = 4"])
+    assert set(scores) == {name for name, _ in model.named_parameters()}
+    assert all(bool((s >= 0).all()) for s in scores.values())
+
+
+def test_read_scores_example(family, tmp_path, monkeypatch):
+    (tmp_path / "scores").mkdir()
+    shutil.copy(family["ft_a_scores"], tmp_path / "scores" / "ft-math.safetensors")
+    monkeypatch.chdir(tmp_path)
+    run_example(api.read_scores)
+
+
+def test_merge_mask_example():
+    run_example(api.merge_mask)
+
+
+def test_merge_mask_is_the_mask_the_merge_applies(family, tmp_path):
+    """A one-model lrp merge is base + mask * delta, with merge_mask's mask."""
+    name = "model.layers.1.self_attn.o_proj.weight"
+    config = {
+        "merge_method": "lrp",
+        "base_model": str(family["base"]),
+        "models": [
+            {
+                "model": str(family["ft_a"]),
+                "parameters": {"weight": 1.0, "lrp_scores": str(family["ft_a_scores"])},
+            }
+        ],
+        "parameters": {"density": 0.25},
+        "dtype": "float32",
+    }
+    merged = run(config, tmp_path / "out")[name]
+    from safetensors.torch import load_file
+
+    theta_base = load_file(family["base"] / "model.safetensors")[name]
+    theta = load_file(family["ft_a"] / "model.safetensors")[name]
+    scores = api.read_scores(family["ft_a_scores"]).get(name)
+    mask = api.merge_mask(theta_base, theta, scores, density=0.25)
+    assert int(mask.sum()) == round(0.25 * mask.numel())
+    torch.testing.assert_close(merged, theta_base + (theta - theta_base) * mask)
+    assert api.merge_mask(theta_base, theta, scores, 0.25, protected=True).all()

@@ -86,6 +86,34 @@ VARIANTS = [  # the questions the issue asks when lrp does not win, one row each
         scores=DEFAULT_SCORES,
     ),
 ]
+#: lrp's selection and sign rules and Circuit-Merge (issue 14), each a row beside METHODS
+RULES = [
+    *(
+        Method(f"lrp (delta, consensus {c})", "lrp", {"consensus": c}, scores=DEFAULT_SCORES)
+        for c in ("relevance", "winner", "drop")
+    ),
+    Method("lrp (delta, rescale mass)", "lrp", {"rescale": "mass"}, scores=DEFAULT_SCORES),
+    Method(
+        "lrp (delta, stochastic)",
+        "lrp",
+        {"selection": "stochastic"},
+        scores=DEFAULT_SCORES,
+        seeds=(0, 1, 2),
+    ),
+    *(
+        Method(f"lrp (delta, {b} budget)", "lrp", {"budget": b}, scores=DEFAULT_SCORES)
+        for b in ("layer", "model")
+    ),
+    Method("circuit (|delta| order)", "circuit", seeds=(0, 1, 2), uses_density=False),
+    Method(
+        "circuit (score order)",
+        "circuit",
+        {"drop_order": "scores"},
+        scores=DEFAULT_SCORES,
+        seeds=(0, 1, 2),
+        uses_density=False,
+    ),
+]
 #: the signal ablation (issue 12): the same lrp selection (per-tensor top-k, same densities
 #: and weight sweep), only the importance signal changes
 ABLATION = [
@@ -112,6 +140,10 @@ def method_parameters(method: Method, density: float) -> tuple[dict, dict]:
         per_model["density"] = density
         if method.merge_method == "della":  # density +/- epsilon must stay inside (0, 1)
             per_model["epsilon"] = min(0.15, 0.5 * min(density, 1 - density))
+        if method.params.get("selection") == "stochastic":  # the same bound for lrp
+            return {**method.params, "epsilon": min(0.1, 0.5 * min(density, 1 - density))}, (
+                per_model
+            )
     return dict(method.params), per_model
 
 
@@ -261,10 +293,12 @@ def selected_methods(args) -> list[Method]:
     methods = [m for m in METHODS if not args.quick or m.name in QUICK_METHODS]
     if args.variants and not args.quick:
         methods += VARIANTS
+    if args.rules and not args.quick:
+        methods += RULES
     if args.ablation:
         methods = list(ABLATION)
     if args.methods:
-        known = {m.name: m for m in METHODS + VARIANTS + ABLATION}
+        known = {m.name: m for m in METHODS + VARIANTS + RULES + ABLATION}
         unknown = [name for name in args.methods if name not in known]
         if unknown:
             raise SystemExit(f"unknown --methods {unknown}; known: {sorted(known)}")
@@ -653,6 +687,11 @@ def main() -> None:
         "--variants",
         action="store_true",
         help="also run the lrp variant rows (target, consensus, calibration)",
+    )
+    parser.add_argument(
+        "--rules",
+        action="store_true",
+        help="also run lrp's selection and sign rules and Circuit-Merge, one row each",
     )
     parser.add_argument(
         "--ablation",

@@ -6,13 +6,15 @@ import string
 from pathlib import Path
 
 import torch
+from tiny_models import make_tiny_model
 from tokenizers import Tokenizer, decoders, models
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from mergekit_lrp.scores.file import ScoreMetadata, write_scores
 from mergekit_lrp.scores.fingerprint import model_fingerprint
 
 SPECIAL = ["<pad>", "<s>", "</s>", "<unk>"]
+VOCAB = len(SPECIAL) + len(string.printable)  # 104: the char tokenizer's vocabulary
 
 
 def char_tokenizer() -> PreTrainedTokenizerFast:
@@ -29,22 +31,17 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def tiny_llama(seed: int = 0, tie: bool = False, vocab_size: int = 104) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
+def tiny_llama(seed: int = 0, tie: bool = False, vocab_size: int = VOCAB) -> LlamaForCausalLM:
+    """The tiny Llama of :func:`tiny_models.make_tiny_model` sized for the char tokenizer,
+    as checkpoints are stored: 128 positions, norm weights at transformers' initialisation."""
+    return make_tiny_model(
+        "llama",
+        seed=seed,
+        randomise_vectors=False,
         vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=128,
         tie_word_embeddings=tie,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
     )
-    return LlamaForCausalLM(config).eval()
 
 
 def save(model, path: Path) -> Path:

@@ -1,3 +1,5 @@
+"""Fixtures shared by the test modules (helpers they import live in ordinary modules)."""
+
 import os
 from pathlib import Path
 
@@ -21,19 +23,3 @@ def family(tmp_path_factory) -> dict[str, Path]:
         )
     return paths
 
-
-def lrp_config(family, **parameters) -> dict:
-    """A mergekit config dict for an lrp merge of the family's two fine-tunes."""
-    per_model = parameters.pop("per_model", {})
-    models = []
-    for name in ("ft_a", "ft_b"):
-        params = {"weight": 1.0, "lrp_scores": str(family[f"{name}_scores"])}
-        params.update(per_model.get(name, {}))
-        models.append({"model": str(family[name]), "parameters": params})
-    return {
-        "merge_method": "lrp",
-        "base_model": str(family["base"]),
-        "parameters": {"density": 0.5, **parameters},
-        "models": models,
-        "dtype": "float32",
-    }

@@ -6,6 +6,7 @@ import types
 import pytest
 import torch
 import transformers
+from helpers import relevance
 from tiny_models import make_tiny_gemma3_multimodal, make_tiny_model, train_on_a_cycle
 
 from mergekit_lrp.scoring.attnlrp import (
@@ -19,21 +20,6 @@ from mergekit_lrp.scoring.attnlrp.lxt_rules import load_lxt_rules
 torch.set_num_threads(1)
 
 PROMPT = torch.tensor([[5, 17, 42, 8, 77, 23, 61, 30]])
-
-
-def relevance(model, ids, attention_mask=None, position=-1, rules=True):
-    """Target logit (top class at ``position``), input and parameter relevance."""
-    model.zero_grad(set_to_none=True)
-    embeddings = model.get_input_embeddings()(ids)
-    embeddings.retain_grad()
-    with attnlrp_rules(model) if rules else torch.enable_grad():
-        logits = model(inputs_embeds=embeddings, attention_mask=attention_mask).logits
-        target = logits[0, position].max()
-        target.backward()
-    parameters = {
-        name: (p * p.grad).detach() for name, p in model.named_parameters() if p.grad is not None
-    }
-    return target.detach(), (embeddings * embeddings.grad).detach(), parameters
 
 
 def untouched_state(model):

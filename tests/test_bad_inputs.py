@@ -5,7 +5,7 @@ import shutil
 import pytest
 import torch
 from checkpoints import synthetic_scores
-from conftest import lrp_config
+from helpers import lrp_config
 from merging import run
 
 

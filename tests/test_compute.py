@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 from checkpoints import char_tokenizer, save, tiny_llama
-from click.testing import CliRunner
+from helpers import invoke
 from safetensors import safe_open
 from tiny_models import make_tiny_model
 
@@ -14,7 +14,6 @@ from mergekit_lrp.scores.file import ScoreReader
 from mergekit_lrp.scores.fingerprint import checkpoint_tensor_files, model_fingerprint
 from mergekit_lrp.scoring import loop as compute_module
 from mergekit_lrp.scoring.attnlrp import SUPPORTED_MODEL_TYPES
-from mergekit_lrp.scoring.cli import main as cli
 from mergekit_lrp.scoring.loop import relevance_scores
 from mergekit_lrp.scoring.options import ComputeOptions
 from mergekit_lrp.scoring.relevance import backward_ready, relevance_pass
@@ -151,7 +150,7 @@ def test_resume_after_interruption_gives_the_same_file(
 def test_merge_accepts_computed_scores_and_masks_differ_from_magnitude(
     family, tmp_path, prompts_file
 ):
-    from conftest import lrp_config
+    from helpers import lrp_config
     from merging import run
     from safetensors.torch import load_file
 
@@ -174,10 +173,6 @@ def test_merge_accepts_computed_scores_and_masks_differ_from_magnitude(
     lrp_mask, magnitude = top_k_mask(delta.abs() * relevance, k), top_k_mask(delta.abs(), k)
     overlap = (lrp_mask & magnitude).sum() / k
     assert 0.3 < overlap < 0.98, overlap
-
-
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
 
 
 def test_cli_bad_inputs_fail_clearly_without_output(llama_dir, prompts_file, tmp_path):

@@ -5,7 +5,6 @@ already handles (shown here with its own functions) and which the plugin patches
 shown to fail with mergekit's original function).
 """
 
-import contextlib
 import json
 import os
 import subprocess
@@ -16,7 +15,8 @@ import pytest
 import torch
 import transformers
 import yaml
-from checkpoints import char_tokenizer
+from checkpoints import VOCAB, char_tokenizer
+from helpers import relevance
 from merging import read_weights, run
 from safetensors.torch import load_file, save_file
 from tiny_models import make_tiny_hybrid, make_tiny_qwen3_5_multimodal, train_on_a_cycle
@@ -34,21 +34,6 @@ torch.set_num_threads(1)
 BIN = Path(sys.executable).parent
 PROMPT = torch.tensor([[5, 17, 42, 8, 77, 23, 61, 30]])
 PROMPTS = ["the cat sat on the mat", "12+34=46", "reverse: abc -> cba", "key k7 -> v3"]
-VOCAB = 104  # the character tokenizer's vocabulary (tests/checkpoints.py)
-
-
-def relevance(model, ids, rules=True):
-    """Target logit (top class at the last position), input and parameter relevance."""
-    model.zero_grad(set_to_none=True)
-    embeddings = model.get_input_embeddings()(ids)
-    embeddings.retain_grad()
-    with attnlrp_rules(model) if rules else contextlib.nullcontext():
-        target = model(inputs_embeds=embeddings).logits[0, -1].max()
-        target.backward()
-    parameters = {
-        name: (p * p.grad).detach() for name, p in model.named_parameters() if p.grad is not None
-    }
-    return target.detach(), (embeddings * embeddings.grad).detach(), parameters
 
 
 # --- the rules -------------------------------------------------------------------------

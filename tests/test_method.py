@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import lrp_config
+from helpers import lrp_config
 from mergekit.merge_methods.api import merge_state_dicts
 from merging import run
 

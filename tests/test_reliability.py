@@ -7,11 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 from checkpoints import char_tokenizer, synthetic_scores, tiny_llama
-from click.testing import CliRunner
-from conftest import lrp_config
+from helpers import invoke, lrp_config
 from merging import read_weights, run
 
-from mergekit_lrp.scoring.cli import main as cli
 from mergekit_lrp.scoring.options import ComputeOptions
 from mergekit_lrp.scoring.run import compute_scores
 
@@ -21,10 +19,6 @@ def prompts(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("p") / "prompts.txt"
     path.write_text("short one\n" + "a very long prompt " * 20 + "\nanother\n")
     return path
-
-
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
 
 
 def test_prompt_longer_than_max_length_keeps_its_end(family, prompts, tmp_path):

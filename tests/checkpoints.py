@@ -1,4 +1,5 @@
-"""Tiny local checkpoints for tests: a char tokenizer, Llama models, score files."""
+"""Tiny local checkpoints for tests: a char tokenizer, Llama models, hybrid checkpoint parts,
+score files."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import string
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from tiny_models import make_tiny_model
 from tokenizers import Tokenizer, decoders, models
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
@@ -15,6 +17,8 @@ from mergekit_lrp.scores.fingerprint import model_fingerprint
 
 SPECIAL = ["<pad>", "<s>", "</s>", "<unk>"]
 VOCAB = len(SPECIAL) + len(string.printable)  # 104: the char tokenizer's vocabulary
+# calibration prompts of the hybrid checkpoints (the prompts_file fixture writes them)
+HYBRID_PROMPTS = ["the cat sat on the mat", "12+34=46", "reverse: abc -> cba", "key k7 -> v3"]
 
 
 def char_tokenizer() -> PreTrainedTokenizerFast:
@@ -91,3 +95,40 @@ def synthetic_scores(
     )
     write_scores(out, scores, metadata)
     return out
+
+
+def perturbed(state: dict, seed: int, keep=lambda name: True) -> dict:
+    """A deterministic stand-in fine-tune of a state dict: a seeded dense perturbation of
+    every tensor ``keep`` accepts (the others are left out)."""
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        name: value + 0.05 * value.abs().mean() * torch.randn(value.shape, generator=generator)
+        for name, value in state.items()
+        if keep(name)
+    }
+
+
+def write_checkpoint(model_dir: Path, config_dir: Path, tensors: dict) -> Path:
+    """Copy config and tokenizer from ``config_dir``, write ``tensors`` as the weights."""
+    model_dir.mkdir(parents=True)
+    for file in config_dir.iterdir():
+        if file.suffix != ".safetensors":
+            (model_dir / file.name).write_bytes(file.read_bytes())
+    save_file(tensors, model_dir / "model.safetensors", metadata={"format": "pt"})
+    return model_dir
+
+
+def mtp_tensors(state: dict, seed: int) -> dict:
+    """An MTP module as Qwen3.5 checkpoints store it: fc, norms, one full-attention layer."""
+    generator = torch.Generator().manual_seed(seed)
+    shapes = {
+        "mtp.fc.weight": (32, 64),
+        "mtp.norm.weight": (32,),
+        "mtp.pre_fc_norm_embedding.weight": (32,),
+        "mtp.pre_fc_norm_hidden.weight": (32,),
+    }
+    layer = "model.language_model.layers.1."
+    for name, value in state.items():
+        if name.startswith(layer):
+            shapes["mtp.layers.0." + name[len(layer) :]] = tuple(value.shape)
+    return {n: 0.02 * torch.randn(s, generator=generator) for n, s in shapes.items()}

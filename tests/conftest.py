@@ -5,7 +5,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from checkpoints import finetune_of, save, synthetic_scores, tiny_llama
+from checkpoints import (
+    VOCAB,
+    char_tokenizer,
+    finetune_of,
+    mtp_tensors,
+    perturbed,
+    save,
+    synthetic_scores,
+    tiny_llama,
+    write_checkpoint,
+)
+from safetensors.torch import load_file
+from tiny_models import make_tiny_hybrid, make_tiny_qwen3_5_multimodal
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
@@ -23,3 +35,42 @@ def family(tmp_path_factory) -> dict[str, Path]:
         )
     return paths
 
+
+@pytest.fixture(scope="module")
+def prompts_file(request, tmp_path_factory) -> Path:
+    """The requesting test module's ``PROMPTS``, one a line."""
+    path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
+    path.write_text("\n".join(request.module.PROMPTS) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def qwen3_5_family(tmp_path_factory) -> dict[str, Path]:
+    """A Qwen3.5-layout base (hybrid layers, vision tower, MTP) and two fine-tunes;
+    ``ft_b`` dropped the MTP module, as some published fine-tunes do."""
+    root = tmp_path_factory.mktemp("qwen3_5")
+    model = make_tiny_qwen3_5_multimodal(vocab_size=VOCAB)
+    model.save_pretrained(root / "saved")
+    char_tokenizer().save_pretrained(root / "saved")
+    state = load_file(root / "saved" / "model.safetensors")
+    state.update(mtp_tensors(state, seed=5))
+    paths = {"root": root, "base": write_checkpoint(root / "base", root / "saved", state)}
+    paths["ft_a"] = write_checkpoint(root / "ft_a", root / "saved", perturbed(state, 1))
+    no_mtp = perturbed(state, 2, keep=lambda name: not name.startswith("mtp."))
+    paths["ft_b"] = write_checkpoint(root / "ft_b", root / "saved", no_mtp)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def qwen3_next_family(tmp_path_factory) -> dict[str, Path]:
+    """A Qwen3-Next base with MoE in layers 0, 1, 3 (layer 2 dense) and one fine-tune."""
+    root = tmp_path_factory.mktemp("qwen3_next")
+    model = make_tiny_hybrid("qwen3_next", vocab_size=VOCAB)
+    model.save_pretrained(root / "base")
+    char_tokenizer().save_pretrained(root / "base")
+    state = load_file(root / "base" / "model.safetensors")
+    return {
+        "root": root,
+        "base": root / "base",
+        "ft": write_checkpoint(root / "ft", root / "base", perturbed(state, 3)),
+    }

@@ -46,7 +46,7 @@ TINY_MODELS: dict[str, tuple[str, str, dict]] = {
     "phi3": ("Phi3Config", "Phi3ForCausalLM", {}),
     # hybrid: linear (gated delta rule) then full attention. Qwen3-Next is built without
     # experts here (num_experts=0: dense MLPs), because its router gets no relevance by
-    # design; make_tiny_hybrid builds it with MoE (tests/test_hybrid.py).
+    # design; make_tiny_hybrid builds it with MoE (tests/test_hybrid_*.py).
     "qwen3_5": ("Qwen3_5TextConfig", "Qwen3_5ForCausalLM", _HYBRID),
     "qwen3_5_text": ("Qwen3_5TextConfig", "Qwen3_5ForCausalLM", _HYBRID),
     "qwen3_next": ("Qwen3NextConfig", "Qwen3NextForCausalLM", _HYBRID_DENSE),

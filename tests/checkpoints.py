@@ -17,7 +17,9 @@ from mergekit_lrp.scores.fingerprint import model_fingerprint
 
 SPECIAL = ["<pad>", "<s>", "</s>", "<unk>"]
 VOCAB = len(SPECIAL) + len(string.printable)  # 104: the char tokenizer's vocabulary
-# calibration prompts of the hybrid checkpoints (the prompts_file fixture writes them)
+# calibration prompts of the lrp-compute tests on tiny Llamas and on the hybrid checkpoints
+# (the same four, in another order); the prompts_file fixture writes its module's PROMPTS
+PROMPTS = ["12+34=46", "reverse: abc -> cba", "the cat sat on the mat", "key k7 -> v3"]
 HYBRID_PROMPTS = ["the cat sat on the mat", "12+34=46", "reverse: abc -> cba", "key k7 -> v3"]
 
 

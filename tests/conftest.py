@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 from checkpoints import (
+    PROMPTS,
     VOCAB,
     char_tokenizer,
     finetune_of,
@@ -37,10 +38,24 @@ def family(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory) -> Path:
+    """A saved tiny Llama checkpoint to score."""
+    return save(tiny_llama(seed=3), tmp_path_factory.mktemp("llama") / "model")
+
+
+@pytest.fixture(scope="module")
 def prompts_file(request, tmp_path_factory) -> Path:
-    """The requesting test module's ``PROMPTS``, one a line."""
+    """The requesting test module's ``PROMPTS`` (default: ``checkpoints.PROMPTS``), one a line."""
     path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
-    path.write_text("\n".join(request.module.PROMPTS) + "\n")
+    path.write_text("\n".join(getattr(request.module, "PROMPTS", PROMPTS)) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def long_prompts_file(tmp_path_factory) -> Path:
+    """Three prompts, the second longer than 32 tokens."""
+    path = tmp_path_factory.mktemp("p") / "prompts.txt"
+    path.write_text("short one\n" + "a very long prompt " * 20 + "\nanother\n")
     return path
 
 

@@ -1,9 +1,12 @@
-"""Helpers the test modules share: relevance by the rules, the lrp-compute CLI, lrp configs."""
+"""Helpers the test modules share: a prompt, relevance by the rules, the CLI, lrp configs."""
 
 from __future__ import annotations
 
 from click.testing import CliRunner, Result
-from torch import enable_grad
+from torch import enable_grad, tensor
+
+# eight token ids within every tiny model's vocabulary
+PROMPT = tensor([[5, 17, 42, 8, 77, 23, 61, 30]])
 
 
 def relevance(model, ids, attention_mask=None, position=-1, rules=True):
@@ -24,6 +27,14 @@ def relevance(model, ids, attention_mask=None, position=-1, rules=True):
         name: (p * p.grad).detach() for name, p in model.named_parameters() if p.grad is not None
     }
     return target.detach(), (embeddings * embeddings.grad).detach(), parameters
+
+
+def untouched_state(model):
+    """What the context must restore: per-module forwards and config objects."""
+    return [
+        (name, *(module.__dict__.get(key) for key in ("forward", "_old_forward", "config")))
+        for name, module in model.named_modules()
+    ], (model.config._attn_implementation, getattr(model.config, "final_logit_softcapping", None))
 
 
 def invoke(*args) -> Result:

@@ -5,7 +5,7 @@ Rule derivations: docs/hybrid.md.
 
 import pytest
 import torch
-from helpers import relevance
+from helpers import PROMPT, relevance
 from tiny_models import make_tiny_hybrid, make_tiny_qwen3_5_multimodal
 from transformers.models.qwen3_5 import modeling_qwen3_5
 
@@ -13,7 +13,7 @@ from mergekit_lrp.scoring.attnlrp import attnlrp_rules, hybrid
 
 torch.set_num_threads(1)
 
-PROMPT = torch.tensor([[5, 17, 42, 8, 77, 23, 61, 30]])
+
 
 
 BUILDERS = {

@@ -1,5 +1,4 @@
-"""Tiny local checkpoints for tests: a char tokenizer, Llama models, hybrid checkpoint parts,
-score files."""
+"""Tiny local checkpoints for tests: a char tokenizer, Llama models, hybrid parts, score files."""
 
 from __future__ import annotations
 

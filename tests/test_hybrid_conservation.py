@@ -1,7 +1,6 @@
-"""The AttnLRP rules of hybrid layers (gated delta rule, GatedDeltaNet, MoE) conserve relevance.
+"""The AttnLRP rules of hybrid layers (gated delta rule, GatedDeltaNet, MoE) conserve relevance."""
 
-Rule derivations: docs/hybrid.md.
-"""
+# rule derivations: docs/hybrid.md
 
 import pytest
 import torch

@@ -1,9 +1,8 @@
-"""mergekit plans every hybrid checkpoint tensor; MTP and partial MoE only with the plugin patches.
+"""mergekit plans every hybrid checkpoint tensor; MTP and partial MoE only with plugin patches."""
 
-See docs/hybrid.md for which planner cases mergekit 0.1.5 already handles (shown here with
-its own functions) and which the plugin patches (each shown to fail with mergekit's
-original function).
-"""
+# See docs/hybrid.md for which planner cases mergekit 0.1.5 already handles (shown here with
+# its own functions) and which the plugin patches (each shown to fail with mergekit's
+# original function).
 
 import json
 

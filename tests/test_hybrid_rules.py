@@ -1,7 +1,6 @@
-"""On hybrid models the AttnLRP rules keep the forward pass and reach every language parameter.
+"""On hybrid models the AttnLRP rules keep the forward pass and reach every language parameter."""
 
-Rule derivations: docs/hybrid.md.
-"""
+# rule derivations: docs/hybrid.md
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Tiny local checkpoints for tests: a char tokenizer, Llama models, score files."""
+"""Tiny local checkpoints for tests: a char tokenizer, Llama models, hybrid parts, score files."""
 
 from __future__ import annotations
 
@@ -6,13 +6,20 @@ import string
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
+from tiny_models import make_tiny_model
 from tokenizers import Tokenizer, decoders, models
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from mergekit_lrp.scores.file import ScoreMetadata, write_scores
 from mergekit_lrp.scores.fingerprint import model_fingerprint
 
 SPECIAL = ["<pad>", "<s>", "</s>", "<unk>"]
+VOCAB = len(SPECIAL) + len(string.printable)  # 104: the char tokenizer's vocabulary
+# calibration prompts of the lrp-compute tests on tiny Llamas and on the hybrid checkpoints
+# (the same four, in another order); the prompts_file fixture writes its module's PROMPTS
+PROMPTS = ["12+34=46", "reverse: abc -> cba", "the cat sat on the mat", "key k7 -> v3"]
+HYBRID_PROMPTS = ["the cat sat on the mat", "12+34=46", "reverse: abc -> cba", "key k7 -> v3"]
 
 
 def char_tokenizer() -> PreTrainedTokenizerFast:
@@ -29,22 +36,17 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def tiny_llama(seed: int = 0, tie: bool = False, vocab_size: int = 104) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
+def tiny_llama(seed: int = 0, tie: bool = False, vocab_size: int = VOCAB) -> LlamaForCausalLM:
+    """The tiny Llama of :func:`tiny_models.make_tiny_model` sized for the char tokenizer,
+    as checkpoints are stored: 128 positions, norm weights at transformers' initialisation."""
+    return make_tiny_model(
+        "llama",
+        seed=seed,
+        randomise_vectors=False,
         vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=128,
         tie_word_embeddings=tie,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
     )
-    return LlamaForCausalLM(config).eval()
 
 
 def save(model, path: Path) -> Path:
@@ -94,3 +96,40 @@ def synthetic_scores(
     )
     write_scores(out, scores, metadata)
     return out
+
+
+def perturbed(state: dict, seed: int, keep=lambda name: True) -> dict:
+    """A deterministic stand-in fine-tune of a state dict: a seeded dense perturbation of
+    every tensor ``keep`` accepts (the others are left out)."""
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        name: value + 0.05 * value.abs().mean() * torch.randn(value.shape, generator=generator)
+        for name, value in state.items()
+        if keep(name)
+    }
+
+
+def write_checkpoint(model_dir: Path, config_dir: Path, tensors: dict) -> Path:
+    """Copy config and tokenizer from ``config_dir``, write ``tensors`` as the weights."""
+    model_dir.mkdir(parents=True)
+    for file in config_dir.iterdir():
+        if file.suffix != ".safetensors":
+            (model_dir / file.name).write_bytes(file.read_bytes())
+    save_file(tensors, model_dir / "model.safetensors", metadata={"format": "pt"})
+    return model_dir
+
+
+def mtp_tensors(state: dict, seed: int) -> dict:
+    """An MTP module as Qwen3.5 checkpoints store it: fc, norms, one full-attention layer."""
+    generator = torch.Generator().manual_seed(seed)
+    shapes = {
+        "mtp.fc.weight": (32, 64),
+        "mtp.norm.weight": (32,),
+        "mtp.pre_fc_norm_embedding.weight": (32,),
+        "mtp.pre_fc_norm_hidden.weight": (32,),
+    }
+    layer = "model.language_model.layers.1."
+    for name, value in state.items():
+        if name.startswith(layer):
+            shapes["mtp.layers.0." + name[len(layer) :]] = tuple(value.shape)
+    return {n: 0.02 * torch.randn(s, generator=generator) for n, s in shapes.items()}

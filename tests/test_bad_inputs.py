@@ -1,11 +1,14 @@
 """Every bad lrp input fails with a message naming the culprit, leaving no output behind."""
 
+import json
 import shutil
+import struct
+from pathlib import Path
 
 import pytest
 import torch
 from checkpoints import synthetic_scores
-from conftest import lrp_config
+from helpers import lrp_config
 from merging import run
 
 
@@ -114,3 +117,39 @@ def test_out_of_range_parameters(family, tmp_path, per_model, fragment):
 
 def test_unknown_option_value(family, tmp_path):
     fails(lrp_config(family, importance="gradient"), tmp_path, "importance", "delta, weight")
+
+
+def hostile(path: Path, header: dict, data: bytes = b"") -> Path:
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["huge header", "integer scores"])
+def test_hostile_score_files(family, tmp_path, kind):
+    from mergekit_lrp.scores.file import ScoreMetadata
+    from mergekit_lrp.scores.fingerprint import model_fingerprint
+
+    path = tmp_path / "hostile.safetensors"
+    if kind == "huge header":
+        path.write_bytes(struct.pack("<Q", 2**40) + b"{}")
+    else:
+        meta = ScoreMetadata(
+            model_fingerprint=model_fingerprint(family["ft_a"]),
+            num_prompts=1,
+            num_tokens=1,
+            target="predicted",
+            model_type="llama",
+        ).to_header()
+        name = "model.layers.0.mlp.up_proj.weight"
+        scores = synthetic_scores(family["ft_a"], tmp_path / "ok.safetensors", seed=0)
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(scores)
+        tensors[name] = torch.ones(tensors[name].shape, dtype=torch.int32)
+        save_file(tensors, str(path), metadata=meta)
+    config = lrp_config(family, per_model={"ft_a": {"lrp_scores": str(path)}})
+    out = tmp_path / "out"
+    with pytest.raises(Exception, match="hostile.safetensors"):
+        run(config, out)
+    assert not out.exists()

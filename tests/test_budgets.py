@@ -2,7 +2,7 @@
 
 import pytest
 from checkpoints import synthetic_scores
-from conftest import lrp_config
+from helpers import lrp_config
 from merging import run
 from safetensors.torch import load_file
 

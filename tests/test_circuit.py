@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import lrp_config
+from helpers import lrp_config
 from mergekit.merge_methods.api import merge_state_dicts
 
 from mergekit_lrp.merging.circuit import accumulate, keep_rate

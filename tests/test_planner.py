@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from checkpoints import finetune_of, save, tiny_llama
-from transformers import Qwen3Config, Qwen3ForCausalLM
+from checkpoints import VOCAB, finetune_of, save, tiny_llama
+from tiny_models import make_tiny_model
 
 BIN = Path(sys.executable).parent
 SEEDS = (1, 2, 3, 4)
@@ -22,18 +22,7 @@ def cross_family(tmp_path_factory):
     root = tmp_path_factory.mktemp("cross")
     base = save(tiny_llama(seed=0), root / "llama-base")
     finetune_of(base, root / "llama-ft", seed=1)
-    qwen = Qwen3ForCausalLM(
-        Qwen3Config(
-            vocab_size=104,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=8,
-            tie_word_embeddings=False,
-        )
-    )
+    qwen = make_tiny_model("qwen3", randomise_vectors=False, vocab_size=VOCAB)
     save(qwen, root / "qwen3")
     return root
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import lrp_config
+from helpers import lrp_config
 from merging import read_weights, run
 
 BIN = Path(sys.executable).parent

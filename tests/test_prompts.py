@@ -7,8 +7,10 @@ import torch
 from checkpoints import char_tokenizer
 from tokenizers import processors
 
+from mergekit_lrp.scoring.options import ComputeOptions
 from mergekit_lrp.scoring.prompts import PromptsError, read_records, tokenize_records
 from mergekit_lrp.scoring.relevance import next_token_positions
+from mergekit_lrp.scoring.run import compute_scores
 
 TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</s>{% endfor %}"
@@ -162,3 +164,11 @@ def test_bad_inputs_are_refused_before_the_model_is_loaded(tmp_path, monkeypatch
     monkeypatch.setattr(lxt_rules, "load_lxt_rules", missing_lxt)
     with pytest.raises(ComputeError, match="lxt"):
         compute_scores(str(family["ft_a"]), str(good), str(out), options)
+
+
+def test_prompt_longer_than_max_length_keeps_its_end(family, long_prompts_file, tmp_path):
+    out = tmp_path / "s.safetensors"
+    options = ComputeOptions(max_length=32, progress=False)
+    summary = compute_scores(str(family["ft_a"]), str(long_prompts_file), str(out), options)
+    assert summary.truncated == 1
+    assert summary.tokens <= 32 + len("short one") + len("another") + 4

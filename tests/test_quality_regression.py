@@ -1,7 +1,6 @@
-"""Regression: on the quick toy family, lrp at its defaults does not fall behind dare_ties.
+"""Regression: on the quick toy family, lrp at its defaults does not fall behind dare_ties."""
 
-Slow (builds the quick family once, ~3 min, cached under .cache/mergekit-lrp).
-"""
+# Slow (builds the quick family once, ~3 min, cached under .cache/mergekit-lrp).
 
 import statistics
 from pathlib import Path

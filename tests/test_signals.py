@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 from checkpoints import char_tokenizer, tiny_llama
-from conftest import lrp_config
+from helpers import lrp_config
 from merging import read_weights, run
 from safetensors.torch import load_file
 

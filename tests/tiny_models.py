@@ -46,25 +46,30 @@ TINY_MODELS: dict[str, tuple[str, str, dict]] = {
     "phi3": ("Phi3Config", "Phi3ForCausalLM", {}),
     # hybrid: linear (gated delta rule) then full attention. Qwen3-Next is built without
     # experts here (num_experts=0: dense MLPs), because its router gets no relevance by
-    # design; make_tiny_hybrid builds it with MoE (tests/test_hybrid.py).
+    # design; make_tiny_hybrid builds it with MoE (tests/test_hybrid_*.py).
     "qwen3_5": ("Qwen3_5TextConfig", "Qwen3_5ForCausalLM", _HYBRID),
     "qwen3_5_text": ("Qwen3_5TextConfig", "Qwen3_5ForCausalLM", _HYBRID),
     "qwen3_next": ("Qwen3NextConfig", "Qwen3NextForCausalLM", _HYBRID_DENSE),
 }
 
 
-def make_tiny_model(model_type: str, seed: int = 0, **overrides) -> nn.Module:
+def make_tiny_model(
+    model_type: str, seed: int = 0, randomise_vectors: bool = True, **overrides
+) -> nn.Module:
     """A small random ``*ForCausalLM`` of ``model_type`` in eval mode, deterministic in ``seed``.
 
     Two layers, hidden size 32, 4 query / 2 key-value heads (GQA), vocabulary 96; Gemma
     and Mistral get a sliding window of 4 so that short prompts exercise it. ``overrides``
     go to the config. One-dimensional parameters (norm weights, biases) are randomised
-    too: left at their zero initialisation they would carry no relevance.
+    too: left at their zero initialisation they would carry no relevance. With
+    ``randomise_vectors=False`` they keep transformers' initialisation (the checkpoints of
+    :func:`checkpoints.tiny_llama`).
     """
     config_class, model_class, family = TINY_MODELS[model_type]
     config = getattr(transformers, config_class)(**{**_COMMON, **family, **overrides})
     torch.manual_seed(seed)
-    return _randomise_vectors(getattr(transformers, model_class)(config))
+    model = getattr(transformers, model_class)(config)
+    return _randomise_vectors(model) if randomise_vectors else model.eval()
 
 
 def _randomise_vectors(model: nn.Module) -> nn.Module:

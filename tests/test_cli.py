@@ -1,0 +1,88 @@
+"""lrp-compute's command line refuses bad inputs with a clear message and writes nothing."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from checkpoints import PROMPTS, char_tokenizer, save, tiny_llama
+from helpers import invoke, lrp_config
+from merging import run
+
+from mergekit_lrp.scores.file import ScoreReader
+from mergekit_lrp.scoring import loop as compute_module
+
+
+def test_cli_bad_inputs_fail_clearly_without_output(llama_dir, prompts_file, tmp_path):
+    out = tmp_path / "out.safetensors"
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n   \n\t\n")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    gpt2_dir = tmp_path / "gpt2"
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    save(GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=104)), gpt2_dir)
+    cases = [
+        ((tmp_path / "no-model", "--prompts", prompts_file, "-o", out), "no-model"),
+        ((llama_dir, "--prompts", blank, "-o", out), "blank.txt"),
+        ((llama_dir, "--prompts", empty, "-o", out), "empty.txt"),
+        ((llama_dir, "--prompts", tmp_path / "nope.txt", "-o", out), "nope.txt"),
+        ((gpt2_dir, "--prompts", prompts_file, "-o", out), "'gpt2'"),
+        (
+            (llama_dir, "--prompts", prompts_file, "-o", blank / "x.safetensors"),
+            str(blank),
+        ),
+    ]
+    for args, culprit in cases:
+        result = invoke(*args)
+        assert result.exit_code != 0
+        assert culprit in result.output, result.output
+        assert "Traceback" not in result.output
+        assert not out.exists()
+
+
+def test_cli_refuses_to_overwrite(llama_dir, prompts_file, tmp_path):
+    out = tmp_path / "s.safetensors"
+    out.write_bytes(b"keep me")
+    result = invoke(llama_dir, "--prompts", prompts_file, "-o", out, "-q")
+    assert result.exit_code != 0 and "--overwrite" in result.output
+    assert out.read_bytes() == b"keep me"
+    assert (
+        invoke(llama_dir, "--prompts", prompts_file, "-o", out, "-q", "--overwrite").exit_code == 0
+    )
+    assert ScoreReader(out).metadata.num_prompts == len(PROMPTS)
+
+
+@pytest.mark.parametrize("option", [("--max-length", "1"), ("--num-prompts", "0")])
+def test_out_of_range_cli_options(family, long_prompts_file, tmp_path, option):
+    out = tmp_path / "s.safetensors"
+    result = invoke(family["ft_a"], "--prompts", long_prompts_file, "-o", out, *option)
+    assert result.exit_code == 2 and option[0] in result.output
+    assert not (tmp_path / "s.safetensors").exists()
+
+
+def test_pickled_checkpoint_is_refused_before_unpickling(tmp_path, long_prompts_file, monkeypatch):
+    model = tiny_llama(seed=0)
+    model_dir = tmp_path / "bin-model"
+    model.config.save_pretrained(model_dir)
+    char_tokenizer().save_pretrained(model_dir)
+    torch.save(model.state_dict(), model_dir / "pytorch_model.bin")  # a pickled checkpoint
+
+    def no_unpickling(*args, **kwargs):
+        raise AssertionError("torch.load was called")
+
+    monkeypatch.setattr(torch, "load", no_unpickling)
+    result = invoke(model_dir, "--prompts", long_prompts_file, "-o", tmp_path / "s.safetensors")
+    assert result.exit_code != 0 and "never unpickles" in result.output, result.output
+
+
+def test_unwritable_output_location(family, long_prompts_file, tmp_path, monkeypatch):
+    """/proc is read-only even for root, unlike a chmod-ed directory; found before scoring."""
+
+    monkeypatch.setattr(compute_module, "relevance_pass", None)  # scoring must not start
+    out = "/proc/scores.safetensors"
+    result = invoke(family["ft_a"], "--prompts", long_prompts_file, "-o", out)
+    assert result.exit_code != 0 and "cannot write to /proc" in result.output, result.output
+    monkeypatch.undo()
+    with pytest.raises(OSError):
+        run(lrp_config(family), Path("/proc/merged"))

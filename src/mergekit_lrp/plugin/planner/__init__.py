@@ -4,7 +4,7 @@ One patch a module: :mod:`.referenced_models` (deterministic architecture choice
 :mod:`.slerp_optional_t` (slerp tensors without `t` keep the base weight),
 :mod:`.mtp_passthrough` (MTP tensors merged, not dropped), :mod:`.converted_optional`
 (MoE experts present in only some layers). Each says what it fixes; tests/test_planner.py
-and tests/test_hybrid.py show the failure without it (docs/hybrid.md lists what mergekit
+and tests/test_hybrid_planner.py show the failure without it (docs/hybrid.md lists what mergekit
 0.1.5 already handles).
 """
 

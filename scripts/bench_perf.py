@@ -87,6 +87,21 @@ def random_prompts(vocab: int, length: int, count: int, seed: int = 0) -> list[t
     return [torch.randint(3, vocab, (length,), generator=generator) for _ in range(count)]
 
 
+def plain_seconds(model, prompts, device="cpu", synchronize=lambda: None) -> list[float]:
+    """Seconds of a plain forward+backward (argmax logit at the last token) per prompt."""
+    model.train()
+    times = []
+    for ids in prompts:
+        synchronize()
+        start = time.perf_counter()
+        logits = model(input_ids=ids[None].to(device), use_cache=False).logits
+        logits[0, -1].float().max().backward()
+        model.zero_grad(set_to_none=True)
+        synchronize()
+        times.append(time.perf_counter() - start)
+    return times
+
+
 def worker_precompute(model_dir: str, mode: str, length: int, count: int) -> dict:
     """One measurement in this (fresh) process: seconds per prompt and peak RSS."""
     from transformers import AutoModelForCausalLM
@@ -102,13 +117,7 @@ def worker_precompute(model_dir: str, mode: str, length: int, count: int) -> dic
     prompts = random_prompts(model.config.vocab_size, length, count + 1)
     times = []
     if mode == "plain":
-        model.train()
-        for ids in prompts:
-            start = time.perf_counter()
-            logits = model(input_ids=ids[None], use_cache=False).logits
-            logits[0, -1].max().backward()
-            model.zero_grad(set_to_none=True)
-            times.append(time.perf_counter() - start)
+        times = plain_seconds(model, prompts)
     else:
         accumulator = GradientAccumulator(dict(model.named_parameters()))
         with attnlrp_rules(model), backward_ready(model, checkpointing=mode == "lrp"):
@@ -144,12 +153,7 @@ def worker_signal(model_dir: str, mode: str, length: int, count: int) -> dict:
     prompts = random_prompts(model.config.vocab_size, length, count + 1)
     times = []
     if mode == "plain":
-        model.train()
-        for ids in prompts:
-            start = time.perf_counter()
-            model(input_ids=ids[None], use_cache=False).logits[0, -1].max().backward()
-            model.zero_grad(set_to_none=True)
-            times.append(time.perf_counter() - start)
+        times = plain_seconds(model, prompts)
     else:
         options = ComputeOptions(method=mode, progress=False)
         accumulator = new_accumulator(model, dict(model.named_parameters()), mode)
@@ -188,15 +192,7 @@ def worker_placement(model_dir: str, mode: str, length: int, count: int, device:
 
     times = []
     if mode == "plain":
-        model.train()
-        for ids in prompts:
-            synchronize()
-            start = time.perf_counter()
-            logits = model(input_ids=ids[None].to(device), use_cache=False).logits
-            logits[0, -1].float().max().backward()
-            model.zero_grad(set_to_none=True)
-            synchronize()
-            times.append(time.perf_counter() - start)
+        times = plain_seconds(model, prompts, device, synchronize)
     else:
         parameters = dict(model.named_parameters())
         accumulator = GradientAccumulator(parameters, on_device=mode != "host-sums")

@@ -67,7 +67,13 @@ def finetune_of(base: Path, out: Path, seed: int, scale: float = 0.02) -> Path:
 
 
 def synthetic_scores(
-    model_dir: Path, out: Path, seed: int, tensors=None, drop=(), fingerprint=None
+    model_dir: Path,
+    out: Path,
+    seed: int,
+    tensors=None,
+    drop=(),
+    fingerprint=None,
+    model_type="llama",
 ) -> Path:
     """A valid score file for ``model_dir`` holding seeded random non-negative scores.
 
@@ -92,7 +98,7 @@ def synthetic_scores(
         num_prompts=4,
         num_tokens=40,
         target="predicted",
-        model_type="llama",
+        model_type=model_type,
     )
     write_scores(out, scores, metadata)
     return out

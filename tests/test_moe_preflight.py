@@ -4,13 +4,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from checkpoints import char_tokenizer
+from checkpoints import char_tokenizer, synthetic_scores
 from merging import run
-from safetensors import safe_open
 from tiny_models import make_tiny_hybrid
 
-from mergekit_lrp.scores.file import ScoreFileError, ScoreMetadata, write_scores
-from mergekit_lrp.scores.fingerprint import checkpoint_tensor_files, model_fingerprint
+from mergekit_lrp.scores.file import ScoreFileError
 
 EXPERT = "model.layers.0.mlp.experts.1.up_proj.weight"  # stored per expert
 
@@ -21,24 +19,10 @@ def save(model, path: Path) -> Path:
     return path
 
 
-def score_file(model_dir: Path, out: Path, edit=None) -> Path:
-    """Random per-expert scores named as the checkpoint stores them; ``edit`` may change them."""
-    generator = torch.Generator().manual_seed(0)
-    scores = {}
-    for name, file in checkpoint_tensor_files(model_dir).items():
-        with safe_open(file, framework="pt") as handle:
-            scores[name] = torch.rand(handle.get_slice(name).get_shape(), generator=generator)
-    if edit:
-        edit(scores)
-    metadata = ScoreMetadata(
-        model_fingerprint=model_fingerprint(model_dir),
-        num_prompts=1,
-        num_tokens=4,
-        target="predicted",
-        model_type="qwen3_next",
-    )
-    write_scores(out, scores, metadata)
-    return out
+def score_file(model_dir: Path, out: Path, **edits) -> Path:
+    """Random per-expert scores named as the checkpoint stores them (``edits``: see
+    ``synthetic_scores``)."""
+    return synthetic_scores(model_dir, out, seed=0, model_type="qwen3_next", **edits)
 
 
 @pytest.fixture(scope="module")
@@ -83,17 +67,17 @@ def test_fused_experts_merge_from_per_expert_scores(moe_pair, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "edit, fragment",
+    "edits, fragment",
     [
-        (lambda s: s.__setitem__(EXPERT, torch.rand(3, 3)), "shape"),
-        (lambda s: s.pop(EXPERT), "no scores for tensor"),
+        ({"tensors": {EXPERT: torch.rand(3, 3)}}, "shape"),
+        ({"drop": [EXPERT]}, "no scores for tensor"),
     ],
 )
-def test_bad_expert_scores_are_refused_before_the_merge(moe_pair, tmp_path, edit, fragment):
+def test_bad_expert_scores_are_refused_before_the_merge(moe_pair, tmp_path, edits, fragment):
     """Without the shared lookup the preflight skipped fused tensors (they are not stored
     under their own name) and the merge failed midway."""
     root, base, ft = moe_pair
-    scores = score_file(ft, tmp_path / "bad.safetensors", edit)
+    scores = score_file(ft, tmp_path / "bad.safetensors", **edits)
     with pytest.raises(ScoreFileError, match=fragment) as error:
         preflight_of(config(base, ft, scores))
     assert "experts" in str(error.value)

@@ -76,8 +76,11 @@ def read_scores(path: str | os.PathLike) -> ScoreReader:
 class _TensorReader:
     """One in-memory score tensor behind the reader interface the merge reads through."""
 
-    def __init__(self, name: str, values: torch.Tensor):
+    def __init__(self, name: str, values: torch.Tensor, quantity: str):
+        from types import SimpleNamespace
+
         self.path = f"<scores of {name}>"
+        self.metadata = SimpleNamespace(quantity=quantity)
         self._values = values
 
     def get(self, name: str, shape=None) -> torch.Tensor:
@@ -102,11 +105,14 @@ def merge_mask(
     *,
     protected: bool = False,
     name: str = "tensor",
+    quantity: str = "mean_abs_grad",
 ) -> torch.Tensor:
     """The boolean mask of the entries of ``finetuned - base`` that ``lrp`` keeps for
     this tensor: exactly round(density * numel) entries of highest importance
-    (``delta``: |finetuned - base| * scores; ``weight``: |finetuned| * scores), ties kept
-    in index order. ``scores=None`` ranks by |delta| (``missing_scores: magnitude``).
+    (``delta``: |finetuned - base| * scores; ``weight``: |finetuned| * scores; squares
+    instead of absolute values when ``quantity`` is ``mean_sq_grad`` or ``mean_sq_input``,
+    the quantities of ``fisher`` and ``activation`` files), ties kept in index order.
+    ``scores=None`` ranks by |delta| (``missing_scores: magnitude``).
     ``protected=True`` (what ``protect_special`` does for norms, biases and
     embeddings) keeps everything. The same functions as the merge kernel compute it.
 
@@ -145,6 +151,6 @@ def merge_mask(
     if scores is None:
         located = TensorScores(name, name, None, fallback="magnitude")
     else:
-        located = TensorScores(name, name, _TensorReader(name, scores))
+        located = TensorScores(name, name, _TensorReader(name, scores, quantity))
     values = importance_of(located, finetuned.float(), delta, importance)
     return top_k_mask(values, kept_count(density, delta.numel()))

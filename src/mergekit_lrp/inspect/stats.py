@@ -176,7 +176,7 @@ def keep_by_layer(
         delta = theta - theta_base
         k = kept_count(density, delta.numel())
         lrp = top_k_mask(
-            importance_of(TensorScores(model_dir, name, reader), theta, delta, importance), k
+            importance_of(_located(model_dir, name, reader), theta, delta, importance), k
         )
         magnitude = top_k_mask(delta.abs(), k)
         size = delta.abs().double()
@@ -345,8 +345,13 @@ def importance_signal(
     def signal(i: int, name: str) -> torch.Tensor:
         theta = models[i].get(name).float()
         delta = theta - base.get(name).float()
-        return importance_of(
-            TensorScores(model_dirs[i], name, readers[i]), theta, delta, importance
-        )
+        return importance_of(_located(model_dirs[i], name, readers[i]), theta, delta, importance)
 
     return signal
+
+
+def _located(model, name, reader) -> TensorScores:
+    """The tensor's scores as the merge reads them; a tensor whose scores are all equal
+    (which the merge refuses unless ``missing_scores`` says otherwise) is shown ranked
+    by |delta|, as ``missing_scores: magnitude`` merges it."""
+    return TensorScores(model, name, reader, missing_scores="magnitude")

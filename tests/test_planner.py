@@ -22,7 +22,7 @@ def cross_family(tmp_path_factory):
     root = tmp_path_factory.mktemp("cross")
     base = save(tiny_llama(seed=0), root / "llama-base")
     finetune_of(base, root / "llama-ft", seed=1)
-    qwen = make_tiny_model("qwen3", randomise_vectors=False, vocab_size=VOCAB)
+    qwen = make_tiny_model("qwen3", seed=7, randomise_vectors=False, vocab_size=VOCAB)
     save(qwen, root / "qwen3")
     return root
 

@@ -3,7 +3,7 @@
 build or reuse the family -> `lrp-compute` on every expert -> `mergekit-yaml` with
 examples/demo-lrp.yml and examples/demo-dare-ties.yml -> evaluate both -> comparison.
 
-    python scripts/demo.py [--preset quick] [--cache DIR]
+    python scripts/demo.py [--preset llama-a] [--cache DIR]
 """
 
 from __future__ import annotations
@@ -38,7 +38,9 @@ def run(*command: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--preset", default="quick", help="toy family preset (docs/toy-family.md)")
+    parser.add_argument(
+        "--preset", default="llama-a", help="toy family preset (docs/toy-family.md)"
+    )
     parser.add_argument("--cache", default=str(REPO / ".cache" / "mergekit-lrp"))
     parser.add_argument("--prompts", type=int, default=64, help="calibration prompts per expert")
     args = parser.parse_args()

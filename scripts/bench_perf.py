@@ -102,19 +102,30 @@ def plain_seconds(model, prompts, device="cpu", synchronize=lambda: None) -> lis
     return times
 
 
-def worker_precompute(model_dir: str, mode: str, length: int, count: int) -> dict:
-    """One measurement in this (fresh) process: seconds per prompt and peak RSS."""
+def load_for_worker(model_dir: str, length: int, count: int):
+    """(float32 model, count + 1 random prompts, peak RSS before loading, fp32 weight bytes)
+    in a fresh worker process, with BENCH_THREADS torch threads."""
     from transformers import AutoModelForCausalLM
-
-    from mergekit_lrp.scoring.accumulator import GradientAccumulator
-    from mergekit_lrp.scoring.attnlrp import attnlrp_rules
-    from mergekit_lrp.scoring.relevance import backward_ready, relevance_pass
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     rss_before_model = peak_rss_bytes()
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     weights = sum(p.numel() for p in model.parameters()) * 4
-    prompts = random_prompts(model.config.vocab_size, length, count + 1)
+    return (
+        model,
+        random_prompts(model.config.vocab_size, length, count + 1),
+        rss_before_model,
+        weights,
+    )
+
+
+def worker_precompute(model_dir: str, mode: str, length: int, count: int) -> dict:
+    """One measurement in this (fresh) process: seconds per prompt and peak RSS."""
+    from mergekit_lrp.scoring.accumulator import GradientAccumulator
+    from mergekit_lrp.scoring.attnlrp import attnlrp_rules
+    from mergekit_lrp.scoring.relevance import backward_ready, relevance_pass
+
+    model, prompts, rss_before_model, weights = load_for_worker(model_dir, length, count)
     times = []
     if mode == "plain":
         times = plain_seconds(model, prompts)
@@ -139,18 +150,12 @@ def worker_precompute(model_dir: str, mode: str, length: int, count: int) -> dic
 
 def worker_signal(model_dir: str, mode: str, length: int, count: int) -> dict:
     """One signal through lrp-compute's loop (default options), in this fresh process."""
-    from transformers import AutoModelForCausalLM
-
     from mergekit_lrp.scoring.loop import new_accumulator, run_prompts
     from mergekit_lrp.scoring.options import ComputeOptions
     from mergekit_lrp.scoring.prompts import Prompt
     from mergekit_lrp.scoring.resume import LoopState
 
-    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
-    rss_before_model = peak_rss_bytes()
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    weights = sum(p.numel() for p in model.parameters()) * 4
-    prompts = random_prompts(model.config.vocab_size, length, count + 1)
+    model, prompts, rss_before_model, weights = load_for_worker(model_dir, length, count)
     times = []
     if mode == "plain":
         times = plain_seconds(model, prompts)

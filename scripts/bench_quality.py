@@ -104,6 +104,25 @@ RULES = [
         Method(f"lrp (delta, {b} budget)", "lrp", {"budget": b}, scores=DEFAULT_SCORES)
         for b in ("layer", "model")
     ),
+    *(  # TIES-style disjoint mean: agreeing kept entries averaged, lone ones kept whole
+        Method(
+            f"lrp (delta, {c}, normalize)",
+            "lrp",
+            {"consensus": c, "normalize": True},
+            scores=DEFAULT_SCORES,
+        )
+        for c in ("sum", "winner")
+    ),
+    *(
+        Method(
+            f"lrp (delta, stochastic, {c}, normalize)",
+            "lrp",
+            {"selection": "stochastic", "consensus": c, "normalize": True},
+            scores=DEFAULT_SCORES,
+            seeds=(0, 1, 2),
+        )
+        for c in ("sum", "relevance", "winner")
+    ),
     Method("circuit (|delta| order)", "circuit", seeds=(0, 1, 2), uses_density=False),
     Method(
         "circuit (score order)",
@@ -587,6 +606,48 @@ def summary_table(rows: list[dict], densities) -> list[str]:
     return lines
 
 
+def validation_choice(results: dict) -> list[str]:
+    """lrp's settings ranked on the validation split (mean over families of each family's
+    best-weight validation value, then mean over densities), with the margin to the best
+    mergekit row at each density: how the defaults are chosen (docs/BENCHMARKS.md)."""
+    values: dict = {}
+    for row in results["rows"]:
+        by_family = values.setdefault(row["method"], {}).setdefault(row["density"], {})
+        by_family.setdefault(row["family"], []).append(max(row["val_mean_kept"].values()))
+    mean = {
+        method: {d: statistics.mean(statistics.mean(v) for v in f.values()) for d, f in by.items()}
+        for method, by in values.items()
+    }
+    densities = results["densities"]
+
+    def at(method, density):
+        return mean[method].get(density, mean[method].get(None))
+
+    baselines = [m for m in mean if not m.startswith(("lrp", "circuit"))]  # mergekit's
+    best = {d: max(at(m, d) for m in baselines) for d in densities}
+    ranked = sorted(
+        (m for m in mean if m.startswith("lrp")),
+        key=lambda m: -statistics.mean(at(m, d) for d in densities),
+    )
+    lines = [
+        "| lrp setting | " + " | ".join(f"val {d}" for d in densities) + " | mean | "
+        "worst margin to best mergekit row |",
+        "|---" * (len(densities) + 3) + "|",
+    ]
+    for m in ranked:
+        cells = [at(m, d) for d in densities]
+        margin = min(at(m, d) - best[d] for d in densities)
+        lines.append(
+            f"| {m} | "
+            + " | ".join(f"{c:.3f}" for c in cells)
+            + f" | {statistics.mean(cells):.3f} | {margin:+.3f} |"
+        )
+    lines.append(
+        "| best mergekit row | " + " | ".join(f"{best[d]:.3f}" for d in densities) + " | | |"
+    )
+    return lines
+
+
 def markdown(results: dict) -> str:
     lines = [
         "Test-split kept fraction of each expert's answer-NLL improvement (1 = expert, "
@@ -596,6 +657,8 @@ def markdown(results: dict) -> str:
     ]
     for name, rows in subset_kinds(results):
         lines += ["", f"**{name}**", "", *summary_table(rows, results["densities"])]
+    if any(row["method"].startswith("lrp") for row in results["rows"]):
+        lines += ["", "**lrp's settings on the validation split**", "", *validation_choice(results)]
     lines += [
         "",
         "Per merge (test kept fraction per merged task at the chosen weight, exact match "

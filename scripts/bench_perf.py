@@ -6,7 +6,8 @@ Sections (each a ratio against a baseline measured in the same run, alternating)
   precompute: relevance pass (AttnLRP rules + checkpointing + CPU accumulator) vs a plain
               forward+backward, per prompt, at two model sizes and two prompt lengths; peak
               RSS of each in a fresh process, against the fp32 weight size.
-  merge:      `lrp` vs mergekit's `dare_ties` on a ~100M Llama and two fine-tunes: wall time
+  merge:      `lrp` (default and each merge rule) and `circuit` vs mergekit's `dare_ties` on a
+              ~100M Llama and two fine-tunes: wall time
               and peak RSS, each merge in a fresh process, median of alternating runs.
   scores:     float32 vs bfloat16 score files: size, and top-k mask entries that flip.
   signals:    each `lrp-compute --method` (attnlrp, gradient, fisher, activation) through the
@@ -409,14 +410,35 @@ def score_file(model_dir: Path, out: Path, dtype: str, prompts: int = 4) -> Path
     return out
 
 
-def merge_config(method: str, base: Path, fts: list[Path], scores: list[Path]) -> dict:
+#: the merges timed against dare_ties: name -> (merge_method, global parameters, scores?)
+MERGE_SETTINGS = {
+    "dare_ties": ("dare_ties", {}, False),
+    "lrp": ("lrp", {}, True),
+    "lrp stochastic": ("lrp", {"selection": "stochastic"}, True),
+    "lrp consensus relevance": ("lrp", {"consensus": "relevance"}, True),
+    "lrp consensus winner, normalize": ("lrp", {"consensus": "winner", "normalize": True}, True),
+    "lrp layer budget": ("lrp", {"budget": "layer"}, True),
+    "lrp model budget": ("lrp", {"budget": "model"}, True),
+    "circuit": ("circuit", {}, False),
+    "circuit, score order": ("circuit", {"drop_order": "scores"}, True),
+}
+
+
+def merge_config(setting: str, base: Path, fts: list[Path], scores: list[Path]) -> dict:
+    method, shared, uses_scores = MERGE_SETTINGS[setting]
     models = []
     for ft, scores_path in zip(fts, scores, strict=True):
-        params = {"weight": 0.5, "density": 0.5}
-        if method == "lrp":
+        params = {} if method == "circuit" else {"weight": 0.5, "density": 0.5}
+        if uses_scores:
             params["lrp_scores"] = str(scores_path)
         models.append({"model": str(ft), "parameters": params})
-    return {"merge_method": method, "base_model": str(base), "models": models, "dtype": "float32"}
+    return {
+        "merge_method": method,
+        "base_model": str(base),
+        "models": models,
+        "parameters": shared,
+        "dtype": "float32",
+    }
 
 
 def worker_merge(config_path: str, out: str) -> dict:
@@ -449,25 +471,30 @@ def bench_merge(root: Path, quick: bool, repeats: int) -> dict:
         score_file(ft, root / f"llama-{size}-ft{i}.float32.safetensors", "float32")
         for i, ft in zip((1, 2), fts, strict=True)
     ]
-    runs = {"dare_ties": [], "lrp": []}
-    for _ in range(max(3, repeats)):  # alternate, so machine drift hits both
-        for method in runs:
-            config = root / f"merge-{method}.json"
-            config.write_text(json.dumps(merge_config(method, base, fts, scores)))
-            runs[method].append(run_worker("merge", str(config), str(root / f"out-{method}")))
+    runs = {setting: [] for setting in MERGE_SETTINGS}
+    for _ in range(max(3, repeats)):  # alternate, so machine drift hits all
+        for index, setting in enumerate(runs):
+            config = root / f"merge-{index}.json"
+            config.write_text(json.dumps(merge_config(setting, base, fts, scores)))
+            runs[setting].append(run_worker("merge", str(config), str(root / f"out-{index}")))
     med = {
         m: {k: statistics.median(r[k] for r in rs) for k in ("seconds", "peak_rss")}
         for m, rs in runs.items()
     }
+    baseline = med["dare_ties"]
     return {
         "size": size,
         "runs": runs,
-        "dare_ties_seconds": med["dare_ties"]["seconds"],
-        "lrp_seconds": med["lrp"]["seconds"],
-        "time_ratio": med["lrp"]["seconds"] / med["dare_ties"]["seconds"],
-        "dare_ties_peak_rss_mb": med["dare_ties"]["peak_rss"] / 2**20,
-        "lrp_peak_rss_mb": med["lrp"]["peak_rss"] / 2**20,
-        "rss_ratio": med["lrp"]["peak_rss"] / med["dare_ties"]["peak_rss"],
+        "rows": [
+            {
+                "setting": setting,
+                "seconds": m["seconds"],
+                "time_ratio": m["seconds"] / baseline["seconds"],
+                "peak_rss_mb": m["peak_rss"] / 2**20,
+                "rss_ratio": m["peak_rss"] / baseline["peak_rss"],
+            }
+            for setting, m in med.items()
+        ],
     }
 
 
@@ -648,12 +675,14 @@ def main() -> None:
         lines += [
             f"## Merge cost ({merge['size']} Llama, two fine-tunes, density 0.5)",
             "",
-            "| | dare_ties | lrp | ratio |",
-            "|---|---|---|---|",
-            f"| wall time, s (median) | {merge['dare_ties_seconds']:.2f} | "
-            f"{merge['lrp_seconds']:.2f} | {merge['time_ratio']:.2f} |",
-            f"| peak RSS, MB (median) | {merge['dare_ties_peak_rss_mb']:.0f} | "
-            f"{merge['lrp_peak_rss_mb']:.0f} | {merge['rss_ratio']:.2f} |",
+            "| merge | wall time s (median) | time / dare_ties | peak RSS MB (median) | "
+            "RSS / dare_ties |",
+            "|---|---|---|---|---|",
+            *[
+                f"| {r['setting']} | {r['seconds']:.2f} | {r['time_ratio']:.2f} | "
+                f"{r['peak_rss_mb']:.0f} | {r['rss_ratio']:.2f} |"
+                for r in merge["rows"]
+            ],
             "",
         ]
     if "profile" in results:

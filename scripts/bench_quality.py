@@ -53,10 +53,19 @@ class Method:
     #: score-set key for lrp: "[<signal>:]<target>-<n prompts>", or "random-{seed}"
     scores: str | None = None
     uses_density: bool = True
+    uses_weight: bool = True  # circuit takes no per-model weight (priority decides)
+    reversed_order: bool = False  # list the experts last task first (circuit's priority)
+    #: lrp rows name their rule on top of PLAIN_LRP, so they keep their meaning when lrp's
+    #: defaults change; "lrp (defaults)" alone runs whatever the defaults are
+    pinned: bool = True
 
 
 DEFAULT_SCORES = "predicted-128"
+#: lrp's rules before the merge-rules issue chose new defaults: per-tensor top-k, the
+#: weighted kept deltas added
+PLAIN_LRP = {"selection": "topk", "consensus": "none", "normalize": False}
 METHODS = [
+    Method("lrp (defaults)", "lrp", scores=DEFAULT_SCORES, seeds=(0, 1, 2), pinned=False),
     Method("lrp (delta)", "lrp", {"importance": "delta"}, scores=DEFAULT_SCORES),
     Method("lrp (weight)", "lrp", {"importance": "weight"}, scores=DEFAULT_SCORES),
     Method("task_arithmetic", "task_arithmetic", uses_density=False),
@@ -123,7 +132,39 @@ RULES = [
         )
         for c in ("sum", "relevance", "winner")
     ),
-    Method("circuit (|delta| order)", "circuit", seeds=(0, 1, 2), uses_density=False),
+    # Circuit-Merge's conflict rule (the first-listed model wins) inside lrp
+    Method("lrp (delta, priority)", "lrp", {"consensus": "priority"}, scores=DEFAULT_SCORES),
+    Method(
+        "lrp (delta, priority, normalize)",
+        "lrp",
+        {"consensus": "priority", "normalize": True},
+        scores=DEFAULT_SCORES,
+    ),
+    Method(
+        "lrp (delta, stochastic, priority, normalize)",
+        "lrp",
+        {"selection": "stochastic", "consensus": "priority", "normalize": True},
+        scores=DEFAULT_SCORES,
+        seeds=(0, 1, 2),
+    ),
+    Method(
+        "lrp (delta, stochastic, priority, normalize, reversed priority)",
+        "lrp",
+        {"selection": "stochastic", "consensus": "priority", "normalize": True},
+        scores=DEFAULT_SCORES,
+        seeds=(0, 1, 2),
+        reversed_order=True,
+    ),
+    Method(
+        "lrp (delta, stochastic, priority)",
+        "lrp",
+        {"selection": "stochastic", "consensus": "priority"},
+        scores=DEFAULT_SCORES,
+        seeds=(0, 1, 2),
+    ),
+    Method(
+        "circuit (|delta| order)", "circuit", seeds=(0, 1, 2), uses_density=False, uses_weight=False
+    ),
     Method(
         "circuit (score order)",
         "circuit",
@@ -131,6 +172,46 @@ RULES = [
         scores=DEFAULT_SCORES,
         seeds=(0, 1, 2),
         uses_density=False,
+        uses_weight=False,
+    ),
+]
+#: where Circuit-Merge's lead comes from: its combination without any drops, and the
+#: other priority order
+CIRCUIT_PARTS = [
+    Method(
+        "circuit (no drops)",
+        "circuit",
+        {"base_droprate": 0.0},
+        uses_density=False,
+        uses_weight=False,
+    ),
+    Method(
+        "circuit (reversed priority)",
+        "circuit",
+        seeds=(0, 1, 2),
+        uses_density=False,
+        uses_weight=False,
+        reversed_order=True,
+    ),
+    Method(
+        "circuit (no drops, reversed priority)",
+        "circuit",
+        {"base_droprate": 0.0},
+        uses_density=False,
+        uses_weight=False,
+        reversed_order=True,
+    ),
+    *(  # drops ranked by |delta| or by relevance once the keep probabilities differ
+        Method(
+            f"circuit ({order} order, epsilon 0.2)",
+            "circuit",
+            {"epsilon": 0.2, **({"drop_order": "scores"} if order == "score" else {})},
+            scores=DEFAULT_SCORES if order == "score" else None,
+            seeds=(0, 1, 2),
+            uses_density=False,
+            uses_weight=False,
+        )
+        for order in ("|delta|", "score")
     ),
 ]
 #: the signal ablation (issue 12): the same lrp selection (per-tensor top-k, same densities
@@ -153,24 +234,25 @@ DENSITIES = (0.1, 0.3, 0.5, 0.7, 0.9)
 def method_parameters(method: Method, density: float) -> tuple[dict, dict]:
     """(global parameters, per-model parameters) of one merge."""
     per_model = {}
+    params = dict(method.params)
+    if method.merge_method == "lrp" and method.pinned:
+        params = {**PLAIN_LRP, **params}
     if method.uses_density:
         if method.merge_method == "sce":
-            return {"select_topk": density, **method.params}, per_model
+            return {"select_topk": density, **params}, per_model
         per_model["density"] = density
         if method.merge_method == "della":  # density +/- epsilon must stay inside (0, 1)
             per_model["epsilon"] = min(0.15, 0.5 * min(density, 1 - density))
-        if method.params.get("selection") == "stochastic":  # the same bound for lrp
-            return {**method.params, "epsilon": min(0.1, 0.5 * min(density, 1 - density))}, (
-                per_model
-            )
-    return dict(method.params), per_model
+        if params.get("selection") == "stochastic" and method.pinned:  # the same bound
+            params["epsilon"] = min(0.1, 0.5 * min(density, 1 - density))
+    return params, per_model
 
 
 def merge_config(family, subset, method: Method, density, weight, score_files, seed=None) -> dict:
     shared, per_model = method_parameters(method, density)
     models = []
-    for task in subset:
-        params = {"weight": weight, **per_model}
+    for task in reversed(subset) if method.reversed_order else subset:
+        params = {"weight": weight, **per_model} if method.uses_weight else dict(per_model)
         if method.scores:
             params["lrp_scores"] = str(score_files[(method.scores.format(seed=seed), task)])
         models.append({"model": str(family.experts[task]), "parameters": params})
@@ -299,8 +381,11 @@ def subsets_of(tasks, quick: bool, which: str = "both") -> list[tuple[str, ...]]
     return {"pairs": pairs, "all": everything, "both": pairs + everything}[which]
 
 
-def weights_for(subset) -> list[float]:
-    """The per-model weights swept on the validation split: {1/N, 0.5, 1}."""
+def weights_for(subset, method: Method | None = None) -> list[float]:
+    """The per-model weights swept on the validation split: {1/N, 0.5, 1} (one
+    placeholder for a method without weights)."""
+    if method is not None and not method.uses_weight:
+        return [1.0]
     return sorted({round(1 / len(subset), 4), 0.5, 1.0})
 
 
@@ -313,11 +398,11 @@ def selected_methods(args) -> list[Method]:
     if args.variants and not args.quick:
         methods += VARIANTS
     if args.rules and not args.quick:
-        methods += RULES
+        methods += RULES + CIRCUIT_PARTS
     if args.ablation:
         methods = list(ABLATION)
     if args.methods:
-        known = {m.name: m for m in METHODS + VARIANTS + RULES + ABLATION}
+        known = {m.name: m for m in METHODS + VARIANTS + RULES + CIRCUIT_PARTS + ABLATION}
         unknown = [name for name in args.methods if name not in known]
         if unknown:
             raise SystemExit(f"unknown --methods {unknown}; known: {sorted(known)}")
@@ -351,7 +436,7 @@ class Job:
     @property
     def merges(self) -> int:
         """Validation merges (the progress bar's unit)."""
-        return len(weights_for(self.subset)) * len(self.method.seeds)
+        return len(weights_for(self.subset, self.method)) * len(self.method.seeds)
 
 
 def family_jobs(args, family, methods, densities, progress) -> list[Job]:
@@ -383,7 +468,7 @@ def merge_row(job: Job, exact: bool) -> dict:
     out = scratch / "merged"
     try:
         val = {}
-        for weight in weights_for(subset):
+        for weight in weights_for(subset, method):
             per_seed = []
             for seed in method.seeds:
                 config = merge_config(
@@ -529,7 +614,7 @@ def run(args) -> dict:
     }
 
 
-QUICK_METHODS = {"lrp (delta)", "task_arithmetic", "ties", "dare_ties"}
+QUICK_METHODS = {"lrp (defaults)", "task_arithmetic", "ties", "dare_ties"}
 QUICK_DENSITIES = (0.5,)
 QUICK_PROMPTS = 32
 
@@ -607,43 +692,55 @@ def summary_table(rows: list[dict], densities) -> list[str]:
 
 
 def validation_choice(results: dict) -> list[str]:
-    """lrp's settings ranked on the validation split (mean over families of each family's
-    best-weight validation value, then mean over densities), with the margin to the best
-    mergekit row at each density: how the defaults are chosen (docs/BENCHMARKS.md)."""
-    values: dict = {}
+    """lrp's settings ranked on the validation split as its defaults are chosen
+    (docs/BENCHMARKS.md): at lrp's default weight 1 (a default setting is used without a
+    weight sweep), mean over families, then over densities; beside it the same mean at
+    the weight the sweep chose, and the margin to the best mergekit row at each density
+    (that row at its chosen weight)."""
+    default_weight: dict = {}
+    best_weight: dict = {}
     for row in results["rows"]:
-        by_family = values.setdefault(row["method"], {}).setdefault(row["density"], {})
-        by_family.setdefault(row["family"], []).append(max(row["val_mean_kept"].values()))
-    mean = {
-        method: {d: statistics.mean(statistics.mean(v) for v in f.values()) for d, f in by.items()}
-        for method, by in values.items()
-    }
+        key = (row["method"], row["density"], row["family"])
+        val = row["val_mean_kept"]
+        best_weight.setdefault(key, []).append(max(val.values()))
+        if "1.0" in val:
+            default_weight.setdefault(key, []).append(val["1.0"])
+
+    def mean_at(table, method, density):
+        per_family = [
+            statistics.mean(v) for (m, d, _), v in table.items() if m == method and d == density
+        ]
+        if not per_family and density is not None:
+            return mean_at(table, method, None)  # a method without density
+        return statistics.mean(per_family)
+
     densities = results["densities"]
-
-    def at(method, density):
-        return mean[method].get(density, mean[method].get(None))
-
-    baselines = [m for m in mean if not m.startswith(("lrp", "circuit"))]  # mergekit's
-    best = {d: max(at(m, d) for m in baselines) for d in densities}
-    ranked = sorted(
-        (m for m in mean if m.startswith("lrp")),
-        key=lambda m: -statistics.mean(at(m, d) for d in densities),
-    )
+    methods = dict.fromkeys(m for m, _, _ in best_weight)
+    baselines = [m for m in methods if not m.startswith(("lrp", "circuit"))]  # mergekit's
+    best = {d: max(mean_at(best_weight, m, d) for m in baselines) for d in densities}
+    cells = {
+        m: [mean_at(default_weight, m, d) for d in densities]
+        for m in methods
+        if m.startswith("lrp")
+    }
     lines = [
-        "| lrp setting | " + " | ".join(f"val {d}" for d in densities) + " | mean | "
-        "worst margin to best mergekit row |",
-        "|---" * (len(densities) + 3) + "|",
+        "| lrp setting | "
+        + " | ".join(f"val {d}" for d in densities)
+        + " | mean | mean at the swept weight | worst margin to best mergekit row |",
+        "|---" * (len(densities) + 4) + "|",
     ]
-    for m in ranked:
-        cells = [at(m, d) for d in densities]
-        margin = min(at(m, d) - best[d] for d in densities)
+    for m in sorted(cells, key=lambda m: -statistics.mean(cells[m])):
+        swept = statistics.mean(mean_at(best_weight, m, d) for d in densities)
+        margin = min(c - best[d] for c, d in zip(cells[m], densities, strict=True))
         lines.append(
             f"| {m} | "
-            + " | ".join(f"{c:.3f}" for c in cells)
-            + f" | {statistics.mean(cells):.3f} | {margin:+.3f} |"
+            + " | ".join(f"{c:.3f}" for c in cells[m])
+            + f" | {statistics.mean(cells[m]):.3f} | {swept:.3f} | {margin:+.3f} |"
         )
     lines.append(
-        "| best mergekit row | " + " | ".join(f"{best[d]:.3f}" for d in densities) + " | | |"
+        "| best mergekit row (swept weight) | "
+        + " | ".join(f"{best[d]:.3f}" for d in densities)
+        + " | | | |"
     )
     return lines
 
@@ -658,7 +755,12 @@ def markdown(results: dict) -> str:
     for name, rows in subset_kinds(results):
         lines += ["", f"**{name}**", "", *summary_table(rows, results["densities"])]
     if any(row["method"].startswith("lrp") for row in results["rows"]):
-        lines += ["", "**lrp's settings on the validation split**", "", *validation_choice(results)]
+        lines += [
+            "",
+            "**lrp's settings on the validation split, at weight 1**",
+            "",
+            *validation_choice(results),
+        ]
     lines += [
         "",
         "Per merge (test kept fraction per merged task at the chosen weight, exact match "

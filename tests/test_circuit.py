@@ -10,6 +10,7 @@ import yaml
 from helpers import lrp_config
 from mergekit.merge_methods.api import merge_state_dicts
 
+from mergekit_lrp.errors import LrpError
 from mergekit_lrp.merging.circuit import accumulate, keep_rate
 from mergekit_lrp.merging.tensor_scores import LRPConfigError
 
@@ -71,10 +72,16 @@ def test_pruning_is_seeded_and_keeps_the_expected_share():
     assert abs(float((first != 0).float().mean()) - union) < 0.03
 
 
-def test_drop_order_from_score_files_changes_the_merge(family, tmp_path):
+def circuit_config(family, **parameters) -> dict:
+    """The family's two fine-tunes (with their score files) under ``circuit``."""
     config = lrp_config(family)
-    config["merge_method"] = "circuit"
-    config["parameters"] = {"base_droprate": 0.3, "epsilon": 0.2}
+    for model in config["models"]:
+        del model["parameters"]["weight"]
+    return {**config, "merge_method": "circuit", "parameters": parameters}
+
+
+def test_drop_order_from_score_files_changes_the_merge(family, tmp_path):
+    config = circuit_config(family, base_droprate=0.3, epsilon=0.2)
     from merging import run
 
     magnitude = run(config, tmp_path / "magnitude", random_seed=0)
@@ -85,9 +92,7 @@ def test_drop_order_from_score_files_changes_the_merge(family, tmp_path):
 
 
 def test_circuit_runs_under_mergekit_yaml(family, tmp_path):
-    config = lrp_config(family)
-    config["merge_method"] = "circuit"
-    config["parameters"] = {}
+    config = circuit_config(family)
     path = tmp_path / "circuit.yml"
     path.write_text(yaml.safe_dump(config))
     result = subprocess.run(
@@ -111,3 +116,27 @@ def test_circuit_runs_under_mergekit_yaml(family, tmp_path):
 def test_bad_parameters(parameters, fragment):
     with pytest.raises(LRPConfigError, match=fragment):
         circuit([torch.ones(2)], **parameters)
+
+
+@pytest.mark.parametrize(
+    "change, fragment",
+    [
+        (lambda c: c["parameters"].update(temprature=0.5), "did you mean 'temperature'"),
+        (lambda c: c["models"][0]["parameters"].update(weight=1.0), "unknown parameter 'weight'"),
+        (lambda c: c["models"][1]["parameters"].pop("lrp_scores"), "needs an lrp_scores file"),
+        (  # model b's scores given for model a
+            lambda c: c["models"][0]["parameters"].update(
+                lrp_scores=c["models"][1]["parameters"]["lrp_scores"]
+            ),
+            "computed on a different checkpoint",
+        ),
+    ],
+)
+def test_circuit_is_checked_before_anything_is_written(family, tmp_path, change, fragment):
+    from merging import run
+
+    config = circuit_config(family, drop_order="scores")
+    change(config)
+    with pytest.raises(LrpError, match=fragment):
+        run(config, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -60,6 +60,19 @@ def test_winner_and_drop_resolve_only_the_conflicting_entries(tmp_path):
     assert drop.tolist() == [[0.0, 0.0, 0.0, 2.0]]
 
 
+def test_priority_gives_conflicts_to_the_first_listed_model(tmp_path):
+    """Entries 0-2 conflict and go to m0 whatever the magnitudes or scores; entry 3
+    agrees; with normalize, agreeing entries are averaged and lone ones kept whole."""
+    third = torch.tensor([[2.0, 0.0, -2.0, 3.0]])  # agrees with m1 on 2, with m0 on 0, 3
+    deltas, scores = [*DELTAS, third], [*SCORES, torch.tensor([[1.0, 2.0, 3.0, 4.0]])]
+    priority = merge(tmp_path, deltas, scores, consensus="priority", density=ALL)
+    assert priority.tolist() == [[3.0 + 2.0, -1.0, 2.0, 1.0 + 1.0 + 3.0]]
+    averaged = merge(tmp_path, deltas, scores, consensus="priority", normalize=True, density=ALL)
+    torch.testing.assert_close(averaged, torch.tensor([[2.5, -1.0, 2.0, 5.0 / 3]]))
+    reversed_order = merge(tmp_path, deltas[::-1], scores[::-1], consensus="priority", density=ALL)
+    assert reversed_order.tolist() == [[2.0 + 3.0, 2.0, -6.0, 5.0]]
+
+
 def test_mass_rescale_divides_by_the_kept_share_of_importance():
     delta = torch.tensor([4.0, 3.0, 2.0, 1.0])
     importance = torch.tensor([5.0, 3.0, 1.0, 1.0])
@@ -106,6 +119,23 @@ def test_stochastic_merge_is_deterministic_for_a_random_seed(tmp_path):
     torch.manual_seed(8)
     other = merge(tmp_path, deltas, scores, **settings)
     assert torch.equal(first, second) and not torch.equal(first, other)
+
+
+@pytest.mark.parametrize("density", [0.04, 0.5, 0.97])
+def test_stochastic_without_epsilon_narrows_it_near_0_and_1(tmp_path, density):
+    """Unset, epsilon is 0.1 where that fits and narrower near 0 and 1: the merge runs
+    where an explicit 0.1 is refused, and draws as the narrowed epsilon does."""
+    torch.manual_seed(1)
+    deltas, scores = [torch.randn(16, 16)], [torch.rand(16, 16)]
+    spread = min(0.1, density / 2, (1 - density) / 2)
+    torch.manual_seed(3)
+    unset = merge(tmp_path, deltas, scores, density=density, selection="stochastic")
+    torch.manual_seed(3)
+    given = merge(tmp_path, deltas, scores, density=density, selection="stochastic", epsilon=spread)
+    assert torch.equal(unset, given)
+    if spread < 0.1:
+        with pytest.raises(LRPConfigError, match="density ± epsilon"):
+            merge(tmp_path, deltas, scores, density=density, selection="stochastic", epsilon=0.1)
 
 
 def test_consensus_none_and_normalize_match_the_plain_sum():

@@ -17,9 +17,13 @@ ones, so it overshoots less.
 Combining (``consensus``), on the weighted kept deltas: ``none`` adds them; ``sum`` and
 ``count`` are TIES' sign election (mergekit's helper); ``relevance`` elects the sign of the
 importance-weighted sum; ``winner`` keeps, where kept entries disagree in sign, only the
-most important one; ``drop`` zeroes such entries. Importance is compared across models
-after dividing each model's by its mean over the tensor (score files of different
-models need not share a scale).
+most important one; ``drop`` zeroes such entries; ``priority`` elects the sign of the
+first-listed model that kept the entry (Circuit-Merge's conflict rule: where kept entries
+disagree, the higher-priority model wins, and the models agreeing with it stay). With
+``normalize``, an entry is divided by the summed weights of the models that contributed to
+it (TIES' disjoint mean): agreeing entries averaged, lone entries kept whole. Importance
+is compared across models after dividing each model's by its mean over the tensor (score
+files of different models need not share a scale).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from mergekit.merge_methods.generalized_task_arithmetic import get_mask as sign_
 
 from mergekit_lrp.merging.selection import kept_count, top_k_mask
 
-CONSENSUS_MODES = ("none", "sum", "count", "relevance", "winner", "drop")
+CONSENSUS_MODES = ("none", "sum", "count", "relevance", "winner", "drop", "priority")
 SELECTION_MODES = ("topk", "stochastic")
 RESCALE_MODES = (False, True, "mass")
 
@@ -60,6 +64,12 @@ def select(
         share = (importance * mask).sum() / total if total > 0 else density
         kept = kept / max(float(share), 1e-12)
     return kept, importance * mask
+
+
+def default_epsilon(density: float) -> float:
+    """The spread of stochastic keep probabilities when ``epsilon`` is not given:
+    0.1, narrowed near 0 and 1 so that density ± epsilon stays inside [density/2, 1]."""
+    return max(0.0, min(0.1, density / 2, (1 - density) / 2))
 
 
 def keep_probabilities(importance: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
@@ -108,6 +118,10 @@ def _comparable(importances: torch.Tensor) -> torch.Tensor:
 
 def _relevance_agreement(stacked, importances, consensus) -> torch.Tensor:
     kept = stacked != 0
+    if consensus == "priority":
+        first = kept.to(torch.uint8).argmax(dim=0, keepdim=True)  # the first kept model
+        elected = torch.sign(stacked).gather(0, first)
+        return kept & (torch.sign(stacked) == elected)
     if consensus == "relevance":
         elected = torch.sign((importances * stacked.float()).sum(dim=0))
         return kept & (torch.sign(stacked) == elected)

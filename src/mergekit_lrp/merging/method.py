@@ -21,6 +21,7 @@ from mergekit_lrp.merging.combine import (
     RESCALE_MODES,
     SELECTION_MODES,
     combine,
+    default_epsilon,
     generator_for,
     select,
 )
@@ -71,7 +72,7 @@ def check_model_parameters(
     model: Hashable, weight: float, density: float, epsilon: float | None = None
 ) -> None:
     """Per-model values, checked here because mergekit's messages would not name the model.
-    ``epsilon`` is checked when the selection is stochastic."""
+    ``epsilon`` is checked when the selection is stochastic and it was given."""
     if not 0 < density <= 1:
         raise LRPConfigError(f"lrp: density for {model} must be in (0, 1], got {density}")
     if weight < 0:
@@ -103,7 +104,7 @@ def lrp_merge(
     protect_special: bool = True,
     missing_scores: str = "error",
     selection: str = "topk",
-    epsilon: float = 0.1,
+    epsilon: float | None = None,
     budget: str = "tensor",
 ) -> torch.Tensor:
     check_shared_parameters(importance, consensus, missing_scores, selection, rescale, budget)
@@ -128,7 +129,8 @@ def lrp_merge(
             if path and scores.fallback is None:
                 keep = budget_density(path, name, keep, budget)
             generator = generator_for(name, index, delta.device) if stochastic else None
-            delta, imp = select(delta, imp, keep, selection, rescale, epsilon, generator)
+            spread = default_epsilon(keep) if epsilon is None else epsilon
+            delta, imp = select(delta, imp, keep, selection, rescale, spread, generator)
         deltas.append(delta)
         importances.append(delta.abs().float() if imp is None else imp)
         weights.append(weight[entry.id])

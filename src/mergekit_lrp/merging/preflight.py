@@ -55,7 +55,7 @@ def index_tensor_files(index) -> dict[str, str]:
     return {name: os.path.join(index.base_path, file) for name, file in index.tensor_paths.items()}
 
 
-def plan_lrp_merge(merge_config, options):
+def plan_merge(merge_config, options):
     """Plan (without executing) the merge, as ``run_merge`` would: (weight, task) pairs.
 
     mergekit 0.1.5's ``plan_in_memory`` fails validating its own ReturnTensor
@@ -88,11 +88,14 @@ def _input_weights(task):
 FORMER_NAMES = {"lrp_path": "lrp_scores"}
 
 
-def check_parameter_names(merge_config) -> None:
-    """Refuse parameters ``lrp`` does not take (mergekit ignores them silently)."""
+def check_parameter_names(merge_config, method=None) -> None:
+    """Refuse parameters the merge ``method`` (default ``lrp``) does not take (mergekit
+    ignores them silently)."""
     from mergekit_lrp.merging.method import lrp_merge
 
-    known = [parameter.name for parameter in lrp_merge.spec.parameters]
+    method = method or lrp_merge
+    method_name = method.spec.name
+    known = [parameter.name for parameter in method.spec.parameters]
     places = [("parameters", merge_config.parameters or {})]
     places += [(f"parameters of {m.model}", m.parameters or {}) for m in merge_config.models or ()]
     for output_slice in merge_config.slices or ():
@@ -103,22 +106,22 @@ def check_parameter_names(merge_config) -> None:
                 continue
             if name in FORMER_NAMES:
                 raise LRPConfigError(
-                    f"lrp: {name!r} ({where}) is called {FORMER_NAMES[name]!r} in mergekit-lrp"
+                    f"{method_name}: {name!r} ({where}) is called {FORMER_NAMES[name]!r} in "
+                    "mergekit-lrp"
                 )
             close = difflib.get_close_matches(name, known, n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""
             raise LRPConfigError(
-                f"lrp: unknown parameter {name!r} ({where}); {hint}lrp takes: {', '.join(known)}"
+                f"{method_name}: unknown parameter {name!r} ({where}); {hint}{method_name} "
+                f"takes: {', '.join(known)}"
             )
 
 
 def preflight(merge_config, options) -> None:
     """Raise :class:`LRPConfigError` / :class:`ScoreFileError` naming what is wrong."""
-    from mergekit.io.tasks import LoaderCache
-
     check_parameter_names(merge_config)
     models: dict = {}
-    for weight, task in plan_lrp_merge(merge_config, options):
+    for weight, task in plan_merge(merge_config, options):
         shared = task.parameters
         check_shared_parameters(
             shared["importance"],
@@ -135,25 +138,11 @@ def preflight(merge_config, options) -> None:
             params = task.input_parameters[model]
             epsilon = shared["epsilon"] if stochastic else None
             check_model_parameters(model, params["weight"], params["density"], epsilon)
-            if model not in models:
-                index = LoaderCache().get(model).index
-                model_type = model.config(trust_remote_code=options.trust_remote_code).model_type
-                models[model] = _ModelFiles(index_tensor_files(index), model_type)
-            files = models[model]
+            files = _model_files(model, models, options)
             shape = _weight_shape(input_weight, files)
             if shape is None:
                 continue  # an optional tensor this model lacks: base passthrough
-            if input_weight.name != weight.name:
-                raise LRPConfigError(
-                    f"lrp: model {model} feeds its tensor {input_weight.name!r} into output "
-                    f"{weight.name!r} (a slice moves its layers). lrp cannot merge that: "
-                    "scores are looked up by the output tensor's name, so the merge would "
-                    f"rank {input_weight.name!r} by the relevance of that model's "
-                    f"{weight.name!r}, measured at another position. Either build the "
-                    "rearranged model first (a passthrough merge with these slices), score "
-                    "it with lrp-compute and lrp-merge that, or merge the moved layers with "
-                    "a method without scores (slerp, linear, ties)"
-                )
+            _refuse_moved_tensor("lrp", model, input_weight, weight)
             reader = _check_file(model, params["lrp_scores"], files)
             if reader is not None:
                 check_mode(reader, shared["importance"], model)
@@ -167,6 +156,70 @@ def preflight(merge_config, options) -> None:
     for model, files in models.items():
         for path in files.score_paths_seen:
             _check_extra_tensors(model, path, files)
+
+
+def preflight_circuit(merge_config, options) -> None:
+    """``circuit``'s checks: its parameter names and values and, with ``drop_order:
+    scores``, every model's score file as for ``lrp`` (fingerprint, tensors, shapes)."""
+    from mergekit_lrp.merging.circuit import check_parameters, circuit_merge
+
+    check_parameter_names(merge_config, circuit_merge)
+    models: dict = {}
+    for weight, task in plan_merge(merge_config, options):
+        shared = task.parameters
+        check_parameters(
+            shared["temperature"],
+            shared["base_droprate"],
+            shared["meaningful_change_threshold"],
+            shared["epsilon"],
+            shared["drop_order"],
+        )
+        if shared["drop_order"] != "scores":
+            continue
+        for model, input_weight in _input_weights(task).items():
+            if model == task.base_model:
+                continue
+            files = _model_files(model, models, options)
+            shape = _weight_shape(input_weight, files)
+            if shape is None:
+                continue
+            _refuse_moved_tensor("circuit", model, input_weight, weight)
+            path = task.input_parameters[model]["lrp_scores"]
+            if not path:
+                raise LRPConfigError(
+                    f"circuit: drop_order: scores needs an lrp_scores file for model {model}"
+                )
+            _check_file(model, path, files)
+            locate_scores(model, weight.name, str(path), "error").check(shape)
+    for model, files in models.items():
+        for path in files.score_paths_seen:
+            _check_extra_tensors(model, path, files)
+
+
+def _model_files(model, models: dict, options) -> _ModelFiles:
+    """The model's tensor files and type, read once per preflight into ``models``."""
+    from mergekit.io.tasks import LoaderCache
+
+    if model not in models:
+        index = LoaderCache().get(model).index
+        model_type = model.config(trust_remote_code=options.trust_remote_code).model_type
+        models[model] = _ModelFiles(index_tensor_files(index), model_type)
+    return models[model]
+
+
+def _refuse_moved_tensor(method: str, model, input_weight, weight) -> None:
+    if input_weight.name == weight.name:
+        return
+    raise LRPConfigError(
+        f"{method}: model {model} feeds its tensor {input_weight.name!r} into output "
+        f"{weight.name!r} (a slice moves its layers). {method} cannot merge that with score "
+        "files: scores are looked up by the output tensor's name, so the merge would "
+        f"rank {input_weight.name!r} by the relevance of that model's "
+        f"{weight.name!r}, measured at another position. Either build the "
+        "rearranged model first (a passthrough merge with these slices), score "
+        "it with lrp-compute and merge that, or merge the moved layers with "
+        "a method without scores (slerp, linear, ties)"
+    )
 
 
 def _weight_shape(weight, files: _ModelFiles) -> tuple[int, ...] | None:

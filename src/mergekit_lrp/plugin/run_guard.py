@@ -1,4 +1,5 @@
-"""Wrap ``mergekit.merge.run_merge`` so ``lrp`` merges are checked first and staged.
+"""Wrap ``mergekit.merge.run_merge`` so ``lrp`` and ``circuit`` merges are checked first
+and staged.
 
 Other merge methods go straight to mergekit's own ``run_merge``, untouched.
 """
@@ -12,7 +13,7 @@ from types import ModuleType
 
 from mergekit_lrp.errors import LrpError
 from mergekit_lrp.merging.model_card import finish_model_card, lrp_section
-from mergekit_lrp.merging.preflight import preflight
+from mergekit_lrp.merging.preflight import preflight, preflight_circuit
 from mergekit_lrp.merging.staging import staged_directory
 
 
@@ -38,9 +39,14 @@ def guard_run_merge(merge_module: ModuleType) -> None:
 
     @functools.wraps(original)
     def run_merge(merge_config, out_path, options, config_source=None):
-        if merge_config.merge_method != "lrp":
+        method = merge_config.merge_method
+        if method not in ("lrp", "circuit"):
             return original(merge_config, out_path, options, config_source=config_source)
         with one_line_errors():
+            if method == "circuit":
+                preflight_circuit(merge_config, options)
+                with staged_directory(out_path) as staging:
+                    return original(merge_config, staging, options, config_source=config_source)
             preflight(merge_config, options)
             section = lrp_section(merge_config)  # before mergekit rewrites the config
             with staged_directory(out_path) as staging:

@@ -129,3 +129,74 @@ def test_auto_checkpoints_only_when_activations_do_not_fit():
         free=lambda d: 10 * activations,
     )  # fmt: skip
     assert explicit.checkpointing
+
+
+@pytest.mark.parametrize("method", ["attnlrp", "fisher"])  # |grad| and grad² sums
+def test_overlapped_host_sums_write_the_same_bytes_and_resume(
+    model_and_prompts, tmp_path, monkeypatch, method
+):
+    """The background adder (forced on, as on a GPU) gives the synchronous bytes, also
+    through resume checkpoints written mid-run (which must wait for pending additions)."""
+    import functools
+    import time
+
+    from mergekit_lrp.scoring import loop
+    from mergekit_lrp.scoring.host_adder import HostAdder
+
+    reference = score(model_and_prompts, tmp_path / "sync.safetensors", method=method)
+    forced = functools.partial(GradientAccumulator, overlap=True)
+    monkeypatch.setattr(loop, "GradientAccumulator", forced)
+    add = HostAdder._add
+
+    def slow_add(*args):  # a host that lags, so additions are pending at every read
+        time.sleep(0.002)
+        add(*args)
+
+    monkeypatch.setattr(HostAdder, "_add", staticmethod(slow_add))
+    overlapped = score(model_and_prompts, tmp_path / "overlap.safetensors", method=method)
+    assert overlapped == reference
+
+    real, calls = loop.relevance_pass, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:  # after the checkpoint at 2 prompts and one more pending
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    out = tmp_path / "resumed.safetensors"
+    monkeypatch.setattr(loop, "relevance_pass", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        score(model_and_prompts, out, method=method)
+    monkeypatch.setattr(loop, "relevance_pass", real)
+    assert score(model_and_prompts, out, method=method, resume=True) == reference
+
+
+def test_host_adder_keeps_order_with_one_buffer_and_reports_a_failed_addition():
+    from mergekit_lrp.scoring.host_adder import HostAdder
+
+    adder = HostAdder(largest_bytes=4 * 6, pin=False, slots=1)  # every submit waits
+    total = torch.zeros(2, 3)
+    grads = [torch.randn(2, 3, generator=torch.Generator().manual_seed(i)) for i in range(20)]
+    for grad in grads:
+        adder.submit(total, grad, square=True)
+    adder.drain()
+    expected = torch.zeros(2, 3)
+    for grad in grads:
+        expected.add_(grad.square())
+    assert torch.equal(total, expected)
+
+    adder.submit(torch.zeros(3, 2), grads[0], square=False)  # shapes do not broadcast
+    with pytest.raises(RuntimeError, match="host sums failed"):
+        adder.drain()
+    adder._error = None
+    adder.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_overlapped_host_sums_match_device_sums_on_cuda(model_and_prompts, tmp_path):
+    on_device = score(model_and_prompts, tmp_path / "d.safetensors", device="cuda",
+                      accumulate_on="device")  # fmt: skip
+    on_host = score(model_and_prompts, tmp_path / "h.safetensors", device="cuda",
+                    accumulate_on="cpu")  # fmt: skip
+    assert on_host == on_device

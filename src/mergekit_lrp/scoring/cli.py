@@ -147,7 +147,8 @@ from mergekit_lrp.scoring.signals import SIGNALS
     default=default("accumulate_on"),
     show_default=True,
     help="Where the float32 sums live: 'device' = beside each parameter (no per-prompt "
-    "copies to the host; 4 bytes a parameter of GPU memory), 'cpu' = host RAM; 'auto' = "
+    "copies to the host; 4 bytes a parameter of GPU memory), 'cpu' = host RAM (gradients "
+    "copied and added in the background while the GPU goes on); 'auto' = "
     "the device when they fit in its free memory, else the host (the choice is printed).",
 )
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")

@@ -4,7 +4,8 @@ from the memory the device has free (``auto``) or as the user said.
 Sums kept where each parameter lives (``device``) cost no per-prompt host traffic: a
 gradient is added to its float32 sum on its own GPU, and the sums reach the host only for
 resume files and the final write, tensor by tensor. Host sums (``cpu``) cost 4 bytes a
-parameter of host RAM and a device-to-host copy of every gradient per prompt.
+parameter of host RAM and a device-to-host copy of every gradient per prompt, overlapped
+with the device's work (:mod:`.host_adder`).
 Gradient checkpointing recomputes each layer's forward in the backward pass (a third more
 time) and is only worth it when the activations of a --max-length prompt do not fit.
 """

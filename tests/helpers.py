@@ -44,13 +44,20 @@ def invoke(*args) -> Result:
     return CliRunner().invoke(cli, [str(a) for a in args])
 
 
+#: lrp's per-tensor top-k with the kept deltas added (the rule before the defaults were
+#: chosen on the benchmark): what hand computations of masks and sums check
+TOPK_RULE = {"selection": "topk", "consensus": "none", "normalize": False}
+
+
 def lrp_config(family, **parameters) -> dict:
-    """A mergekit config dict for an lrp merge of the family's two fine-tunes.
+    """A mergekit config dict for an lrp merge of the family's two fine-tunes, with the
+    :data:`TOPK_RULE` unless ``rule`` says otherwise (``rule={}``: lrp's defaults).
 
     ``family`` is the ``family`` fixture; ``per_model`` maps ``ft_a`` / ``ft_b`` to
     parameters that replace or add to theirs, every other keyword is a global parameter.
     """
     per_model = parameters.pop("per_model", {})
+    parameters = {**parameters.pop("rule", TOPK_RULE), **parameters}
     models = []
     for name in ("ft_a", "ft_b"):
         params = {"weight": 1.0, "lrp_scores": str(family[f"{name}_scores"])}

@@ -9,6 +9,7 @@ import sys
 
 import torch
 from checkpoints import char_tokenizer, tiny_llama
+from helpers import TOPK_RULE
 from merging import run
 
 from mergekit_lrp import api
@@ -63,7 +64,7 @@ def test_merge_mask_is_the_mask_the_merge_applies(family, tmp_path):
                 "parameters": {"weight": 1.0, "lrp_scores": str(family["ft_a_scores"])},
             }
         ],
-        "parameters": {"density": 0.25},
+        "parameters": {"density": 0.25, **TOPK_RULE},
         "dtype": "float32",
     }
     merged = run(config, tmp_path / "out")[name]

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import TOPK_RULE
 from mergekit.merge_methods.api import merge_state_dicts
 
 from mergekit_lrp.merging.combine import combine, keep_probabilities, select
@@ -26,7 +27,7 @@ def merge(tmp_path, deltas, scores, **parameters) -> torch.Tensor:
     for index, (delta, score) in enumerate(zip(deltas, scores, strict=True)):
         models[f"m{index}"] = {"w": base + delta}
         paths[f"m{index}"] = scores_file(tmp_path / f"s{index}.safetensors", score)
-    parameters = {"lrp_scores": paths, "density": 1.0, **parameters}
+    parameters = {"lrp_scores": paths, "density": 1.0, **TOPK_RULE, **parameters}
     return merge_state_dicts(models, "lrp", base="base", parameters=parameters)["w"]
 
 
@@ -158,3 +159,25 @@ def test_consensus_none_and_normalize_match_the_plain_sum():
 def test_new_parameters_are_validated(tmp_path, parameters, fragment):
     with pytest.raises(LRPConfigError, match=fragment):
         merge(tmp_path, DELTAS, SCORES, **parameters)
+
+
+def test_defaults_are_the_rule_chosen_on_the_benchmark(tmp_path):
+    """No rule given: density 0.9, stochastic selection (epsilon 0.05 at 0.9), conflicts
+    to the first-listed model, the disjoint mean (docs/BENCHMARKS.md)."""
+    torch.manual_seed(2)
+    base = torch.zeros(12, 12)
+    models = {"base": {"w": base}}
+    paths = {}
+    for index in range(3):
+        models[f"m{index}"] = {"w": torch.randn(12, 12)}
+        paths[f"m{index}"] = scores_file(tmp_path / f"s{index}.safetensors", torch.rand(12, 12))
+
+    def merged(**rule):
+        torch.manual_seed(5)
+        parameters = {"lrp_scores": paths, **rule}
+        return merge_state_dicts(models, "lrp", base="base", parameters=parameters)["w"]
+
+    chosen = dict(density=0.9, selection="stochastic", epsilon=0.05, consensus="priority")
+    assert torch.equal(merged(), merged(**chosen, normalize=True))
+    assert not torch.equal(merged(), merged(**chosen, normalize=False))
+    assert not torch.equal(merged(), merged(**TOPK_RULE, density=0.9))

@@ -31,6 +31,9 @@ models:
     parameters: {weight: 1.0, lrp_scores: ./ft_b.safetensors}
 parameters:
   density: 0.5
+  selection: topk
+  consensus: none
+  normalize: false
   # no scores: the vision tower (text-only calibration) and MTP (not in the transformers
   # class); MTP merged by |delta|, the vision tower stays the base's
   missing_scores:

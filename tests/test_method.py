@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import TOPK_RULE
 from mergekit.merge_methods.api import merge_state_dicts
 
 from mergekit_lrp.merging.selection import top_k_mask
@@ -47,6 +48,7 @@ def test_matches_hand_computation(small, importance):
         base="base",
         parameters={
             "lrp_scores": {"a": paths[0], "b": paths[1]},
+            **TOPK_RULE,
             "density": 0.5,
             "weight": {"a": weights[0], "b": weights[1]},
             "importance": importance,
@@ -69,6 +71,7 @@ def test_rescale_and_consensus(small):
         base="base",
         parameters={
             "lrp_scores": {"a": paths[0], "b": paths[1]},
+            **TOPK_RULE,
             "density": 0.25,
             "rescale": True,
             "consensus": "sum",

@@ -100,7 +100,7 @@ def merge_mask(
     base: torch.Tensor,
     finetuned: torch.Tensor,
     scores: torch.Tensor | None,
-    density: float = 0.3,
+    density: float = 0.9,
     importance: str = "delta",
     *,
     protected: bool = False,
@@ -108,7 +108,9 @@ def merge_mask(
     quantity: str = "mean_abs_grad",
 ) -> torch.Tensor:
     """The boolean mask of the entries of ``finetuned - base`` that ``lrp`` keeps for
-    this tensor: exactly round(density * numel) entries of highest importance
+    this tensor with ``selection: topk``: exactly round(density * numel) entries of
+    highest importance (the default ``selection: stochastic`` draws the kept entries,
+    with probabilities rising with the same ranking)
     (``delta``: |finetuned - base| * scores; ``weight``: |finetuned| * scores; squares
     instead of absolute values when ``quantity`` is ``mean_sq_grad`` or ``mean_sq_input``,
     the quantities of ``fisher`` and ``activation`` files), ties kept in index order.

@@ -36,7 +36,13 @@ from mergekit_lrp.inspect.names import KINDS
     help="The base model; with --model, shows what lrp keeps of each task vector and "
     "compares files by merge importance instead of raw scores.",
 )
-@click.option("--density", default=0.3, show_default=True, help="Fraction kept per tensor.")
+@click.option(
+    "--density",
+    default=0.9,
+    show_default=True,
+    help="Fraction kept per tensor (lrp's default); the masks are selection: topk's, the "
+    "entries the default stochastic selection keeps with the highest probability.",
+)
 @click.option(
     "--importance",
     default="delta",

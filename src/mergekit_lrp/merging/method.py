@@ -1,10 +1,14 @@
 """The ``lrp`` merge method: keep each task vector's most relevant entries.
 
 For every non-base model m: delta_m = theta_m - theta_base; importance_m comes from
-m's score file (:mod:`.tensor_scores`); the top ``density`` fraction of delta_m by
-importance is kept, the rest zeroed; then
-merged = theta_base + sum_m weight_m * masked delta_m, with the selection, rescaling
+m's score file (:mod:`.tensor_scores`); a ``density`` fraction of delta_m is kept, by
+importance rank, the rest zeroed; then
+merged = theta_base + sum_m weight_m * kept delta_m, with the selection, rescaling
 and sign rules of :mod:`.combine`, and normalisation by the summed weights.
+
+The defaults (stochastic selection by rank, conflicts to the first-listed model, the
+disjoint mean, density 0.9) were chosen on the benchmark's validation split at weight 1
+(docs/BENCHMARKS.md, "Choosing lrp's defaults").
 """
 
 from __future__ import annotations
@@ -95,15 +99,15 @@ def check_model_parameters(
 def lrp_merge(
     group: TensorGroup,
     weight: PerNonBase[float] = 1.0,
-    density: PerNonBase[float] = 0.3,
+    density: PerNonBase[float] = 0.9,
     lrp_scores: PerNonBase[str | None] = None,
     importance: str = "delta",
     rescale: bool | str = False,
-    consensus: str = "none",
-    normalize: bool = False,
+    consensus: str = "priority",
+    normalize: bool = True,
     protect_special: bool = True,
     missing_scores: str = "error",
-    selection: str = "topk",
+    selection: str = "stochastic",
     epsilon: float | None = None,
     budget: str = "tensor",
 ) -> torch.Tensor:

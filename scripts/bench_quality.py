@@ -701,10 +701,10 @@ def validation_choice(results: dict) -> list[str]:
     best_weight: dict = {}
     for row in results["rows"]:
         key = (row["method"], row["density"], row["family"])
-        val = row["val_mean_kept"]
+        val = {float(w): v for w, v in row["val_mean_kept"].items()}  # JSON keys are str
         best_weight.setdefault(key, []).append(max(val.values()))
-        if "1.0" in val:
-            default_weight.setdefault(key, []).append(val["1.0"])
+        if 1.0 in val:
+            default_weight.setdefault(key, []).append(val[1.0])
 
     def mean_at(table, method, density):
         per_family = [

@@ -407,8 +407,8 @@ def score_file(model_dir: Path, out: Path, dtype: str, prompts: int = 4) -> Path
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
 
     class Ids:  # a tokenizer stand-in: prompts are already token ids
-        def __call__(self, ids, return_tensors):
-            return {"input_ids": ids[None]}
+        def __call__(self, ids):
+            return {"input_ids": ids.tolist()}
 
     sums = relevance_scores(model, Ids(), random_prompts(model.config.vocab_size, 64, prompts))
     metadata = ScoreMetadata(
@@ -423,15 +423,27 @@ def score_file(model_dir: Path, out: Path, dtype: str, prompts: int = 4) -> Path
     return out
 
 
-#: the merges timed against dare_ties: name -> (merge_method, global parameters, scores?)
+#: the merges timed against dare_ties: name -> (merge_method, global parameters, scores?);
+#: lrp rows name their whole rule, so they keep their meaning when the defaults change
+TOPK = {"selection": "topk", "consensus": "none", "normalize": False}
 MERGE_SETTINGS = {
     "dare_ties": ("dare_ties", {}, False),
-    "lrp": ("lrp", {}, True),
-    "lrp stochastic": ("lrp", {"selection": "stochastic"}, True),
-    "lrp consensus relevance": ("lrp", {"consensus": "relevance"}, True),
-    "lrp consensus winner, normalize": ("lrp", {"consensus": "winner", "normalize": True}, True),
-    "lrp layer budget": ("lrp", {"budget": "layer"}, True),
-    "lrp model budget": ("lrp", {"budget": "model"}, True),
+    "lrp (defaults: stochastic, priority, normalize)": ("lrp", {}, True),
+    "lrp top-k": ("lrp", TOPK, True),
+    "lrp top-k, priority, normalize": (
+        "lrp",
+        {**TOPK, "consensus": "priority", "normalize": True},
+        True,
+    ),
+    "lrp stochastic": ("lrp", {**TOPK, "selection": "stochastic"}, True),
+    "lrp top-k, consensus relevance": ("lrp", {**TOPK, "consensus": "relevance"}, True),
+    "lrp top-k, winner, normalize": (
+        "lrp",
+        {**TOPK, "consensus": "winner", "normalize": True},
+        True,
+    ),
+    "lrp top-k, layer budget": ("lrp", {**TOPK, "budget": "layer"}, True),
+    "lrp top-k, model budget": ("lrp", {**TOPK, "budget": "model"}, True),
     "circuit": ("circuit", {}, False),
     "circuit, score order": ("circuit", {"drop_order": "scores"}, True),
 }

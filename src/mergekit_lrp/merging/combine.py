@@ -76,11 +76,18 @@ def keep_probabilities(importance: torch.Tensor, density: float, epsilon: float)
     """density - epsilon for the least important entry rising linearly to density + epsilon
     for the most important one (ties in index order); mean density."""
     n = importance.numel()
-    order = torch.argsort(importance.reshape(-1).float(), stable=True)
-    ranks = torch.empty(n, dtype=torch.float32, device=importance.device)
-    ranks[order] = torch.arange(n, dtype=torch.float32, device=importance.device)
-    spread = ranks / (n - 1) if n > 1 else torch.full_like(ranks, 0.5)
-    return (density - epsilon + 2 * epsilon * spread).reshape(importance.shape)
+    if epsilon == 0:  # one probability for every entry: no ranking needed
+        return torch.full_like(importance, density, dtype=torch.float32)
+    # importance is >= 0 (and + 0.0 turns -0.0 into 0.0), so its float32 bits order like
+    # its values: sorting them as int32 gives the same ranks, faster than a float sort
+    bits = (importance.reshape(-1).float() + 0.0).view(torch.int32)
+    order = torch.argsort(bits, stable=True)
+    ranks = torch.arange(n, dtype=torch.float32, device=importance.device)
+    spread = ranks.div_(n - 1) if n > 1 else torch.full_like(ranks, 0.5)
+    by_rank = spread.mul_(2 * epsilon).add_(density - epsilon)  # computed in rank order,
+    probability = torch.empty_like(by_rank)  # then put back in place: one scatter
+    probability[order] = by_rank
+    return probability.reshape(importance.shape)
 
 
 def generator_for(name: str, index: int, device) -> torch.Generator:
@@ -100,6 +107,8 @@ def combine(
         return stacked.sum(dim=0), divisor
     if consensus in ("sum", "count"):
         agree = sign_consensus_mask(stacked, method=consensus, mask_dtype=stacked.dtype).bool()
+    elif consensus == "priority":
+        agree = _priority_agreement(stacked)
     else:
         agree = _relevance_agreement(stacked, _comparable(importances), consensus)
     contributing = agree & (stacked != 0)
@@ -116,12 +125,18 @@ def _comparable(importances: torch.Tensor) -> torch.Tensor:
     return importances.float() / torch.where(mean > 0, mean, torch.ones_like(mean))
 
 
+def _priority_agreement(stacked) -> torch.Tensor:
+    """Kept entries with the sign of the first model that kept the entry (elementwise
+    passes over the models: a reduction along the model axis is much slower on CPU)."""
+    signs = torch.sign(stacked)
+    elected = signs[0].clone()
+    for sign in signs[1:]:
+        elected = torch.where(elected == 0, sign, elected)
+    return (stacked != 0) & (signs == elected)
+
+
 def _relevance_agreement(stacked, importances, consensus) -> torch.Tensor:
     kept = stacked != 0
-    if consensus == "priority":
-        first = kept.to(torch.uint8).argmax(dim=0, keepdim=True)  # the first kept model
-        elected = torch.sign(stacked).gather(0, first)
-        return kept & (torch.sign(stacked) == elected)
     if consensus == "relevance":
         elected = torch.sign((importances * stacked.float()).sum(dim=0))
         return kept & (torch.sign(stacked) == elected)
@@ -129,6 +144,13 @@ def _relevance_agreement(stacked, importances, consensus) -> torch.Tensor:
     if consensus == "drop":
         return kept & ~conflict
     ranked = torch.where(kept, importances, torch.full_like(importances, -1.0))
-    winner = torch.zeros_like(kept)
-    winner.scatter_(0, ranked.argmax(dim=0, keepdim=True), True)
+    best = ranked[0]
+    first_best = torch.zeros(ranked.shape[1:], dtype=torch.long, device=ranked.device)
+    for index in range(1, ranked.shape[0]):  # the first model with the highest importance
+        better = ranked[index] > best
+        best = torch.where(better, ranked[index], best)
+        first_best = torch.where(better, index, first_best)
+    winner = first_best.unsqueeze(0) == torch.arange(ranked.shape[0], device=ranked.device).reshape(
+        -1, *([1] * (ranked.ndim - 1))
+    )
     return kept & torch.where(conflict, winner, torch.ones_like(kept))

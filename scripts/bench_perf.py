@@ -203,9 +203,8 @@ def worker_placement(model_dir: str, mode: str, length: int, count: int, device:
         if cuda:
             torch.cuda.synchronize()
 
-    times = []
-    if mode == "plain":
-        times = plain_seconds(model, prompts, device, synchronize)
+    if mode == "plain":  # the first prompt warms up
+        per_prompt = statistics.median(plain_seconds(model, prompts, device, synchronize)[1:])
     else:
         parameters = dict(model.named_parameters())
         host = mode.startswith("host-sums")
@@ -228,8 +227,7 @@ def worker_placement(model_dir: str, mode: str, length: int, count: int, device:
         start = time.perf_counter()
         run_prompts(model, loop[1:], options, accumulator, LoopState())
         synchronize()
-        times = [0.0] + [(time.perf_counter() - start) / (len(loop) - 1)] * (len(loop) - 1)
-    per_prompt = statistics.median(times[1:])  # the first prompt warms up
+        per_prompt = (time.perf_counter() - start) / (len(loop) - 1)
     return {
         "seconds_per_prompt": per_prompt,
         "peak_device_memory": torch.cuda.max_memory_allocated() if cuda else peak_rss_bytes(),

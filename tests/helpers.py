@@ -1,7 +1,12 @@
-"""Helpers the test modules share: a prompt, relevance by the rules, the CLI, lrp configs."""
+"""Helpers the test modules share: a prompt, relevance by the rules, conservation, a Ctrl-C
+mid-run, the CLI, lrp configs."""
 
 from __future__ import annotations
 
+import contextlib
+
+import pytest
+import torch
 from click.testing import CliRunner, Result
 from torch import enable_grad, tensor
 
@@ -27,6 +32,42 @@ def relevance(model, ids, attention_mask=None, position=-1, rules=True):
         name: (p * p.grad).detach() for name, p in model.named_parameters() if p.grad is not None
     }
     return target.detach(), (embeddings * embeddings.grad).detach(), parameters
+
+
+def assert_input_relevance_conserves(model, cycle, low: float, high: float) -> None:
+    """On 7 windows of 12 tokens of ``cycle``: the input relevance under the rules sums to
+    between ``low`` and ``high`` times the target, while plain gradient x input (same
+    target) is far from it, which proves the rules are active."""
+    for start in range(7):
+        ids = cycle[start : start + 12][None]
+        target, inputs, _ = relevance(model, ids)
+        ratio = inputs.sum() / target
+        assert low <= ratio <= high, (start, ratio.item())
+        plain_target, plain_inputs, _ = relevance(model, ids, rules=False)
+        torch.testing.assert_close(plain_target, target)
+        assert abs(plain_inputs.sum() / plain_target - 1) > 0.9
+
+
+@contextlib.contextmanager
+def interrupted_at_pass(n: int):
+    """lrp-compute's ``n``-th relevance pass raises KeyboardInterrupt (a Ctrl-C mid-run);
+    the block must end with it; the loop is restored afterwards."""
+    from mergekit_lrp.scoring import loop
+
+    real, calls = loop.relevance_pass, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    loop.relevance_pass = interrupted
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            yield
+    finally:
+        loop.relevance_pass = real
 
 
 def untouched_state(model):

@@ -4,7 +4,7 @@ import types
 
 import pytest
 import torch
-from helpers import PROMPT, relevance
+from helpers import PROMPT, assert_input_relevance_conserves, relevance
 from tiny_models import make_tiny_model, train_on_a_cycle
 
 from mergekit_lrp.scoring.attnlrp import attnlrp_rules
@@ -32,14 +32,7 @@ def test_conservation_on_a_trained_llama():
     for it proves that the rules are active.
     """
     model, cycle = train_llama_on_a_cycle()
-    for start in range(7):
-        ids = cycle[start : start + 12][None]
-        target, inputs, _ = relevance(model, ids)
-        ratio = inputs.sum() / target
-        assert 0.80 <= ratio <= 1.10, (start, ratio.item())
-        plain_target, plain_inputs, _ = relevance(model, ids, rules=False)
-        torch.testing.assert_close(plain_target, target)
-        assert abs(plain_inputs.sum() / plain_target - 1) > 0.9
+    assert_input_relevance_conserves(model, cycle, 0.80, 1.10)
 
 
 def capture(modules):

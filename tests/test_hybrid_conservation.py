@@ -4,7 +4,7 @@
 
 import pytest
 import torch
-from helpers import relevance
+from helpers import assert_input_relevance_conserves
 from tiny_models import make_tiny_hybrid, train_on_a_cycle
 
 from mergekit_lrp.scoring.attnlrp import attnlrp_rules, hybrid
@@ -75,11 +75,4 @@ def test_conservation_on_trained_hybrids(model_type):
     input measured |ratio| <= 0.005 (final RMSNorm: scale invariance).
     """
     model, cycle = train_hybrid_on_a_cycle(model_type)
-    for start in range(7):
-        ids = cycle[start : start + 12][None]
-        target, inputs, _ = relevance(model, ids)
-        ratio = inputs.sum() / target
-        assert 0.90 <= ratio <= 1.05, (start, ratio.item())
-        plain_target, plain_inputs, _ = relevance(model, ids, rules=False)
-        torch.testing.assert_close(plain_target, target)
-        assert abs(plain_inputs.sum() / plain_target - 1) > 0.9
+    assert_input_relevance_conserves(model, cycle, 0.90, 1.05)

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 from checkpoints import save, tiny_llama
+from helpers import interrupted_at_pass
 
 from mergekit_lrp.scoring.accumulator import GradientAccumulator
 from mergekit_lrp.scoring.options import ComputeError, ComputeOptions
@@ -44,25 +45,11 @@ def test_every_placement_and_checkpointing_writes_the_same_bytes(model_and_promp
     assert len(set(files.values())) == 1
 
 
-def test_a_resume_file_of_one_placement_continues_under_the_other(
-    model_and_prompts, tmp_path, monkeypatch
-):
-    from mergekit_lrp.scoring import loop
-
+def test_a_resume_file_of_one_placement_continues_under_the_other(model_and_prompts, tmp_path):
     reference = score(model_and_prompts, tmp_path / "reference.safetensors")
-    real, calls = loop.relevance_pass, []
-
-    def interrupted(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
     out = tmp_path / "scores.safetensors"
-    monkeypatch.setattr(loop, "relevance_pass", interrupted)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at_pass(3):
         score(model_and_prompts, out, accumulate_on="device", gradient_checkpointing=True)
-    monkeypatch.undo()
     assert score(model_and_prompts, out, accumulate_on="cpu", resume=True) == reference
 
 
@@ -156,19 +143,9 @@ def test_overlapped_host_sums_write_the_same_bytes_and_resume(
     overlapped = score(model_and_prompts, tmp_path / "overlap.safetensors", method=method)
     assert overlapped == reference
 
-    real, calls = loop.relevance_pass, []
-
-    def interrupted(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 4:  # after the checkpoint at 2 prompts and one more pending
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
     out = tmp_path / "resumed.safetensors"
-    monkeypatch.setattr(loop, "relevance_pass", interrupted)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at_pass(4):  # after the checkpoint at 2 prompts and one more pending
         score(model_and_prompts, out, method=method)
-    monkeypatch.setattr(loop, "relevance_pass", real)
     assert score(model_and_prompts, out, method=method, resume=True) == reference
 
 

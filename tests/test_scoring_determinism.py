@@ -4,8 +4,8 @@
 import pytest
 import torch
 from checkpoints import tiny_llama
+from helpers import interrupted_at_pass
 
-from mergekit_lrp.scoring import loop as compute_module
 from mergekit_lrp.scoring.options import ComputeOptions
 from mergekit_lrp.scoring.relevance import backward_ready, relevance_pass
 from mergekit_lrp.scoring.run import compute_scores
@@ -41,26 +41,14 @@ def test_files_are_byte_identical_across_runs(llama_dir, prompts_file, tmp_path)
     assert outs[0].read_bytes() == outs[1].read_bytes()
 
 
-def test_resume_after_interruption_gives_the_same_file(
-    llama_dir, prompts_file, tmp_path, monkeypatch
-):
+def test_resume_after_interruption_gives_the_same_file(llama_dir, prompts_file, tmp_path):
     options = ComputeOptions(checkpoint_every=2, **QUIET)
     reference = tmp_path / "reference.safetensors"
     compute_scores(str(llama_dir), str(prompts_file), str(reference), options)
 
-    real_pass, calls = compute_module.relevance_pass, []
-
-    def interrupted(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 4:
-            raise KeyboardInterrupt
-        return real_pass(*args, **kwargs)
-
     out = tmp_path / "scores.safetensors"
-    monkeypatch.setattr(compute_module, "relevance_pass", interrupted)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at_pass(4):
         compute_scores(str(llama_dir), str(prompts_file), str(out), options)
-    monkeypatch.undo()
     assert not out.exists() and (tmp_path / "scores.safetensors.resume").exists()
 
     with pytest.raises(ValueError, match="--resume"):
@@ -76,27 +64,15 @@ def test_resume_after_interruption_gives_the_same_file(
     assert not (tmp_path / "scores.safetensors.resume").exists()
 
 
-def test_resume_with_another_model_is_refused(family, long_prompts_file, tmp_path, monkeypatch):
-    from mergekit_lrp.scoring import loop as compute_module
-
+def test_resume_with_another_model_is_refused(family, long_prompts_file, tmp_path):
     out = tmp_path / "s.safetensors"
-    real = compute_module.relevance_pass
-
-    def stop_after_two(*args, _calls=[], **kwargs):  # noqa: B006 - call counter
-        _calls.append(1)
-        if len(_calls) == 3:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(compute_module, "relevance_pass", stop_after_two)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at_pass(3):
         compute_scores(
             str(family["ft_a"]),
             str(long_prompts_file),
             str(out),
             ComputeOptions(checkpoint_every=1, progress=False),
         )
-    monkeypatch.undo()
     with pytest.raises(ValueError, match="model_fingerprint"):
         compute_scores(
             str(family["ft_b"]),

@@ -153,9 +153,7 @@ def preflight(merge_config, options) -> None:
                 continue
             path = str(params["lrp_scores"]) if params["lrp_scores"] else None
             locate_scores(model, weight.name, path, shared["missing_scores"]).check(shape)
-    for model, files in models.items():
-        for path in files.score_paths_seen:
-            _check_extra_tensors(model, path, files)
+    _check_extra_tensors(models)
 
 
 def preflight_circuit(merge_config, options) -> None:
@@ -191,9 +189,7 @@ def preflight_circuit(merge_config, options) -> None:
                 )
             _check_file(model, path, files)
             locate_scores(model, weight.name, str(path), "error").check(shape)
-    for model, files in models.items():
-        for path in files.score_paths_seen:
-            _check_extra_tensors(model, path, files)
+    _check_extra_tensors(models)
 
 
 def _model_files(model, models: dict, options) -> _ModelFiles:
@@ -262,11 +258,14 @@ def _check_file(model, path, files: _ModelFiles) -> ScoreReader | None:
     return reader
 
 
-def _check_extra_tensors(model, path: str, files: _ModelFiles) -> None:
-    extra = sorted(open_scores(path).names() - set(files.tensor_files))
-    if extra:
-        shown = ", ".join(repr(n) for n in extra[:5])
-        raise ScoreFileError(
-            f"{path}: holds {len(extra)} tensor(s) that model {model} does not have ({shown}); "
-            "the file does not belong to this checkpoint"
-        )
+def _check_extra_tensors(models: dict[object, _ModelFiles]) -> None:
+    """Refuse a score file holding tensors its model does not have."""
+    for model, files in models.items():
+        for path in files.score_paths_seen:
+            extra = sorted(open_scores(path).names() - set(files.tensor_files))
+            if extra:
+                shown = ", ".join(repr(n) for n in extra[:5])
+                raise ScoreFileError(
+                    f"{path}: holds {len(extra)} tensor(s) that model {model} does not have "
+                    f"({shown}); the file does not belong to this checkpoint"
+                )

@@ -43,15 +43,15 @@ def guard_run_merge(merge_module: ModuleType) -> None:
         if method not in ("lrp", "circuit"):
             return original(merge_config, out_path, options, config_source=config_source)
         with one_line_errors():
+            section = None
             if method == "circuit":
                 preflight_circuit(merge_config, options)
-                with staged_directory(out_path) as staging:
-                    return original(merge_config, staging, options, config_source=config_source)
-            preflight(merge_config, options)
-            section = lrp_section(merge_config)  # before mergekit rewrites the config
+            else:
+                preflight(merge_config, options)
+                section = lrp_section(merge_config)  # before mergekit rewrites the config
             with staged_directory(out_path) as staging:
                 result = original(merge_config, staging, options, config_source=config_source)
-                if options.write_model_card:
+                if section is not None and options.write_model_card:
                     finish_model_card(Path(staging), Path(out_path), section)
             return result
 

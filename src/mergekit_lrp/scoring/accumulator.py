@@ -17,7 +17,7 @@ from safetensors import SafetensorError, safe_open
 
 from mergekit_lrp.errors import LrpError
 from mergekit_lrp.scores.file import atomic_save
-from mergekit_lrp.scoring.host_adder import HostAdder
+from mergekit_lrp.scoring.host_adder import HostAdder, add_magnitude
 
 RESUME_FORMAT = "mergekit-lrp-resume"
 
@@ -80,8 +80,7 @@ class GradientAccumulator:
             if self._adder is not None:
                 self._adder.submit(total, parameter.grad.detach(), square)
             else:
-                grad = parameter.grad.detach().to(total.device, torch.float32)
-                total.add_(grad.square_() if square else grad.abs_())
+                add_magnitude(total, parameter.grad.detach(), square)
             parameter.grad = None
             self.seen.add(name)
 

@@ -22,6 +22,12 @@ import torch
 SLOTS = 3
 
 
+def add_magnitude(total: torch.Tensor, grad: torch.Tensor, square: bool) -> None:
+    """total += |grad| (or grad²), computed in float32 on ``total``'s device."""
+    grad = grad.to(total.device, torch.float32)
+    total.add_(grad.square_() if square else grad.abs_())
+
+
 class HostAdder:
     """``submit(total, grad, square)`` adds |grad| (or grad², in float32) into the host
     tensor ``total`` in the background; ``drain()`` waits until every submitted addition
@@ -42,8 +48,7 @@ class HostAdder:
         size = grad.numel() * grad.element_size()
         if size > self._capacity:  # a gradient wider than its parameter: add it here
             self.drain()
-            grad = grad.to(total.device, torch.float32)
-            total.add_(grad.square_() if square else grad.abs_())
+            add_magnitude(total, grad, square)
             return
         buffer = self._free.get()
         staged = buffer[:size].view(grad.dtype).view(grad.shape)
@@ -80,8 +85,7 @@ class HostAdder:
     def _add(total, staged, done, square) -> None:
         if done is not None:
             done.synchronize()
-        grad = staged.to(torch.float32)
-        total.add_(grad.square_() if square else grad.abs_())
+        add_magnitude(total, staged, square)
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:

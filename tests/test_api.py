@@ -7,10 +7,12 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 import torch
-from checkpoints import char_tokenizer, tiny_llama
-from helpers import TOPK_RULE
-from merging import run
+from checkpoints import char_tokenizer
+from merge_runner import run
+from safetensors.torch import load_file
+from tiny_models import AS_CHECKPOINT, make_tiny_model
 
 from mergekit_lrp import api
 
@@ -34,7 +36,7 @@ def test_import_is_cheap_and_api_names_load_lazily():
 
 
 def test_compute_scores_example():
-    model = tiny_llama(seed=0)
+    model = make_tiny_model("llama", seed=0, **AS_CHECKPOINT)
     run_example(api.compute_scores, model=model, tokenizer=char_tokenizer())
     scores = api.compute_scores(model, char_tokenizer(), ["2 + 2 = 4"])
     assert set(scores) == {name for name, _ in model.named_parameters()}
@@ -52,28 +54,43 @@ def test_merge_mask_example():
     run_example(api.merge_mask)
 
 
-def test_merge_mask_is_the_mask_the_merge_applies(family, tmp_path):
-    """A one-model lrp merge is base + mask * delta, with merge_mask's mask."""
+@pytest.mark.parametrize("selection", ["topk", "stochastic"])
+def test_merge_mask_is_the_mask_the_merge_applies(family, tmp_path, selection):
+    """ft_a listed second (ft_b first, weight 0), kept deltas added: the merge changes the
+    base exactly where merge_mask (position 1, the merge's seed) keeps ft_a's entries."""
     name = "model.layers.1.self_attn.o_proj.weight"
+    models = []
+    for ft, weight in (("ft_b", 0.0), ("ft_a", 1.0)):
+        parameters = {"weight": weight, "lrp_scores": str(family[f"{ft}_scores"])}
+        models.append({"model": str(family[ft]), "parameters": parameters})
+    rule = {"selection": selection, "consensus": "none", "normalize": False}
     config = {
         "merge_method": "lrp",
         "base_model": str(family["base"]),
-        "models": [
-            {
-                "model": str(family["ft_a"]),
-                "parameters": {"weight": 1.0, "lrp_scores": str(family["ft_a_scores"])},
-            }
-        ],
-        "parameters": {"density": 0.25, **TOPK_RULE},
+        "models": models,
+        "parameters": {"density": 0.25, **rule},
         "dtype": "float32",
     }
-    merged = run(config, tmp_path / "out")[name]
-    from safetensors.torch import load_file
-
+    merged = run(config, tmp_path / "out", random_seed=7)[name]
     theta_base = load_file(family["base"] / "model.safetensors")[name]
     theta = load_file(family["ft_a"] / "model.safetensors")[name]
     scores = api.read_scores(family["ft_a_scores"]).get(name)
-    mask = api.merge_mask(theta_base, theta, scores, density=0.25)
-    assert int(mask.sum()) == round(0.25 * mask.numel())
-    torch.testing.assert_close(merged, theta_base + (theta - theta_base) * mask)
-    assert api.merge_mask(theta_base, theta, scores, 0.25, protected=True).all()
+    mask = api.merge_mask(
+        theta_base, theta, scores, 0.25, selection=selection, seed=7, position=1, name=name
+    )
+    assert torch.equal(merged != theta_base, mask)
+    if selection == "topk":
+        assert int(mask.sum()) == round(0.25 * mask.numel())
+        torch.testing.assert_close(merged, theta_base + (theta - theta_base) * mask)
+    else:  # another seed or position draws another mask
+        other = dict(selection=selection, name=name)
+        assert not torch.equal(
+            mask, api.merge_mask(theta_base, theta, scores, 0.25, seed=8, position=1, **other)
+        )
+        assert not torch.equal(
+            mask, api.merge_mask(theta_base, theta, scores, 0.25, seed=7, position=0, **other)
+        )
+    assert api.merge_mask(theta_base, theta, scores, 0.25, name="lm_head.weight").all()
+    norm = torch.ones(4)
+    assert api.merge_mask(norm, norm + 1, None, 0.25).all()  # 1-D: protected
+    assert not api.merge_mask(norm, norm + 1, None, 0.25, protect_special=False).all()

@@ -3,7 +3,7 @@
 import pytest
 from checkpoints import synthetic_scores
 from helpers import lrp_config
-from merging import run
+from merge_runner import run
 from safetensors.torch import load_file
 
 from mergekit_lrp.merging.budgets import allocate, group_of
@@ -20,7 +20,8 @@ def test_a_tensor_is_capped_at_all_of_its_entries_and_the_rest_goes_elsewhere():
 
 
 def test_groups():
-    assert group_of("model.layers.12.mlp.up_proj.weight", "layer") == "layer 12"
+    assert group_of("model.layers.12.mlp.up_proj.weight", "layer") == "model.layers.12"
+    assert group_of("mtp.layers.0.mlp.up_proj.weight", "layer") == "mtp.layers.0"  # its own
     assert group_of("model.layers.12.mlp.up_proj.weight", "model") == "model"
     assert group_of("lm_head.weight", "layer") == "outside the layers"
 

@@ -7,8 +7,9 @@ import torch
 from helpers import TOPK_RULE
 from mergekit.merge_methods.api import merge_state_dicts
 
-from mergekit_lrp.merging.combine import combine, keep_probabilities, select
-from mergekit_lrp.merging.tensor_scores import LRPConfigError
+from mergekit_lrp.merging.combine import combine
+from mergekit_lrp.merging.parameters import LRPConfigError
+from mergekit_lrp.merging.selection import Selection, keep_probabilities
 from mergekit_lrp.scores.file import ScoreMetadata, write_scores
 
 
@@ -77,11 +78,11 @@ def test_priority_gives_conflicts_to_the_first_listed_model(tmp_path):
 def test_mass_rescale_divides_by_the_kept_share_of_importance():
     delta = torch.tensor([4.0, 3.0, 2.0, 1.0])
     importance = torch.tensor([5.0, 3.0, 1.0, 1.0])
-    kept, kept_importance = select(delta, importance, 0.5, rescale="mass")
+    kept, kept_importance = Selection("topk", rescale="mass").select(delta, importance, 0.5)
     share = (5.0 + 3.0) / 10.0
     assert kept.tolist() == [4.0 / share, 3.0 / share, 0.0, 0.0]
     assert kept_importance.tolist() == [5.0, 3.0, 0.0, 0.0]
-    by_density, _ = select(delta, importance, 0.5, rescale=True)
+    by_density, _ = Selection("topk", rescale=True).select(delta, importance, 0.5)
     assert by_density.tolist() == [8.0, 6.0, 0.0, 0.0]
 
 
@@ -99,12 +100,12 @@ def test_stochastic_selection_is_unbiased_and_seeded():
     runs = []
     for seed in range(40):
         generator = torch.Generator().manual_seed(seed)
-        kept, _ = select(delta, importance, 0.5, "stochastic", epsilon=0.2, generator=generator)
+        kept, _ = Selection("stochastic", 0.2).select(delta, importance, 0.5, generator)
         runs.append(kept)
     mean = torch.stack(runs).mean(dim=0)
     assert float((mean - delta).abs().mean()) < 0.2 * float(delta.abs().mean())
     generator = torch.Generator().manual_seed(0)
-    again, _ = select(delta, importance, 0.5, "stochastic", epsilon=0.2, generator=generator)
+    again, _ = Selection("stochastic", 0.2).select(delta, importance, 0.5, generator)
     assert torch.equal(again, runs[0]) and not torch.equal(runs[0], runs[1])
 
 

@@ -7,11 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
+from mergekit_lrp import merge_mask
 from mergekit_lrp.inspect import stats
 from mergekit_lrp.inspect.cli import main
-from mergekit_lrp.inspect.names import layer_index, module_kind
+from mergekit_lrp.merging.masks import MaskSettings
+from mergekit_lrp.merging.tensor_names import is_protected, layer_index, layer_of, module_kind
 from mergekit_lrp.scores.file import ScoreMetadata, ScoreReader, write_scores
 from mergekit_lrp.scores.fingerprint import model_fingerprint
 
@@ -52,6 +54,20 @@ def test_tensor_names_give_layer_and_module_kind():
     assert layer_index("model.layers.12.mlp.up_proj.weight") == 12
     assert layer_index("model.language_model.layers.3.linear_attn.in_proj_qkvz.weight") == 3
     assert layer_index("model.embed_tokens.weight") is None
+    assert layer_of("mtp.layers.0.mlp.up_proj.weight") == "mtp.layers.0"
+    assert layer_of("model.visual.blocks.0.attn.qkv.weight") == "model.visual.blocks.0"
+
+
+def test_one_definition_of_what_protect_special_keeps_whole():
+    """1-D tensors and vocabulary-indexed ones, by mergekit's vocabulary axis or by the
+    owning module's name; a vision patch embedding is a weight like any other."""
+    assert is_protected("model.layers.0.input_layernorm.weight", 1)
+    assert is_protected("model.embed_tokens.weight", 2)
+    assert is_protected("lm_head.weight", 2)
+    assert is_protected("model.language_model.embed_tokens.weight", 2)
+    assert is_protected("output.weight", 2, vocabulary_axis=0)
+    assert not is_protected("model.visual.patch_embed.proj.weight", 5)
+    assert not is_protected("model.layers.0.mlp.up_proj.weight", 2)
 
 
 def test_per_kind_and_per_layer_totals_match_hand_computation(tmp_path):
@@ -121,7 +137,8 @@ def test_what_lrp_keeps_matches_hand_computation(tmp_path):
         {up: [[4.0, 1.0], [0.0, 1.0]], norm: [1.0, 1.0]},
         fingerprint=model_fingerprint(model),
     )
-    keep = stats.keep_by_layer(ScoreReader(scores), base, model, density=0.5)
+    topk = MaskSettings(density=0.5, selection="topk")
+    keep = stats.keep_by_layer(ScoreReader(scores), base, model, topk)
     (row,) = keep["layers"]
     # |delta| = (1, 2, 3, .5), importance |delta|*s = (4, 2, 0, .5): lrp keeps entries 0, 1
     # (|delta| 1 + 2 of 6.5), magnitude keeps 2, 1 (3 + 2 of 6.5); masks share 1 of 3
@@ -130,8 +147,36 @@ def test_what_lrp_keeps_matches_hand_computation(tmp_path):
     assert row["overlap"] == pytest.approx(1 / 3)
     assert (row["entries"], row["kept"]) == (4, 2)
     assert keep["protected"] == [norm]  # 1-D: protect_special keeps it whole
-    weight_mode = stats.keep_by_layer(ScoreReader(scores), base, model, 0.5, "weight")
+    weight = MaskSettings(density=0.5, importance="weight", selection="topk")
+    weight_mode = stats.keep_by_layer(ScoreReader(scores), base, model, weight)
     assert weight_mode["layers"][0]["lrp_kept"] == pytest.approx(3 / 6.5)  # same top 2 here
+
+
+def test_what_lrp_keeps_is_the_merge_mask_at_the_default_stochastic_selection(family):
+    """lrp-inspect's table is computed from the mask the merge draws (api.merge_mask is
+    checked against a real merge in test_api.py) for that seed and list position."""
+    reader = ScoreReader(family["ft_b_scores"])
+    settings = MaskSettings(density=0.6, seed=3)
+    keep = stats.keep_by_layer(reader, family["base"], family["ft_b"], settings, position=1)
+    base = load_file(family["base"] / "model.safetensors")
+    theta = load_file(family["ft_b"] / "model.safetensors")
+    kept = entries = 0
+    mass = kept_mass = 0.0
+    for name in reader.names():
+        if name in keep["protected"] or not name.startswith("model.layers.1."):
+            continue
+        mask = merge_mask(
+            base[name], theta[name], reader.get(name), 0.6, seed=3, position=1, name=name
+        )
+        delta = (theta[name] - base[name]).abs().double()
+        kept, entries = kept + int(mask.sum()), entries + mask.numel()
+        mass, kept_mass = mass + float(delta.sum()), kept_mass + float(delta[mask].sum())
+    (row,) = [r for r in keep["layers"] if r["layer"] == 1]
+    assert (row["kept"], row["entries"]) == (kept, entries)
+    assert row["lrp_kept"] == pytest.approx(kept_mass / mass)
+    assert kept != round(0.6 * entries)  # a draw, not exactly the top-k count
+    again = stats.keep_by_layer(reader, family["base"], family["ft_b"], settings, position=0)
+    assert [r["kept"] for r in again["layers"]] != [r["kept"] for r in keep["layers"]]
 
 
 def test_cli_writes_readable_pngs_and_json(family, tmp_path):
@@ -157,7 +202,7 @@ def test_cli_writes_readable_pngs_and_json(family, tmp_path):
     assert first["model"] == str(family["ft_a"]) and first["unscored"] == []
     assert first["prompts"] == 4 and first["tokens"] == 40
     assert [row["layer"] for row in report["keep"][0]["layers"]] == [0, 1]
-    assert report["compare"]["masks_from"] == "importance: delta"
+    assert report["compare"]["masks_from"] == "the merge (stochastic, importance: delta)"
     for row in report["compare"]["pairs"][0]["layers"]:
         assert 0 <= row["jaccard"] <= 1 and -1 <= row["spearman"] <= 1
 
@@ -214,7 +259,7 @@ def test_comparison_masks_follow_the_merge_importance_with_models(tmp_path):
     by_scores = stats.compare_files(readers, density=0.5)
     assert by_scores["pairs"][0]["layers"][0]["jaccard"] == 1.0
     assert by_scores["pairs"][0]["layers"][0]["spearman"] is None  # constant scores
-    signal = stats.importance_signal(readers, base, [first, second])
-    by_merge = stats.compare_files(readers, 0.5, signal, "importance: delta")
+    topk = MaskSettings(density=0.5, selection="topk")
+    mask_of = stats.merge_masks(readers, base, [first, second], topk)
+    by_merge = stats.compare_files(readers, 0.5, mask_of, "the merge")
     assert by_merge["pairs"][0]["layers"][0]["jaccard"] == 0.0  # {2, 3} against {0, 1}
-    assert by_merge["masks_from"] == "importance: delta"

@@ -13,6 +13,7 @@ from collections.abc import Iterable
 import torch
 
 from mergekit_lrp.errors import LrpError
+from mergekit_lrp.merging.parameters import DEFAULT_DENSITY
 from mergekit_lrp.scores.file import ScoreReader
 
 __all__ = ["compute_scores", "merge_mask", "read_scores"]
@@ -23,15 +24,18 @@ def compute_scores(
     tokenizer,
     prompts: Iterable[str],
     *,
+    method: str = "attnlrp",
     target: str = "predicted",
     max_length: int = 512,
-    gradient_checkpointing: bool = True,
+    gradient_checkpointing: bool | str = "auto",
     progress: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """AttnLRP scores of an already loaded model, in memory: parameter name -> mean over
-    ``prompts`` of |d target / d theta| (float32, the parameter's shape), what
-    ``lrp-compute`` writes to a file. The model must be of a supported architecture
-    (docs/attnlrp.md); it is patched only for the duration of the call.
+    """The scores ``lrp-compute --method METHOD`` would write for an already loaded model,
+    in memory: parameter name -> the mean over ``prompts`` of the signal's quantity
+    (attnlrp: |d target / d theta| under the AttnLRP rules; float32, the parameter's
+    shape). The model must be of a supported architecture (docs/attnlrp.md); it is patched
+    only for the duration of the call. ``gradient_checkpointing="auto"`` decides as
+    ``lrp-compute`` does (on only when a ``max_length`` prompt's activations do not fit).
 
     Example::
 
@@ -48,6 +52,7 @@ def compute_scores(
     if not prompts:
         raise LrpError("compute_scores: no prompts given")
     options = ComputeOptions(
+        method=method,
         target=target,
         max_length=max_length,
         gradient_checkpointing=gradient_checkpointing,
@@ -100,23 +105,33 @@ def merge_mask(
     base: torch.Tensor,
     finetuned: torch.Tensor,
     scores: torch.Tensor | None,
-    density: float = 0.9,
+    density: float = DEFAULT_DENSITY,
     importance: str = "delta",
     *,
-    protected: bool = False,
+    selection: str = "stochastic",
+    epsilon: float | None = None,
+    seed: int = 0,
+    position: int = 0,
+    protect_special: bool = True,
     name: str = "tensor",
     quantity: str = "mean_abs_grad",
 ) -> torch.Tensor:
-    """The boolean mask of the entries of ``finetuned - base`` that ``lrp`` keeps for
-    this tensor with ``selection: topk``: exactly round(density * numel) entries of
-    highest importance (the default ``selection: stochastic`` draws the kept entries,
-    with probabilities rising with the same ranking)
-    (``delta``: |finetuned - base| * scores; ``weight``: |finetuned| * scores; squares
-    instead of absolute values when ``quantity`` is ``mean_sq_grad`` or ``mean_sq_input``,
-    the quantities of ``fisher`` and ``activation`` files), ties kept in index order.
-    ``scores=None`` ranks by |delta| (``missing_scores: magnitude``).
-    ``protected=True`` (what ``protect_special`` does for norms, biases and
-    embeddings) keeps everything. The same functions as the merge kernel compute it.
+    """The boolean mask of the entries of ``finetuned - base`` that ``lrp`` keeps for the
+    tensor ``name`` of the model listed at ``position`` (0 = first) among the merged
+    models, in a merge run with ``mergekit-yaml --random-seed seed``: the same functions
+    as the merge kernel draw it.
+
+    Importance: ``delta``: |finetuned - base| * scores, ``weight``: |finetuned| * scores
+    (squares instead of absolute values when ``quantity`` is ``mean_sq_grad`` or
+    ``mean_sq_input``, the quantities of ``fisher`` and ``activation`` files), ``scores``
+    alone; ``scores=None`` ranks by |delta| (``missing_scores: magnitude``).
+    ``selection: stochastic`` (lrp's default) draws each entry with a probability rising
+    with its importance rank (``epsilon`` unset: lrp's default spread);
+    ``selection: topk`` keeps exactly round(density * numel) entries of highest
+    importance, ties in index order. With ``protect_special`` (the default, as in the
+    merge) 1-D tensors and embeddings / output heads (by ``name``) keep everything.
+    ``density`` is the tensor's own: with ``budget: layer`` or ``model`` the merge moves it
+    per tensor.
 
     Example::
 
@@ -125,34 +140,21 @@ def merge_mask(
         >>> base = torch.zeros(2, 2)
         >>> finetuned = torch.tensor([[1.0, -2.0], [3.0, 0.5]])
         >>> scores = torch.tensor([[4.0, 1.0], [0.0, 1.0]])
-        >>> merge_mask(base, finetuned, scores, density=0.5)
+        >>> merge_mask(base, finetuned, scores, density=0.5, selection="topk")
         tensor([[ True,  True],
                 [False, False]])
     """
-    from mergekit_lrp.merging.selection import kept_count, top_k_mask
-    from mergekit_lrp.merging.tensor_scores import (
-        IMPORTANCE_MODES,
-        LRPConfigError,
-        TensorScores,
-        importance_of,
-    )
+    from mergekit_lrp.merging.masks import MaskSettings, kept_mask
+    from mergekit_lrp.merging.tensor_scores import TensorScores
 
-    # the merge's checks (merging/method.py), without importing mergekit
-    if importance not in IMPORTANCE_MODES:
-        allowed = ", ".join(IMPORTANCE_MODES)
-        raise LRPConfigError(f"lrp: importance must be one of {allowed}; got {importance!r}")
-    if not 0 < density <= 1:
-        raise LRPConfigError(f"lrp: density for {name} must be in (0, 1], got {density}")
+    settings = MaskSettings(density, importance, selection, epsilon, seed, protect_special)
     if base.shape != finetuned.shape:
         raise LrpError(
             f"merge_mask: base has shape {tuple(base.shape)}, finetuned {tuple(finetuned.shape)}"
         )
-    if protected or density >= 1:
-        return torch.ones_like(finetuned, dtype=torch.bool)
-    delta = finetuned.float() - base.float()
     if scores is None:
         located = TensorScores(name, name, None, fallback="magnitude")
     else:
         located = TensorScores(name, name, _TensorReader(name, scores, quantity))
-    values = importance_of(located, finetuned.float(), delta, importance)
-    return top_k_mask(values, kept_count(density, delta.numel()))
+    delta = finetuned.float() - base.float()
+    return kept_mask(located, finetuned.float(), delta, settings, position)

@@ -17,7 +17,8 @@ from pathlib import Path
 import click
 
 from mergekit_lrp.errors import LrpError
-from mergekit_lrp.inspect.names import KINDS
+from mergekit_lrp.merging.parameters import DEFAULT_DENSITY, IMPORTANCE_MODES, SELECTION_MODES
+from mergekit_lrp.merging.tensor_names import KINDS
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -38,17 +39,37 @@ from mergekit_lrp.inspect.names import KINDS
 )
 @click.option(
     "--density",
-    default=0.9,
+    default=DEFAULT_DENSITY,
     show_default=True,
-    help="Fraction kept per tensor (lrp's default); the masks are selection: topk's, the "
-    "entries the default stochastic selection keeps with the highest probability.",
+    help="Fraction of each tensor the merge keeps (lrp's default).",
 )
 @click.option(
     "--importance",
     default="delta",
     show_default=True,
-    type=click.Choice(["delta", "weight"]),
+    type=click.Choice(IMPORTANCE_MODES[:2]),
     help="As the lrp merge parameter of the same name.",
+)
+@click.option(
+    "--selection",
+    default="stochastic",
+    show_default=True,
+    type=click.Choice(SELECTION_MODES),
+    help="As the lrp merge parameter: the masks shown are the ones the merge draws.",
+)
+@click.option(
+    "--epsilon",
+    type=float,
+    default=None,
+    help="As the lrp merge parameter (selection stochastic).  [default: lrp's]",
+)
+@click.option(
+    "--seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="The merge's --random-seed (selection stochastic). Score files are taken to be "
+    "listed in the merge config in the order given here.",
 )
 @click.option(
     "--plots",
@@ -57,10 +78,15 @@ from mergekit_lrp.inspect.names import KINDS
     help="Write PNG plots into this directory (created if missing).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead.")
-def main(score_files, models, base, density, importance, plot_dir, as_json):
+def main(
+    score_files, models, base, density, importance, selection, epsilon, seed, plot_dir, as_json
+):
     """Summarise, plot and compare lrp-compute score files."""
+    from mergekit_lrp.merging.masks import MaskSettings
+
     try:
-        report = inspect_files(score_files, models, base, density, importance, plot_dir)
+        settings = MaskSettings(density, importance, selection, epsilon, seed)
+        report = inspect_files(score_files, models, base, settings, plot_dir)
     except LrpError as error:
         raise click.ClickException(str(error)) from None
     if as_json:
@@ -69,15 +95,15 @@ def main(score_files, models, base, density, importance, plot_dir, as_json):
         click.echo(render(report))
 
 
-def inspect_files(
-    score_files, models=(), base=None, density=0.3, importance="delta", plot_dir=None
-) -> dict:
-    """Everything ``lrp-inspect`` reports, as one dict (what ``--json`` prints)."""
+def inspect_files(score_files, models=(), base=None, settings=None, plot_dir=None) -> dict:
+    """Everything ``lrp-inspect`` reports, as one dict (what ``--json`` prints);
+    ``settings`` (:class:`~mergekit_lrp.merging.masks.MaskSettings`, default lrp's) are
+    the merge's for the masks shown."""
     from mergekit_lrp.inspect import stats
+    from mergekit_lrp.merging.masks import MaskSettings
     from mergekit_lrp.scores.file import ScoreReader
 
-    stats.check_density(density)
-    stats.check_importance(importance)
+    settings = settings or MaskSettings()
     if models and len(models) != len(score_files):
         raise stats.InspectError(
             f"got {len(score_files)} score file(s) and {len(models)} --model; give one "
@@ -90,15 +116,16 @@ def inspect_files(
     report: dict = {"files": [stats.summarize(r, m) for r, m in pairs], "plots": []}
     if base:
         report["keep"] = [
-            stats.keep_by_layer(r, base, m, density, importance, check=False) for r, m in pairs
+            stats.keep_by_layer(r, base, m, settings, position, check=False)
+            for position, (r, m) in enumerate(pairs)
         ]
     if len(readers) > 1:
         if base:
-            signal = stats.importance_signal(readers, base, models, importance)
-            label = f"importance: {importance}"
+            mask_of = stats.merge_masks(readers, base, models, settings)
+            label = f"the merge ({settings.selection}, importance: {settings.importance})"
         else:
-            signal, label = None, "scores"
-        report["compare"] = stats.compare_files(readers, density, signal, label)
+            mask_of, label = None, "scores"
+        report["compare"] = stats.compare_files(readers, settings.density, mask_of, label)
     if plot_dir:
         report["plots"] = [str(p) for p in write_plots(report, Path(plot_dir))]
     return report
@@ -174,9 +201,10 @@ def render(report: dict) -> str:
             )
         out.append("")
     for keep in report.get("keep", []):
-        out.append(
-            f"== what lrp keeps at density {keep['density']} ({keep['importance']}): {keep['path']}"
-        )
+        how = f"{keep['selection']}, importance: {keep['importance']}"
+        if keep["selection"] == "stochastic":
+            how += f", seed {keep['seed']}"
+        out.append(f"== what lrp keeps at density {keep['density']} ({how}): {keep['path']}")
         rows = [
             [_layer(r["layer"]), r["entries"], r["lrp_kept"], r["magnitude_kept"], r["overlap"]]
             for r in keep["layers"]
@@ -186,7 +214,7 @@ def render(report: dict) -> str:
     if "compare" in report:
         c = report["compare"]
         out.append(
-            f"== comparison: masks keep the top {c['density']} of each tensor by "
+            f"== comparison: masks keep {c['density']} of each tensor, drawn by "
             f"{c['masks_from']}; Spearman of the scores; {c['tensors']} shared tensors"
         )
         for pair in c["pairs"]:

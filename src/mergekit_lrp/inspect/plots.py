@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from mergekit_lrp.inspect.names import KINDS
 from mergekit_lrp.inspect.stats import InspectError
+from mergekit_lrp.merging.tensor_names import KINDS
 
 COLOURS = {
     "attention": "#4c72b0",
@@ -136,10 +136,10 @@ def compare_plot(compare: dict, path: str | os.PathLike) -> Path:
         density / (2 - density), color="grey", linestyle=":", label="unrelated masks: d/(2−d)"
     )
     top.set_ylim(0, 1.05)
-    top.set_ylabel("top-k mask overlap (Jaccard, 0–1)")
+    top.set_ylabel("mask overlap (Jaccard, 0–1)")
     top.set_title(
-        f"Where score files agree — masks keep the top {compare['density']:.0%} of each "
-        f"tensor by {compare['masks_from']}\nlow overlap = the experts compete for "
+        f"Where score files agree — masks keep {compare['density']:.0%} of each "
+        f"tensor, drawn by {compare['masks_from']}\nlow overlap = the experts compete for "
         "different entries"
     )
     top.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small")

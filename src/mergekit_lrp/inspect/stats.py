@@ -1,10 +1,9 @@
 """The numbers ``lrp-inspect`` shows: a score file's summary, what the ``lrp`` merge
 would keep of a task vector, and how two score files agree.
 
-Every mask here is the merge's own: importance from
-:func:`mergekit_lrp.merging.tensor_scores.importance_of`, exactly k entries from
-:func:`mergekit_lrp.merging.selection.top_k_mask` with k from ``kept_count``.
-Results are plain dicts and lists (what ``--json`` prints).
+Every mask of a task vector here is the one the merge applies at the given settings
+(:func:`mergekit_lrp.merging.masks.kept_mask`: the kernel's importance, selection rule
+and seeded draw). Results are plain dicts and lists (what ``--json`` prints).
 """
 
 from __future__ import annotations
@@ -19,9 +18,10 @@ import torch
 from safetensors import safe_open
 
 from mergekit_lrp.errors import LrpError
-from mergekit_lrp.inspect.names import KINDS, layer_index, module_kind
+from mergekit_lrp.merging.masks import MaskSettings, kept_mask
 from mergekit_lrp.merging.selection import kept_count, top_k_mask
-from mergekit_lrp.merging.tensor_scores import IMPORTANCE_MODES, TensorScores, importance_of
+from mergekit_lrp.merging.tensor_names import KINDS, layer_index, module_kind
+from mergekit_lrp.merging.tensor_scores import TensorScores
 from mergekit_lrp.scores.file import ScoreReader
 from mergekit_lrp.scores.fingerprint import checkpoint_tensor_files, model_fingerprint
 
@@ -55,21 +55,6 @@ def check_pairing(reader: ScoreReader, model_dir: str | os.PathLike) -> str:
             "pair each score file with the model it was computed on, in the same order"
         )
     return found
-
-
-def check_density(density: float) -> None:
-    if not 0 < density <= 1:
-        raise InspectError(f"--density must be in (0, 1], got {density}")
-
-
-def check_importance(importance: str) -> None:
-    if importance not in IMPORTANCE_MODES:
-        allowed = ", ".join(IMPORTANCE_MODES)
-        raise InspectError(f"--importance must be one of {allowed}, got {importance!r}")
-
-
-def layer_key(name: str) -> int | None:
-    return layer_index(name)
 
 
 def _sorted_layers(keys: Iterable[int | None]) -> list[int | None]:
@@ -114,7 +99,7 @@ def summarize(reader: ScoreReader, model_dir: str | os.PathLike | None = None) -
         kinds[kind]["tensors"] += 1
         kinds[kind]["entries"] += values.numel()
         kinds[kind]["total"] += total
-        layers[layer_key(name)][kind] += total
+        layers[layer_index(name)][kind] += total
     grand = sum(k["total"] for k in kinds.values())
     for entry in kinds.values():
         entry["share"] = entry["total"] / grand if grand > 0 else 0.0
@@ -131,32 +116,25 @@ def summarize(reader: ScoreReader, model_dir: str | os.PathLike | None = None) -
 # ---------------------------------------------------------------- what lrp would keep
 
 
-def is_protected_name(name: str, ndim: int) -> bool:
-    """What ``protect_special: true`` keeps whole: 1-D tensors, embeddings and lm_head
-    (the merge asks mergekit for the vocabulary axis; by name here)."""
-    return ndim < 2 or module_kind(name) == "embeddings"
-
-
 def keep_by_layer(
     reader: ScoreReader,
     base_dir: str | os.PathLike,
     model_dir: str | os.PathLike,
-    density: float,
-    importance: str = "delta",
+    settings: MaskSettings,
+    position: int = 0,
     check: bool = True,
 ) -> dict:
-    """Per layer, how the ``lrp`` mask at ``density`` compares with magnitude top-k.
+    """Per layer, how the ``lrp`` mask at ``settings`` (of the model listed at
+    ``position``) compares with magnitude top-k.
 
     For each scored tensor that ``protect_special`` does not keep whole: delta = model -
-    base, the lrp mask (top k of ``importance_of``) and the magnitude mask (top k of
-    |delta|), k = round(density * numel). Per layer (tensors pooled):
+    base, the merge's mask, and the magnitude mask (top k of |delta|, k the number of
+    entries the merge's mask keeps). Per layer (tensors pooled):
 
     * ``lrp_kept``: fraction of the layer's task vector L1 mass (sum |delta|) lrp keeps;
     * ``magnitude_kept``: the same for magnitude top-k (the most any k entries keep);
     * ``overlap``: Jaccard index of the two masks (entries kept by both / by either).
     """
-    check_density(density)
-    check_importance(importance)
     if check:
         check_pairing(reader, model_dir)
     base, model = Checkpoint(base_dir), Checkpoint(model_dir)
@@ -170,17 +148,15 @@ def keep_by_layer(
                 f"{name!r} has shape {tuple(theta.shape)} in {model_dir} but "
                 f"{tuple(theta_base.shape)} in {base_dir}; --base must be the model's base"
             )
-        if is_protected_name(name, theta.ndim):
+        if settings.keeps_whole(name, theta.ndim):
             protected.append(name)
             continue
         delta = theta - theta_base
-        k = kept_count(density, delta.numel())
-        lrp = top_k_mask(
-            importance_of(_located(model_dir, name, reader), theta, delta, importance), k
-        )
+        lrp = kept_mask(_located(model_dir, name, reader), theta, delta, settings, position)
+        k = int(lrp.sum())
         magnitude = top_k_mask(delta.abs(), k)
         size = delta.abs().double()
-        row = sums[layer_key(name)]
+        row = sums[layer_index(name)]
         row["mass"] += float(size.sum())
         row["lrp"] += float(size[lrp].sum())
         row["magnitude"] += float(size[magnitude].sum())
@@ -205,11 +181,23 @@ def keep_by_layer(
         "path": str(reader.path),
         "base": str(base_dir),
         "model": str(model_dir),
-        "density": density,
-        "importance": importance,
+        "position": position,
+        **_settings_report(settings),
         "protected": protected,
         "layers": layers,
     }
+
+
+def _settings_report(settings: MaskSettings) -> dict:
+    report = {
+        "density": settings.density,
+        "importance": settings.importance,
+        "selection": settings.selection,
+    }
+    if settings.selection == "stochastic":
+        report["epsilon"] = settings.epsilon
+        report["seed"] = settings.seed
+    return report
 
 
 def _ratio(part: float, whole: float) -> float | None:
@@ -253,25 +241,28 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float | None:
 def compare_files(
     readers: Sequence[ScoreReader],
     density: float,
-    signal: Callable[[int, str], torch.Tensor] | None = None,
+    mask_of: Callable[[int, str], torch.Tensor] | None = None,
     masks_from: str = "scores",
 ) -> dict:
     """Per layer and pair of files, over the tensors every file scores with the same
-    shape (a layer's tensors pooled): the Jaccard index of their per-tensor top-k masks
-    at ``density``, and Spearman's rank correlation of their scores.
+    shape (a layer's tensors pooled): the Jaccard index of their per-tensor masks, and
+    Spearman's rank correlation of their scores.
 
-    ``signal(i, name)`` gives the values file i's mask keeps the top of: by default its
-    scores; :func:`importance_signal` gives the merge's importance, so the masks are the
-    ones ``lrp`` applies (tensors ``protect_special`` keeps whole included).
+    ``mask_of(i, name)`` is file i's mask of a tensor: by default the top ``density`` of
+    its scores; :func:`merge_masks` gives the masks the merge applies.
     """
-    check_density(density)
+    MaskSettings(density=density, selection="topk")  # the density check
     if len(readers) < 2:
         raise InspectError("comparing needs two or more score files")
 
     def scores(i: int, name: str) -> torch.Tensor:
         return readers[i].get(name)
 
-    signal = signal or scores
+    def top_of_scores(i: int, name: str) -> torch.Tensor:
+        values = scores(i, name)
+        return top_k_mask(values, kept_count(density, values.numel()))
+
+    mask_of = mask_of or top_of_scores
     common = set.intersection(*(r.names() for r in readers))
     common = sorted(n for n in common if len({r.shape(n) for r in readers}) == 1)
     if not common:
@@ -281,7 +272,7 @@ def compare_files(
         )
     by_layer: dict[int | None, list[str]] = defaultdict(list)
     for name in common:
-        by_layer[layer_key(name)].append(name)
+        by_layer[layer_index(name)].append(name)
     pairs = [(i, j) for i in range(len(readers)) for j in range(i + 1, len(readers))]
     counts = {p: defaultdict(lambda: [0, 0]) for p in pairs}
     rows = {p: [] for p in pairs}
@@ -290,10 +281,8 @@ def compare_files(
         masks = [[] for _ in readers]
         for name in by_layer[key]:
             for i in range(len(readers)):
-                v = scores(i, name).reshape(-1)
-                values[i].append(v)
-                ranked = v if signal is scores else signal(i, name).float().reshape(-1)
-                masks[i].append(top_k_mask(ranked, kept_count(density, v.numel())))
+                values[i].append(scores(i, name).reshape(-1))
+                masks[i].append(mask_of(i, name).reshape(-1))
         for i, j in pairs:
             a, b = torch.cat(masks[i]), torch.cat(masks[j])
             both, either = int((a & b).sum()), int((a | b).sum())
@@ -330,24 +319,23 @@ def _mean(values: Iterable[float | None]) -> float | None:
     return sum(found) / len(found) if found else None
 
 
-def importance_signal(
+def merge_masks(
     readers: Sequence[ScoreReader],
     base_dir: str | os.PathLike,
     model_dirs: Sequence[str | os.PathLike],
-    importance: str = "delta",
+    settings: MaskSettings,
 ) -> Callable[[int, str], torch.Tensor]:
-    """``signal`` for :func:`compare_files`: file i's merge importance of a tensor
-    (``importance_of`` with model i's delta from the base), what ``lrp`` ranks."""
-    check_importance(importance)
+    """``mask_of`` for :func:`compare_files`: the mask the merge applies to model i's
+    task vector (model i listed at position i), protected tensors whole."""
     base = Checkpoint(base_dir)
     models = [Checkpoint(m) for m in model_dirs]
 
-    def signal(i: int, name: str) -> torch.Tensor:
+    def mask_of(i: int, name: str) -> torch.Tensor:
         theta = models[i].get(name).float()
         delta = theta - base.get(name).float()
-        return importance_of(_located(model_dirs[i], name, readers[i]), theta, delta, importance)
+        return kept_mask(_located(model_dirs[i], name, readers[i]), theta, delta, settings, i)
 
-    return signal
+    return mask_of
 
 
 def _located(model, name, reader) -> TensorScores:

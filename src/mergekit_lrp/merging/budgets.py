@@ -8,21 +8,19 @@ entries; the excess goes to the others (water-filling). Within a tensor the top-
 importance is unchanged.
 
 The shares come from the score file alone (one read of each score tensor, once per file
-and density), not from the weights. Protected tensors (1-D, embeddings and output heads)
-take no part; a tensor the file does not store under its own name (fused MoE experts)
-keeps the plain density.
+and density), not from the weights. Protected tensors (1-D, embeddings and output
+heads: :func:`.tensor_names.is_protected`) take no part; a tensor the file does not store
+under its own name (fused MoE experts) keeps the plain density. A layer is named with its
+stack (:func:`.tensor_names.layer_of`), so an MTP or vision layer is not pooled with the
+decoder layer of the same index.
 """
 
 from __future__ import annotations
 
-import re
 from functools import lru_cache
 
+from mergekit_lrp.merging.tensor_names import is_protected, layer_of
 from mergekit_lrp.merging.tensor_scores import open_scores
-
-BUDGETS = ("tensor", "layer", "model")
-_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-_VOCABULARY = ("embed_tokens", "lm_head", "embed_in", "embed_out", "wte")
 
 
 def budget_density(path: str, name: str, density: float, budget: str) -> float:
@@ -35,8 +33,7 @@ def budget_density(path: str, name: str, density: float, budget: str) -> float:
 def group_of(name: str, budget: str) -> str:
     if budget == "model":
         return "model"
-    match = _LAYER.search(name)
-    return f"layer {match.group(1)}" if match else "outside the layers"
+    return layer_of(name) or "outside the layers"
 
 
 @lru_cache(maxsize=32)
@@ -44,8 +41,7 @@ def _densities(path: str, density: float, budget: str) -> dict[str, float]:
     reader = open_scores(path)
     groups: dict[str, dict[str, tuple[int, float]]] = {}
     for name in sorted(reader.names()):
-        shape = reader.shape(name)
-        if len(shape) < 2 or any(v in name for v in _VOCABULARY):
+        if is_protected(name, len(reader.shape(name))):
             continue
         scores = reader.get(name)
         groups.setdefault(group_of(name, budget), {})[name] = (scores.numel(), float(scores.sum()))

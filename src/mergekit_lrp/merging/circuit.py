@@ -1,17 +1,18 @@
-"""Circuit-Merge (shared/seeds/004), as a registered mergekit method: ``circuit``.
+"""Circuit-Merge, as a registered mergekit method: ``circuit``.
 
 Models are merged in priority order: the first listed has the highest priority. Each
 model's delta is cut to its meaningful changes (|delta| >= ``meaningful_change_threshold``)
-and pruned DELLA-style (:func:`~.combine.keep_probabilities`: entries kept with a
+and pruned DELLA-style (:func:`~.selection.keep_probabilities`: entries kept with a
 probability that rises with their rank, by |delta| or, with ``drop_order: scores``, by the
 model's ``lrp_scores`` importance), at a drop rate that falls with priority:
 
     keep(i) = (1 - T) * 0.5 ** (n - max(i, 2) + 1) * 2 * (1 - b) + T * (1 - b),  b = base_droprate
 
 for the i-th model processed (i = 1 the lowest priority, the last listed; n models;
-T = ``temperature``), and 2 * base_droprate dropped for a single model, as the seed
-defines it. (The seed's prose says i = 1 is the highest priority, but then higher
-priority would drop more, the opposite of what it promises; i counts processing order.)
+T = ``temperature``), and 2 * base_droprate dropped for a single model, as Circuit-Merge
+defines it. (Circuit-Merge's description says i = 1 is the highest priority, but then
+higher priority would drop more, the opposite of what it promises; i counts processing
+order here.)
 Kept entries are divided by their keep probability unless ``rescale: false``.
 
 The pruned deltas are accumulated from the lowest priority up. An entry's first
@@ -19,7 +20,7 @@ contribution is taken as it is; a later one with the opposite sign overwrites it
 higher priority wins the conflict); one with the same sign moves the accumulated value
 towards itself by alpha = (1 - T) * 0.5 + T / (c + 1), c the entry's contributions so far:
 at T = 0 earlier contributions decay geometrically, at T = 1 it is their plain average
-(the seed names both ends, not the formula between them).
+(Circuit-Merge names both ends, not the formula between them: docs/method.md).
 """
 
 from __future__ import annotations
@@ -30,10 +31,9 @@ import torch
 from mergekit.merge_methods.base import BasePolicy, InputContract, PerNonBase, TensorGroup
 from mergekit.merge_methods.easy_define import merge_method
 
-from mergekit_lrp.merging.combine import generator_for, keep_probabilities
-from mergekit_lrp.merging.tensor_scores import LRPConfigError, importance_of, locate_scores
-
-DROP_ORDERS = ("magnitude", "scores")
+from mergekit_lrp.merging.parameters import check_circuit_parameters, score_path
+from mergekit_lrp.merging.selection import generator_for, keep_probabilities
+from mergekit_lrp.merging.tensor_scores import importance_of, locate_scores
 
 
 def keep_rate(position: int, count: int, temperature: float, base_droprate: float) -> float:
@@ -43,19 +43,6 @@ def keep_rate(position: int, count: int, temperature: float, base_droprate: floa
     divisions = count - max(position, 2) + 1
     decay = 0.5**divisions * 2 * (1 - base_droprate)
     return (1 - temperature) * decay + temperature * (1 - base_droprate)
-
-
-def check_parameters(temperature, base_droprate, threshold, epsilon, drop_order) -> None:
-    if not 0 <= temperature <= 1:
-        raise LRPConfigError(f"circuit: temperature must be in [0, 1], got {temperature}")
-    if not 0 <= base_droprate < 1:
-        raise LRPConfigError(f"circuit: base_droprate must be in [0, 1), got {base_droprate}")
-    if threshold < 0 or epsilon < 0:
-        raise LRPConfigError("circuit: meaningful_change_threshold and epsilon must be >= 0")
-    if drop_order not in DROP_ORDERS:
-        raise LRPConfigError(
-            f"circuit: drop_order must be one of {', '.join(DROP_ORDERS)}; got {drop_order!r}"
-        )
 
 
 @merge_method(
@@ -73,7 +60,9 @@ def circuit_merge(
     rescale: bool = True,
     drop_order: str = "magnitude",
 ) -> torch.Tensor:
-    check_parameters(temperature, base_droprate, meaningful_change_threshold, epsilon, drop_order)
+    check_circuit_parameters(
+        temperature, base_droprate, meaningful_change_threshold, epsilon, drop_order
+    )
     base = group.base.tensor
     name = group.metadata.name or "<unnamed tensor>"
     models = list(group.non_base)
@@ -106,8 +95,7 @@ def accumulate(pruned: list[torch.Tensor], temperature: float) -> torch.Tensor:
 def _importance(model: Hashable, theta, delta, name, lrp_scores, drop_order) -> torch.Tensor:
     if drop_order == "magnitude":
         return delta.abs()
-    path = lrp_scores.get(model)
-    scores = locate_scores(model, name, str(path) if path else None, "error")
+    scores = locate_scores(model, name, score_path(lrp_scores.get(model)), "error")
     return importance_of(scores, theta, delta, "delta")
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mergekit_lrp.merging.parameters import parameter_places, setting_values
 from mergekit_lrp.merging.tensor_scores import open_scores
 from mergekit_lrp.scores.file import ScoreFileError
 
@@ -15,16 +16,10 @@ from mergekit_lrp.scores.file import ScoreFileError
 def score_files(merge_config) -> list[tuple[str, str]]:
     """(model, score file) for every ``lrp_scores`` value of the config, filters included."""
     found = []
-    entries = [(m.model, m.parameters or {}) for m in merge_config.models or ()]
-    for output_slice in merge_config.slices or ():
-        entries += [(s.model, s.parameters or {}) for s in output_slice.sources]
-    for model, parameters in entries:
-        value = parameters.get("lrp_scores")
-        values = value if isinstance(value, list) else [value]
-        for item in values:
-            item = item.get("value") if isinstance(item, dict) else item
-            if item:
-                found.append((str(model), str(item)))
+    for _, model, parameters in parameter_places(merge_config):
+        for value in setting_values(parameters.get("lrp_scores")):
+            if value:
+                found.append((str(model) if model is not None else "every model", str(value)))
     return list(dict.fromkeys(found))
 
 

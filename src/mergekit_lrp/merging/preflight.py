@@ -1,4 +1,4 @@
-"""Check an ``lrp`` merge before any tensor is merged or written.
+"""Check an ``lrp`` or ``circuit`` merge before any tensor is merged or written.
 
 The check plans the merge with mergekit's own planner (cheap: no tensor is read),
 then inspects exactly what each planned tensor will ask for: per-model weight and
@@ -19,14 +19,16 @@ from dataclasses import dataclass, field
 import torch
 from safetensors import safe_open
 
-from mergekit_lrp.merging.method import check_model_parameters, check_shared_parameters
-from mergekit_lrp.merging.tensor_scores import (
+from mergekit_lrp.merging.parameters import (
     LRPConfigError,
-    check_mode,
-    is_protected,
-    locate_scores,
-    open_scores,
+    check_circuit_parameters,
+    check_model_parameters,
+    check_shared_parameters,
+    parameter_places,
+    score_path,
 )
+from mergekit_lrp.merging.tensor_names import is_protected
+from mergekit_lrp.merging.tensor_scores import check_mode, locate_scores, open_scores
 from mergekit_lrp.scores.file import ScoreFileError, ScoreReader
 from mergekit_lrp.scores.fingerprint import fingerprint_tensors
 
@@ -84,7 +86,7 @@ def _input_weights(task):
     return gather.weight_info
 
 
-#: names of the first lrp pull request (shared/seeds/001) that mean something here
+#: parameter names of earlier lrp merge implementations, and their names here
 FORMER_NAMES = {"lrp_path": "lrp_scores"}
 
 
@@ -96,11 +98,7 @@ def check_parameter_names(merge_config, method=None) -> None:
     method = method or lrp_merge
     method_name = method.spec.name
     known = [parameter.name for parameter in method.spec.parameters]
-    places = [("parameters", merge_config.parameters or {})]
-    places += [(f"parameters of {m.model}", m.parameters or {}) for m in merge_config.models or ()]
-    for output_slice in merge_config.slices or ():
-        places += [(f"parameters of {s.model}", s.parameters or {}) for s in output_slice.sources]
-    for where, parameters in places:
+    for where, _, parameters in parameter_places(merge_config):
         for name in parameters:
             if name in known:
                 continue
@@ -117,19 +115,22 @@ def check_parameter_names(merge_config, method=None) -> None:
             )
 
 
+def check_merge(merge_config, options) -> None:
+    """The pre-merge check of the config's merge method (one of this project's)."""
+    checks = {"lrp": preflight, "circuit": preflight_circuit}
+    checks[merge_config.merge_method](merge_config, options)
+
+
 def preflight(merge_config, options) -> None:
-    """Raise :class:`LRPConfigError` / :class:`ScoreFileError` naming what is wrong."""
+    """``lrp``'s checks; raise :class:`LRPConfigError` / :class:`ScoreFileError` naming
+    what is wrong."""
     check_parameter_names(merge_config)
     models: dict = {}
     for weight, task in plan_merge(merge_config, options):
         shared = task.parameters
         check_shared_parameters(
-            shared["importance"],
-            shared["consensus"],
-            shared["missing_scores"],
-            shared["selection"],
-            shared["rescale"],
-            shared["budget"],
+            **{name: shared[name] for name in ("importance", "consensus", "missing_scores")},
+            **{name: shared[name] for name in ("selection", "rescale", "budget")},
         )
         stochastic = shared["selection"] == "stochastic"
         for model, input_weight in _input_weights(task).items():
@@ -143,15 +144,15 @@ def preflight(merge_config, options) -> None:
             if shape is None:
                 continue  # an optional tensor this model lacks: base passthrough
             _refuse_moved_tensor("lrp", model, input_weight, weight)
-            reader = _check_file(model, params["lrp_scores"], files)
+            path = score_path(params["lrp_scores"])
+            reader = _check_file(model, path, files)
             if reader is not None:
                 check_mode(reader, shared["importance"], model)
             protected = shared["protect_special"] and is_protected(
-                len(shape), weight.vocabulary_axis
+                weight.name, len(shape), weight.vocabulary_axis
             )
             if protected or params["density"] >= 1:
                 continue
-            path = str(params["lrp_scores"]) if params["lrp_scores"] else None
             locate_scores(model, weight.name, path, shared["missing_scores"]).check(shape)
     _check_extra_tensors(models)
 
@@ -159,13 +160,13 @@ def preflight(merge_config, options) -> None:
 def preflight_circuit(merge_config, options) -> None:
     """``circuit``'s checks: its parameter names and values and, with ``drop_order:
     scores``, every model's score file as for ``lrp`` (fingerprint, tensors, shapes)."""
-    from mergekit_lrp.merging.circuit import check_parameters, circuit_merge
+    from mergekit_lrp.merging.circuit import circuit_merge
 
     check_parameter_names(merge_config, circuit_merge)
     models: dict = {}
     for weight, task in plan_merge(merge_config, options):
         shared = task.parameters
-        check_parameters(
+        check_circuit_parameters(
             shared["temperature"],
             shared["base_droprate"],
             shared["meaningful_change_threshold"],
@@ -182,7 +183,7 @@ def preflight_circuit(merge_config, options) -> None:
             if shape is None:
                 continue
             _refuse_moved_tensor("circuit", model, input_weight, weight)
-            path = task.input_parameters[model]["lrp_scores"]
+            path = score_path(task.input_parameters[model]["lrp_scores"])
             if not path:
                 raise LRPConfigError(
                     f"circuit: drop_order: scores needs an lrp_scores file for model {model}"

@@ -17,17 +17,11 @@ from functools import lru_cache
 
 import torch
 
-from mergekit_lrp.errors import LrpError
+from mergekit_lrp.merging.parameters import LRPConfigError
 from mergekit_lrp.scores.file import SCORE_DTYPES, ScoreFileError, ScoreReader
 
-IMPORTANCE_MODES = ("delta", "weight", "scores")
 #: quantities whose scores are the same along a weight's rows (one value an input column)
 COLUMN_QUANTITIES = ("mean_sq_input",)
-MISSING_SCORES_MODES = ("error", "magnitude", "base")
-
-
-class LRPConfigError(LrpError):
-    """An ``lrp`` parameter is out of range or a model has no usable scores."""
 
 
 def open_scores(path: str) -> ScoreReader:
@@ -41,11 +35,6 @@ def open_scores(path: str) -> ScoreReader:
 @lru_cache(maxsize=64)
 def _open_scores(path: str, _version) -> ScoreReader:
     return ScoreReader(path)
-
-
-def is_protected(ndim: int, vocabulary_axis) -> bool:
-    """Norms, biases (1-D) and embeddings / lm_head (vocabulary-indexed) tensors."""
-    return ndim < 2 or vocabulary_axis is not None
 
 
 @dataclass(frozen=True)

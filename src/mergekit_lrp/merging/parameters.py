@@ -1,0 +1,146 @@
+"""The merge methods' parameters: their choices, defaults and checks, without mergekit.
+
+The kernels (:mod:`.method`, :mod:`.circuit`), the pre-merge check (:mod:`.preflight`),
+the notebook API and ``lrp-inspect`` all check values with these functions, so a bad
+value is refused with the same message wherever it is given. The checks exist because
+mergekit's own messages would not name the option or the model (pydantic names the type,
+not the parameter).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Iterator
+
+from mergekit_lrp.errors import LrpError
+
+#: what ranks a task vector's entries (docs/method.md, step 2)
+IMPORTANCE_MODES = ("delta", "weight", "scores")
+#: how the kept entries of several models combine (step 4)
+CONSENSUS_MODES = ("none", "sum", "count", "relevance", "winner", "drop", "priority")
+#: how a tensor's kept entries are chosen (step 3)
+SELECTION_MODES = ("topk", "stochastic")
+RESCALE_MODES = (False, True, "mass")
+#: what happens where a model has no scores for a tensor
+MISSING_SCORES_MODES = ("error", "magnitude", "base")
+#: where ``density`` applies: each tensor, each layer, or the whole model
+BUDGETS = ("tensor", "layer", "model")
+#: what orders ``circuit``'s drops
+DROP_ORDERS = ("magnitude", "scores")
+
+#: lrp's default density; also what ``lrp-inspect`` and the API show by default
+DEFAULT_DENSITY = 0.9
+
+
+class LRPConfigError(LrpError):
+    """A merge parameter is out of range or a model has no usable scores."""
+
+
+def check_shared_parameters(
+    importance: str = "delta",
+    consensus: str = "priority",
+    missing_scores: str = "error",
+    selection: str = "stochastic",
+    rescale: bool | str = False,
+    budget: str = "tensor",
+    method: str = "lrp",
+) -> None:
+    """The choices among lrp's global parameters."""
+    values = {
+        "importance": (importance, IMPORTANCE_MODES),
+        "consensus": (consensus, CONSENSUS_MODES),
+        "missing_scores": (missing_scores, MISSING_SCORES_MODES),
+        "selection": (selection, SELECTION_MODES),
+        "budget": (budget, BUDGETS),
+    }
+    for name, (value, allowed) in values.items():
+        check_choice(method, name, value, allowed)
+    if not (isinstance(rescale, bool) or rescale in RESCALE_MODES):
+        raise LRPConfigError(f"{method}: rescale must be true, false or mass; got {rescale!r}")
+
+
+def check_choice(method: str, name: str, value, allowed: tuple) -> None:
+    if value not in allowed:
+        shown = ", ".join(str(a) for a in allowed)
+        raise LRPConfigError(f"{method}: {name} must be one of {shown}; got {value!r}")
+
+
+def check_model_parameters(
+    model: Hashable,
+    weight: float,
+    density: float,
+    epsilon: float | None = None,
+    method: str = "lrp",
+) -> None:
+    """Per-model values. ``epsilon`` is checked when the selection is stochastic and it
+    was given (unset, it is narrowed to fit: :func:`.selection.default_epsilon`)."""
+    check_density(density, f"for {model}", method)
+    if weight < 0:
+        raise LRPConfigError(f"{method}: weight for {model} must not be negative, got {weight}")
+    if epsilon is not None and not (
+        epsilon >= 0 and density - epsilon > 0 and density + epsilon <= 1
+    ):
+        raise LRPConfigError(
+            f"{method}: with selection: stochastic, density ± epsilon for {model} must stay in "
+            f"(0, 1]; got density {density}, epsilon {epsilon}"
+        )
+
+
+def check_density(density: float, where: str = "", method: str = "lrp") -> None:
+    if not 0 < density <= 1:
+        where = f" {where}" if where else ""
+        raise LRPConfigError(f"{method}: density{where} must be in (0, 1], got {density}")
+
+
+def check_circuit_parameters(
+    temperature: float,
+    base_droprate: float,
+    meaningful_change_threshold: float,
+    epsilon: float,
+    drop_order: str,
+) -> None:
+    """``circuit``'s global parameters."""
+    if not 0 <= temperature <= 1:
+        raise LRPConfigError(f"circuit: temperature must be in [0, 1], got {temperature}")
+    if not 0 <= base_droprate < 1:
+        raise LRPConfigError(f"circuit: base_droprate must be in [0, 1), got {base_droprate}")
+    if meaningful_change_threshold < 0 or epsilon < 0:
+        raise LRPConfigError("circuit: meaningful_change_threshold and epsilon must be >= 0")
+    check_choice("circuit", "drop_order", drop_order, DROP_ORDERS)
+
+
+def score_path(value) -> str | None:
+    """One model's resolved ``lrp_scores`` value as a path, or None when it has none."""
+    return str(value) if value else None
+
+
+def parameter_places(merge_config) -> Iterator[tuple[str, object, dict]]:
+    """(where, model or None, parameters) for every parameter block of a merge config:
+    the global one, each model's and each slice source's (modules included)."""
+    yield "parameters", None, dict(merge_config.parameters or {})
+    yield from _places_in(merge_config)
+    for name, module in (merge_config.modules or {}).items():
+        yield f"parameters of module {name}", None, dict(module.parameters or {})
+        yield from _places_in(module)
+
+
+def _places_in(definition) -> Iterator[tuple[str, object, dict]]:
+    for model in definition.models or ():
+        yield f"parameters of {model.model}", model.model, dict(model.parameters or {})
+    for output_slice in definition.slices or ():
+        yield "parameters of a slice", None, dict(output_slice.parameters or {})
+        for source in output_slice.sources:
+            yield f"parameters of {source.model}", source.model, dict(source.parameters or {})
+
+
+def setting_values(setting) -> list:
+    """The values a parameter setting can take: a scalar, or each value of mergekit's
+    ``filter:`` list (dicts or ``ConditionalParameter`` objects)."""
+    items = setting if isinstance(setting, list) else [setting]
+    values = []
+    for item in items:
+        if isinstance(item, dict):
+            item = item.get("value")
+        elif hasattr(item, "value") and hasattr(item, "filter"):
+            item = item.value
+        values.append(item)
+    return values

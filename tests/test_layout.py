@@ -54,6 +54,22 @@ def test_scoring_never_imports_merging_or_mergekit():
     assert offending("scoring", forbidden) == []
 
 
+def test_scoring_never_imports_back_up_into_the_package_root():
+    found = [
+        f"{path.relative_to(PACKAGE)} imports mergekit_lrp"
+        for path in sources("scoring")
+        if "mergekit_lrp" in imports_of(path)
+    ]
+    assert found == []
+
+
+def test_the_merge_rules_shared_with_the_api_and_inspect_import_no_mergekit():
+    """Parameter checks, selection, tensor names and masks are used outside a merge."""
+    for module in ("parameters", "selection", "tensor_names", "masks"):
+        path = PACKAGE / "merging" / f"{module}.py"
+        assert not [name for name in imports_of(path) if name.split(".")[0] == "mergekit"]
+
+
 def test_merging_never_imports_the_autograd_rules():
     assert sources("merging")
     assert offending("merging", ("mergekit_lrp.scoring", "lxt", "mergekit_lrp.plugin")) == []

@@ -5,10 +5,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from checkpoints import save, tiny_llama
+from checkpoints import char_tokenizer, save
 from helpers import interrupted_at_pass
+from tiny_models import AS_CHECKPOINT, make_tiny_model
 
-from mergekit_lrp.scoring.accumulator import GradientAccumulator
+from mergekit_lrp.scoring.gradient_sums import GradientAccumulator
 from mergekit_lrp.scoring.options import ComputeError, ComputeOptions
 from mergekit_lrp.scoring.placement import activation_bytes, plan
 from mergekit_lrp.scoring.run import compute_scores
@@ -21,7 +22,7 @@ def model_and_prompts(tmp_path_factory):
     root = tmp_path_factory.mktemp("placement")
     prompts = root / "prompts.txt"
     prompts.write_text("\n".join(f"prompt number {i}: the cat sat" for i in range(5)) + "\n")
-    return save(tiny_llama(seed=4), root / "model"), prompts
+    return save(make_tiny_model("llama", seed=4, **AS_CHECKPOINT), root / "model"), prompts
 
 
 def score(model_and_prompts, out: Path, **options) -> bytes:
@@ -54,7 +55,7 @@ def test_a_resume_file_of_one_placement_continues_under_the_other(model_and_prom
 
 
 def test_sums_live_beside_their_parameters_when_asked():
-    model = tiny_llama(seed=0)
+    model = make_tiny_model("llama", seed=0, **AS_CHECKPOINT)
     on_device = GradientAccumulator(dict(model.named_parameters()), on_device=True)
     assert all(
         on_device.sums[name].device == p.device for name, p in model.named_parameters()
@@ -85,7 +86,7 @@ class _Located:
 
 
 def test_auto_puts_sums_on_the_device_only_when_they_fit():
-    model = tiny_llama(seed=0)
+    model = make_tiny_model("llama", seed=0, **AS_CHECKPOINT)
     params = on_gpu(model)
     need = 4 * sum(p.numel() for p in params.values())
     roomy = plan(ComputeOptions(), model, params, torch.float32, free=FakeDevice(100 * need))
@@ -95,7 +96,7 @@ def test_auto_puts_sums_on_the_device_only_when_they_fit():
 
 
 def test_device_sums_that_do_not_fit_are_refused_before_scoring():
-    model = tiny_llama(seed=0)
+    model = make_tiny_model("llama", seed=0, **AS_CHECKPOINT)
     params = on_gpu(model)
     options = ComputeOptions(accumulate_on="device")
     with pytest.raises(ComputeError, match=r"needs .* GiB .* has .* GiB free"):
@@ -103,7 +104,7 @@ def test_device_sums_that_do_not_fit_are_refused_before_scoring():
 
 
 def test_auto_checkpoints_only_when_activations_do_not_fit():
-    model = tiny_llama(seed=0)
+    model = make_tiny_model("llama", seed=0, **AS_CHECKPOINT)
     params = dict(model.named_parameters())
     options = ComputeOptions(max_length=512)
     activations = activation_bytes(model.config, 512, torch.float32)
@@ -116,6 +117,31 @@ def test_auto_checkpoints_only_when_activations_do_not_fit():
         free=lambda d: 10 * activations,
     )  # fmt: skip
     assert explicit.checkpointing
+    forward_only = plan(
+        ComputeOptions(method="activation"), model, params, torch.float32,
+        free=lambda d: activations,
+    )  # fmt: skip
+    assert not forward_only.checkpointing and not forward_only.notes  # nothing to checkpoint
+
+
+@pytest.mark.parametrize("free_memory", [1, None])  # nothing free: on; plenty: off
+def test_the_python_api_decides_auto_checkpointing_as_the_cli_does(monkeypatch, free_memory):
+    from mergekit_lrp import compute_scores as api_compute_scores
+    from mergekit_lrp.scoring import loop, placement
+
+    if free_memory is not None:
+        monkeypatch.setattr(placement, "free_bytes", lambda device: free_memory)
+    used = []
+    real = loop.backward_ready
+
+    def spy(net, checkpointing=True):
+        used.append(checkpointing)
+        return real(net, checkpointing)
+
+    monkeypatch.setattr(loop, "backward_ready", spy)
+    model = make_tiny_model("llama", seed=0, **AS_CHECKPOINT)
+    api_compute_scores(model, char_tokenizer(), ["the cat sat"])
+    assert used == [free_memory is not None]
 
 
 @pytest.mark.parametrize("method", ["attnlrp", "fisher"])  # |grad| and grad² sums
@@ -127,12 +153,12 @@ def test_overlapped_host_sums_write_the_same_bytes_and_resume(
     import functools
     import time
 
-    from mergekit_lrp.scoring import loop
+    from mergekit_lrp.scoring import gradient_sums
     from mergekit_lrp.scoring.host_adder import HostAdder
 
     reference = score(model_and_prompts, tmp_path / "sync.safetensors", method=method)
     forced = functools.partial(GradientAccumulator, overlap=True)
-    monkeypatch.setattr(loop, "GradientAccumulator", forced)
+    monkeypatch.setattr(gradient_sums, "GradientAccumulator", forced)
     add = HostAdder._add
 
     def slow_add(*args):  # a host that lags, so additions are pending at every read

@@ -1,19 +1,20 @@
-"""Register the ``lrp`` method with mergekit's merge-method registry."""
+"""Register mergekit-lrp's merge methods with mergekit's merge-method registry."""
 
 from __future__ import annotations
 
+import importlib
 import sys
 from types import ModuleType
 
-#: module -> the merge method it defines
+#: merge method name -> (module, function) defining it: every method this project adds
 METHODS = {
-    "mergekit_lrp.merging.method": "lrp_merge",
-    "mergekit_lrp.merging.circuit": "circuit_merge",
+    "lrp": ("mergekit_lrp.merging.method", "lrp_merge"),
+    "circuit": ("mergekit_lrp.merging.circuit", "circuit_merge"),
 }
 
 
 def register_with(registry: ModuleType) -> None:
-    """Add ``lrp`` and ``circuit`` to ``registry`` unless they are there (idempotent).
+    """Add every method of :data:`METHODS` to ``registry`` unless it is there (idempotent).
 
     Called right after mergekit's registry module executes. When that happens while one
     of the method modules is being imported (it imports mergekit, which imports the
@@ -21,9 +22,7 @@ def register_with(registry: ModuleType) -> None:
     soon as its module is complete. A method of the same name that is not ours is left
     alone, loudly.
     """
-    import importlib
-
-    for module_name, attribute in METHODS.items():
+    for module_name, attribute in METHODS.values():
         importing = sys.modules.get(module_name)
         if importing is not None and not hasattr(importing, attribute):
             continue
@@ -46,23 +45,26 @@ def _register(registry: ModuleType, method) -> None:
 def register_method(method_module: ModuleType) -> None:
     """Called when a method module is complete: register it if the registry is loaded."""
     registry = sys.modules.get("mergekit.merge_methods.registry")
-    if registry is not None and hasattr(registry, "registered_methods"):
-        _register(registry, getattr(method_module, METHODS[method_module.__name__]))
+    if registry is None or not hasattr(registry, "registered_methods"):
+        return
+    for module_name, attribute in METHODS.values():
+        if module_name == method_module.__name__:
+            _register(registry, getattr(method_module, attribute))
 
 
 def hint_when_disabled(registry: ModuleType) -> None:
-    """With ``MERGEKIT_LRP_DISABLE`` set, make mergekit's error for ``lrp`` say why."""
+    """With ``MERGEKIT_LRP_DISABLE`` set, make mergekit's error for our methods say why."""
     get = registry.get
 
     def get_with_hint(name: str):
         try:
             return get(name)
         except RuntimeError as error:
-            if name != "lrp":
+            if name not in METHODS:
                 raise
             raise RuntimeError(
                 f"{error}: mergekit-lrp is installed but disabled by MERGEKIT_LRP_DISABLE; "
-                "unset it to use merge_method: lrp"
+                f"unset it to use merge_method: {name}"
             ) from None
 
     registry.get = get_with_hint

@@ -1,5 +1,5 @@
-"""Wrap ``mergekit.merge.run_merge`` so ``lrp`` and ``circuit`` merges are checked first
-and staged.
+"""Wrap ``mergekit.merge.run_merge`` so merges with this project's methods (``lrp``,
+``circuit``) are checked first and staged.
 
 Other merge methods go straight to mergekit's own ``run_merge``, untouched.
 """
@@ -13,8 +13,9 @@ from types import ModuleType
 
 from mergekit_lrp.errors import LrpError
 from mergekit_lrp.merging.model_card import finish_model_card, lrp_section
-from mergekit_lrp.merging.preflight import preflight, preflight_circuit
+from mergekit_lrp.merging.preflight import check_merge
 from mergekit_lrp.merging.staging import staged_directory
+from mergekit_lrp.plugin.registration import METHODS
 
 
 @contextlib.contextmanager
@@ -40,14 +41,12 @@ def guard_run_merge(merge_module: ModuleType) -> None:
     @functools.wraps(original)
     def run_merge(merge_config, out_path, options, config_source=None):
         method = merge_config.merge_method
-        if method not in ("lrp", "circuit"):
+        if method not in METHODS:
             return original(merge_config, out_path, options, config_source=config_source)
         with one_line_errors():
+            check_merge(merge_config, options)
             section = None
-            if method == "circuit":
-                preflight_circuit(merge_config, options)
-            else:
-                preflight(merge_config, options)
+            if method == "lrp":
                 section = lrp_section(merge_config)  # before mergekit rewrites the config
             with staged_directory(out_path) as staging:
                 result = original(merge_config, staging, options, config_source=config_source)

@@ -2,8 +2,8 @@
 
 mergekit discovers no plugins, so this module installs an import hook that runs a
 callback right after selected mergekit modules finish executing: the merge-method
-registry (to register ``lrp``), ``mergekit.merge`` (to guard ``run_merge``) and the
-planner modules that :mod:`mergekit_lrp.plugin.planner` fixes.
+registry (to register ``lrp`` and ``circuit``), ``mergekit.merge`` (to guard
+``run_merge``) and the planner modules that :mod:`mergekit_lrp.plugin.planner` fixes.
 Nothing heavy is imported here: programs that never import mergekit pay for a
 dictionary lookup per import and nothing else.
 

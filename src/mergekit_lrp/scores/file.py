@@ -1,12 +1,11 @@
-"""The relevance score file shared by ``lrp-compute`` and the ``lrp`` merge method.
+"""The score file shared by ``lrp-compute`` and the merge methods.
 
-One safetensors file per model (format described in docs/score-format.md). Each
-tensor has the name and shape of a checkpoint tensor and holds, per entry, the mean
-over calibration prompts of |d target / d theta| under the AttnLRP rules. Both
-importance modes derive from it, because the weights are fixed across prompts:
-
-* ``weight``: mean |theta * grad| = |theta| * score
-* ``delta``:  |theta - theta_base| * score
+One safetensors file per model (format described in docs/score-format.md). Each tensor
+has the name and shape of a checkpoint tensor and holds, per entry, the mean over the
+calibration prompts of the quantity the signal measures (:data:`QUANTITIES`: |d target /
+d theta| for attnlrp and gradient, the squared log-likelihood gradient for fisher, the
+squared input of the entry's column for activation). The metadata says which, so the
+merge knows how to combine the scores with a task vector (docs/method.md).
 
 Files are read one tensor at a time through ``safe_open`` (never ``torch.load``)
 and written atomically: a temporary file in the target directory, then a rename.

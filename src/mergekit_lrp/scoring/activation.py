@@ -9,12 +9,10 @@ broadcast to the weight's shape when the scores are written.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from mergekit_lrp.scoring.accumulator import load_sums, save_sums
 from mergekit_lrp.scoring.options import ComputeError
 
 
@@ -40,6 +38,7 @@ class ActivationAccumulator:
             name: torch.zeros(_columns(module), dtype=torch.float32)
             for name, module in self.modules.items()
         }
+        #: parameters whose module ran in this process
         self.seen: set[str] = set()
         self._handles = []
 
@@ -78,11 +77,8 @@ class ActivationAccumulator:
                 out[name] = mean.expand(self.shapes[name]).contiguous()
         return out
 
-    def save(self, path: Path, state: Mapping[str, object]) -> None:
-        save_sums(path, self.sums, state)
-
-    def load(self, path: Path) -> dict:
-        return load_sums(path, self.sums)
+    def totals(self) -> dict[str, torch.Tensor]:
+        return self.sums
 
 
 def _columns(module: nn.Module) -> int:

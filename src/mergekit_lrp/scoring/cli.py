@@ -6,7 +6,6 @@ import os
 
 import click
 
-from mergekit_lrp import __version__
 from mergekit_lrp.errors import LrpError
 from mergekit_lrp.scoring.distributed import Workers, launched_world_size
 from mergekit_lrp.scoring.options import (
@@ -27,7 +26,11 @@ from mergekit_lrp.scoring.signals import SIGNALS
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
 )
 @click.argument("model")
-@click.version_option(__version__, "--version", prog_name="lrp-compute (mergekit-lrp)")
+@click.version_option(
+    package_name="mergekit-lrp",
+    prog_name="lrp-compute (mergekit-lrp)",
+    message="%(prog)s %(version)s",
+)
 @click.option(
     "--prompts",
     "prompts",
@@ -175,17 +178,19 @@ def main(
     accumulate_on,
     quiet,
 ):
-    """Compute AttnLRP relevance scores (or --method's signal) of MODEL (a checkpoint
-    directory or a hub id).
+    """Compute the importance scores of MODEL (a checkpoint directory or a hub id) on
+    calibration prompts, for the lrp merge method.
 
     Every input (lxt, output folder, prompts, config, architecture, tokenizer) is
     checked before the weights are loaded or downloaded.
 
-    Each prompt gets one forward and one backward pass under lxt's AttnLRP rules
-    (gradient checkpointing when activations would not fit); the mean over prompts of
-    |d target / d weight| is
-    written for every checkpoint tensor, under the checkpoint's own tensor names,
-    with a fingerprint of the checkpoint. The lrp merge method reads the file:
+    With --method attnlrp (the default), gradient or fisher, each prompt gets one forward
+    and one backward pass (under lxt's AttnLRP rules for attnlrp; gradient checkpointing
+    when activations would not fit) and the mean over prompts of |d target / d weight|
+    (fisher: of the squared log-likelihood gradient) is written; with --method activation,
+    one forward pass and the squared inputs of each linear layer. Every checkpoint tensor
+    is scored under the checkpoint's own name, with a fingerprint of the checkpoint. The
+    lrp merge method reads the file:
 
     \b
       models:

@@ -1,4 +1,5 @@
-"""Sum |grad| per parameter as soon as each gradient is complete.
+"""Sum |grad| (or grad²) per parameter as soon as each gradient is complete: the
+accumulator of the backward signals (attnlrp, gradient, fisher).
 
 A post-accumulate-grad hook adds every finished gradient into a float32 sum, on the
 parameter's own device or on the host (:mod:`.placement` decides), and frees it, so peak
@@ -8,22 +9,11 @@ sums of device parameters are added in the background (:mod:`.host_adder`).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
-from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
-from mergekit_lrp.errors import LrpError
-from mergekit_lrp.scores.file import atomic_save
 from mergekit_lrp.scoring.host_adder import HostAdder, add_magnitude
-
-RESUME_FORMAT = "mergekit-lrp-resume"
-
-
-class ResumeError(LrpError):
-    """A resume checkpoint is unreadable or was made with other inputs."""
 
 
 class GradientAccumulator:
@@ -86,45 +76,12 @@ class GradientAccumulator:
 
         return consume
 
-    def _drain(self) -> None:
+    def totals(self) -> dict[str, torch.Tensor]:
+        """The running sums themselves (every background addition finished)."""
         if self._adder is not None:
             self._adder.drain()
+        return self.sums
 
     def scores(self, count: int) -> dict[str, torch.Tensor]:
         """The mean over ``count`` prompts of each parameter's sum."""
-        self._drain()
-        return {name: total / count for name, total in self.sums.items()}
-
-    def save(self, path: Path, state: Mapping[str, object]) -> None:
-        self._drain()
-        save_sums(path, self.sums, state)
-
-    def load(self, path: Path) -> dict:
-        return load_sums(path, self.sums)
-
-
-def save_sums(path: Path, sums: Mapping[str, torch.Tensor], state: Mapping[str, object]) -> None:
-    """Checkpoint ``sums`` and the loop ``state`` (JSON) for ``--resume``."""
-    header = {"format": RESUME_FORMAT, "state": json.dumps(dict(state), sort_keys=True)}
-    atomic_save(path, {name: total.cpu() for name, total in sums.items()}, header)
-
-
-def load_sums(path: Path, sums: Mapping[str, torch.Tensor]) -> dict:
-    """Restore ``sums`` in place from a checkpoint; return its loop state."""
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            header = handle.metadata() or {}
-            if header.get("format") != RESUME_FORMAT:
-                raise ResumeError(f"{path}: not an lrp-compute resume checkpoint")
-            if set(handle.keys()) != set(sums):
-                raise ResumeError(
-                    f"{path}: checkpoint tensors do not match this model's parameters"
-                )
-            for name, total in sums.items():
-                saved = handle.get_tensor(name)
-                if saved.shape != total.shape or saved.dtype != torch.float32:
-                    raise ResumeError(f"{path}: checkpoint tensor {name!r} does not match")
-                total.copy_(saved)
-            return json.loads(header["state"])
-    except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as error:
-        raise ResumeError(f"{path}: unreadable resume checkpoint ({error})") from None
+        return {name: total / count for name, total in self.totals().items()}

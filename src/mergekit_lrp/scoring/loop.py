@@ -1,19 +1,25 @@
-"""The prompt loop: one relevance pass per prompt, gradients summed as they complete."""
+"""The prompt loop: one pass of the chosen signal per prompt, summed into an accumulator.
+
+A backward signal (attnlrp, gradient, fisher) runs one forward and one backward pass per
+prompt (:func:`.relevance.relevance_pass`), under the AttnLRP rules for ``attnlrp``; a
+forward-only signal (activation) runs the forward pass alone. The accumulator's hooks
+collect what the signal sums while the pass runs.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import sys
+from dataclasses import replace
 
 import torch
 
-from mergekit_lrp.scoring.accumulator import GradientAccumulator
-from mergekit_lrp.scoring.activation import ActivationAccumulator
+from mergekit_lrp.scoring.accumulator import Accumulator, new_accumulator
 from mergekit_lrp.scoring.options import ComputeOptions
+from mergekit_lrp.scoring.placement import plan
 from mergekit_lrp.scoring.prompts import Prompt
 from mergekit_lrp.scoring.relevance import backward_ready, relevance_pass
 from mergekit_lrp.scoring.resume import LoopState
-from mergekit_lrp.scoring.signals import SIGNALS, Signal
 
 
 def input_device(net) -> torch.device:
@@ -22,26 +28,38 @@ def input_device(net) -> torch.device:
     return net.get_input_embeddings().weight.device
 
 
-def run_prompts(net, prompts, options, accumulator, state, save_state=None):
-    r"""Score ``prompts[state.done:]`` (tokenized :class:`Prompt`\ s) into ``accumulator``
-    under the AttnLRP rules.
+def run_prompts(
+    net,
+    prompts: list[Prompt],
+    options: ComputeOptions,
+    accumulator: Accumulator,
+    state: LoopState,
+    save_state=None,
+) -> LoopState:
+    """Run ``options.signal``'s pass on ``prompts[state.done:]`` into ``accumulator``.
 
-    The model is patched and prepared for backward only for the duration; calls
-    ``save_state(state)`` every ``options.checkpoint_every`` prompts.
+    ``gradient_checkpointing="auto"`` is decided by :func:`.placement.plan`, as for
+    ``lrp-compute``. The model is patched and prepared for backward only for the
+    duration; ``save_state(state)`` is called every ``options.checkpoint_every`` prompts.
     """
     from tqdm import tqdm
 
-    signal = SIGNALS[options.method]
+    if options.gradient_checkpointing == "auto":
+        parameters = dict(net.named_parameters())
+        dtype = next(iter(parameters.values())).dtype
+        checkpointing = plan(options, net, parameters, dtype).checkpointing
+        options = replace(options, gradient_checkpointing=checkpointing)
+    signal = options.signal
     device = input_device(net)
     bar = tqdm(
         total=len(prompts),
         initial=state.done,
         unit="prompt",
-        desc="relevance",
+        desc=signal.pass_name,
         disable=not options.progress,
         file=sys.stderr,
     )
-    with _pass_context(net, signal, options):
+    with _pass_context(net, options):
         accumulator.attach()
         try:
             for index in range(state.done, len(prompts)):
@@ -56,7 +74,7 @@ def run_prompts(net, prompts, options, accumulator, state, save_state=None):
                     state.truncated += 1
                 mask = torch.ones_like(ids)
                 if signal.backward:
-                    target = signal.seed or options.target
+                    target = signal.target(options.target)
                     state.last = relevance_pass(
                         net, ids.to(device), mask.to(device), target, answer_start
                     )
@@ -76,8 +94,9 @@ def run_prompts(net, prompts, options, accumulator, state, save_state=None):
 
 
 @contextlib.contextmanager
-def _pass_context(net, signal: Signal, options: ComputeOptions):
+def _pass_context(net, options: ComputeOptions):
     """The rules (AttnLRP only) and backward preparation, or no-grad for forward-only."""
+    signal = options.signal
     if not signal.backward:
         with torch.no_grad():
             yield
@@ -85,24 +104,22 @@ def _pass_context(net, signal: Signal, options: ComputeOptions):
     from mergekit_lrp.scoring.attnlrp import attnlrp_rules
 
     rules = attnlrp_rules(net) if signal.rules else contextlib.nullcontext()
-    with rules, backward_ready(net, options.gradient_checkpointing is True):
+    with rules, backward_ready(net, options.gradient_checkpointing):
         yield
 
 
-def relevance_scores(net, tokenizer, prompts, options=None) -> dict[str, torch.Tensor]:
-    """In-memory scores (parameter name -> mean |grad|) of an already loaded model on
-    plain-text ``prompts``."""
+def relevance_scores(
+    net, tokenizer, prompts: list[str], options: ComputeOptions | None = None
+) -> dict[str, torch.Tensor]:
+    """In-memory scores (parameter name -> ``options.signal``'s mean over ``prompts``) of
+    an already loaded model on plain-text ``prompts``; ``auto`` options are decided as
+    ``lrp-compute`` decides them (:func:`.placement.plan`)."""
     options = options or ComputeOptions(progress=False)
-    accumulator = new_accumulator(net, dict(net.named_parameters()), options.method)
+    parameters = dict(net.named_parameters())
+    dtype = next(iter(parameters.values())).dtype
+    placement = plan(options, net, parameters, dtype)
+    options = replace(options, gradient_checkpointing=placement.checkpointing)
+    accumulator = new_accumulator(net, parameters, options.signal, placement.sums_on_device)
     tokenized = [Prompt(tuple(tokenizer(text)["input_ids"])) for text in prompts]
     run_prompts(net, tokenized, options, accumulator, LoopState())
     return accumulator.scores(len(prompts))
-
-
-def new_accumulator(net, parameters: dict, method: str, on_device: bool = False):
-    """The accumulator ``method`` sums into, over ``parameters`` (score name -> parameter);
-    gradient sums on each parameter's device when ``on_device``."""
-    signal = SIGNALS[method]
-    if not signal.backward:
-        return ActivationAccumulator(net, parameters)
-    return GradientAccumulator(parameters, square=signal.square, on_device=on_device)

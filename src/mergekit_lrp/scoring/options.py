@@ -12,7 +12,7 @@ from dataclasses import dataclass, fields
 
 from mergekit_lrp.errors import LrpError
 from mergekit_lrp.scoring.relevance import TARGETS
-from mergekit_lrp.scoring.signals import SIGNALS
+from mergekit_lrp.scoring.signals import SIGNALS, Signal
 
 #: dtype of the weights during the pass; ``auto`` = float32 on CPU, bfloat16 on CUDA
 WEIGHT_DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -50,6 +50,7 @@ class ComputeOptions:
     #: prompts between two resume checkpoints (``--checkpoint-every``)
     checkpoint_every: int = 100
     #: True, False, or "auto": on only when a --max-length prompt's activations do not fit
+    #: (:func:`.placement.plan` decides, for the CLI and the Python API alike)
     gradient_checkpointing: bool | str = "auto"
     #: where the float32 sums live: "device" (each parameter's), "cpu", or "auto"
     accumulate_on: str = "auto"
@@ -81,6 +82,12 @@ class ComputeOptions:
         if self.device_map is not None and self.device_map != "auto":
             if not isinstance(self.device_map, dict):
                 raise ComputeError("--device-map must be 'auto' (or, from Python, a dict)")
+
+
+    @property
+    def signal(self) -> Signal:
+        """The importance signal ``method`` names (validated on construction)."""
+        return SIGNALS[self.method]
 
 
 def default(name: str):

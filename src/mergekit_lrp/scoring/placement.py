@@ -1,5 +1,6 @@
 """Where ``lrp-compute`` keeps its sums and whether it checkpoints activations, decided
-from the memory the device has free (``auto``) or as the user said.
+from the memory the device has free (``auto``) or as the user said: the one place that
+decides, for the CLI and the Python API alike.
 
 Sums kept where each parameter lives (``device``) cost no per-prompt host traffic: a
 gradient is added to its float32 sum on its own GPU, and the sums reach the host only for
@@ -65,8 +66,10 @@ def sums_by_device(parameters: dict[str, torch.nn.Parameter]) -> dict[torch.devi
     return dict(needed)
 
 
-def plan(options, net, parameters, dtype, free=free_bytes) -> Placement:
-    """Decide ``--accumulate-on`` and ``--gradient-checkpointing`` (see the module doc)."""
+def plan(options, net, parameters, dtype, free=None) -> Placement:
+    """Decide ``--accumulate-on`` and ``--gradient-checkpointing`` (see the module doc);
+    ``free(device)`` gives a device's free bytes (default :func:`free_bytes`)."""
+    free = free or free_bytes
     notes = []
     needed = sums_by_device(parameters)
     accelerated = any(device.type != "cpu" for device in needed)
@@ -98,7 +101,9 @@ def plan(options, net, parameters, dtype, free=free_bytes) -> Placement:
                 )
             )
     checkpointing = options.gradient_checkpointing
-    if checkpointing == "auto":
+    if not options.signal.backward:
+        checkpointing = False  # a forward-only pass keeps no activations for a backward
+    elif checkpointing == "auto":
         device = next(iter(needed), torch.device("cpu"))
         available = free(device)
         if available is not None and on_device:

@@ -1,4 +1,6 @@
-"""One AttnLRP relevance pass: forward, seed the target, one real backward."""
+"""One backward pass of a prompt: forward, seed the target, one real backward, under
+whatever rules are active (the AttnLRP rules for ``attnlrp``, none for ``gradient`` and
+``fisher``), and the model prepared for it (:func:`backward_ready`)."""
 
 from __future__ import annotations
 
@@ -14,7 +16,9 @@ TARGETS = ("predicted", "next-token")
 @dataclass(frozen=True)
 class PassResult:
     target: float  # the logit (sum) the backward pass was seeded from
-    input_relevance: float  # relevance reaching the input embeddings (sum)
+    #: input embeddings x gradient (sum): the relevance reaching the input under the
+    #: AttnLRP rules, which conserve the target (docs/attnlrp.md, "Conservation")
+    input_relevance: float
     tokens: int
 
 

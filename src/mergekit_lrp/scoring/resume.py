@@ -1,18 +1,36 @@
-"""Resume files: where an interrupted ``lrp-compute`` run left its sums, and whether a
-new run may continue them (same model, prompts, options and process layout)."""
+"""Resume files: where an interrupted ``lrp-compute`` run left its sums, in what format,
+and whether a new run may continue them (same model, prompts, options and process
+layout).
+
+A resume file is a safetensors file of an accumulator's float32 running sums
+(:meth:`~.accumulator.Accumulator.totals`) with the loop state and the run's signature as
+JSON in its metadata, written atomically like score files.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from mergekit_lrp.scoring.accumulator import GradientAccumulator, ResumeError
+import torch
+from safetensors import SafetensorError, safe_open
+
+from mergekit_lrp.errors import LrpError
+from mergekit_lrp.scores.file import atomic_save
+from mergekit_lrp.scoring.accumulator import Accumulator
 from mergekit_lrp.scoring.distributed import Workers
 from mergekit_lrp.scoring.options import ComputeError, ComputeOptions
 from mergekit_lrp.scoring.prompts import Prompt
 from mergekit_lrp.scoring.relevance import PassResult
+
+RESUME_FORMAT = "mergekit-lrp-resume"
+
+
+class ResumeError(LrpError):
+    """A resume checkpoint is unreadable or was made with other inputs."""
 
 
 def resume_path(output: str | Path, workers: Workers | None = None) -> Path:
@@ -67,7 +85,7 @@ class LoopState:
 
 
 def start_state(
-    resume_file: Path, accumulator: GradientAccumulator, signature: dict, resume: bool
+    resume_file: Path, accumulator: Accumulator, signature: dict, resume: bool
 ) -> LoopState:
     """A fresh state, or the one saved in ``resume_file`` (its sums loaded) when resuming."""
     if not resume_file.exists():
@@ -77,7 +95,7 @@ def start_state(
             f"{resume_file} holds an interrupted run; pass --resume to continue it "
             "or delete it to start over"
         )
-    saved = accumulator.load(resume_file)
+    saved = load_sums(resume_file, accumulator.totals())
     differs = [k for k in signature if saved.get("signature", {}).get(k) != signature[k]]
     if differs:
         raise ResumeError(
@@ -88,6 +106,33 @@ def start_state(
 
 
 def save_state(
-    resume_file: Path, accumulator: GradientAccumulator, signature: dict, state: LoopState
+    resume_file: Path, accumulator: Accumulator, signature: dict, state: LoopState
 ) -> None:
-    accumulator.save(resume_file, {"signature": signature, **state.resume_fields()})
+    save_sums(resume_file, accumulator.totals(), {"signature": signature, **state.resume_fields()})
+
+
+def save_sums(path: Path, sums: Mapping[str, torch.Tensor], state: Mapping[str, object]) -> None:
+    """Checkpoint ``sums`` and the loop ``state`` (JSON) for ``--resume``."""
+    header = {"format": RESUME_FORMAT, "state": json.dumps(dict(state), sort_keys=True)}
+    atomic_save(path, {name: total.cpu() for name, total in sums.items()}, header)
+
+
+def load_sums(path: Path, sums: Mapping[str, torch.Tensor]) -> dict:
+    """Restore ``sums`` in place from a checkpoint; return its loop state."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            header = handle.metadata() or {}
+            if header.get("format") != RESUME_FORMAT:
+                raise ResumeError(f"{path}: not an lrp-compute resume checkpoint")
+            if set(handle.keys()) != set(sums):
+                raise ResumeError(
+                    f"{path}: checkpoint tensors do not match this model's parameters"
+                )
+            for name, total in sums.items():
+                saved = handle.get_tensor(name)
+                if saved.shape != total.shape or saved.dtype != torch.float32:
+                    raise ResumeError(f"{path}: checkpoint tensor {name!r} does not match")
+                total.copy_(saved)
+            return json.loads(header["state"])
+    except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as error:
+        raise ResumeError(f"{path}: unreadable resume checkpoint ({error})") from None

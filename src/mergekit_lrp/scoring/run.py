@@ -10,15 +10,17 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, replace
+from importlib.metadata import version
 from pathlib import Path
 
 import torch
 
-from mergekit_lrp import __version__
 from mergekit_lrp.scores.file import ScoreMetadata, write_scores
 from mergekit_lrp.scores.fingerprint import SCHEME, checkpoint_tensor_files, fingerprint_tensors
+from mergekit_lrp.scoring.accumulator import new_accumulator
+from mergekit_lrp.scoring.checkpoint_names import checkpoint_layout, checkpoint_names
 from mergekit_lrp.scoring.distributed import Workers, joined_workers, launched_world_size
-from mergekit_lrp.scoring.loop import new_accumulator, run_prompts
+from mergekit_lrp.scoring.loop import run_prompts
 from mergekit_lrp.scoring.options import ComputeError, ComputeOptions
 from mergekit_lrp.scoring.placement import plan
 from mergekit_lrp.scoring.prompts import Prompt, read_records, tokenize_records
@@ -29,9 +31,7 @@ from mergekit_lrp.scoring.resume import (
     save_state,
     start_state,
 )
-from mergekit_lrp.scoring.signals import SIGNALS
 from mergekit_lrp.scoring.summary import ComputeSummary, peak_memory
-from mergekit_lrp.scoring.tensor_names import checkpoint_layout, checkpoint_names
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -175,14 +175,20 @@ class Source:
     model_type: str
 
 
-def _load(model_dir: Path, options: ComputeOptions, device: torch.device, dtype):
-    from transformers import AutoModelForCausalLM
+@dataclass
+class LoadedCheckpoint:
+    """The model being scored and what the score file must say about its checkpoint."""
 
-    if options.device_map is not None:
-        return AutoModelForCausalLM.from_pretrained(
-            model_dir, dtype=dtype, device_map=options.device_map
-        )
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
+    net: torch.nn.Module
+    dtype: torch.dtype
+    tensor_files: dict[str, str]
+    fingerprint: str
+    #: score name -> the parameter scored under it
+    scored: dict[str, torch.nn.Parameter]
+    #: other names of tied parameters -> score name
+    aliases: dict[str, str]
+    #: parameters stored as several checkpoint tensors -> their names (MoE experts)
+    converted: dict[str, list[str]]
 
 
 def _score_checkpoint(
@@ -193,92 +199,128 @@ def _score_checkpoint(
     device: torch.device,
     workers: Workers,
 ) -> ComputeSummary:
-    signal = SIGNALS[options.method]
-    dtype = DTYPES.get(options.dtype) or (
-        torch.bfloat16 if device.type == "cuda" else torch.float32
-    )
-    model_dir = resolve_model_dir(source.model, source.revision)
-    tensor_files = checkpoint_tensor_files(model_dir)
-    fingerprint = fingerprint_tensors(tensor_files)
-
-    net = _load(model_dir, options, device, dtype)
-    stored_to_param, aliases, converted = checkpoint_names(net, tensor_files)
-    params = dict(net.named_parameters())
-    scored = {s: params[p] for s, p in stored_to_param.items()}
-    placement = plan(options, net, scored, dtype)
+    """Load, decide placement, resume, run this process's prompts, sum over processes,
+    write (first process), summarise."""
+    loaded = _load_checkpoint(source, options, device)
+    placement = plan(options, loaded.net, loaded.scored, loaded.dtype)
     if options.progress and workers.is_main:
         for note in placement.notes:
             print(note, file=sys.stderr)
     options = replace(options, gradient_checkpointing=placement.checkpointing)
-    accumulator = new_accumulator(net, scored, options.method, placement.sums_on_device)
-    signature = run_signature(fingerprint, prompts, options, dtype, workers)
-
+    accumulator = new_accumulator(
+        loaded.net, loaded.scored, options.signal, placement.sums_on_device
+    )
+    signature = run_signature(loaded.fingerprint, prompts, options, loaded.dtype, workers)
     resume_file = resume_path(output_path, workers)
     check_resume_layout(output_path, workers)
     state = start_state(resume_file, accumulator, signature, options.resume)
     started = time.perf_counter()
     resumed_from = state.done
 
-    share = workers.share(prompts)
     loop_options = replace(options, progress=options.progress and workers.is_main)
     run_prompts(
-        net,
-        share,
+        loaded.net,
+        workers.share(prompts),
         loop_options,
         accumulator,
         state,
         lambda current: save_state(resume_file, accumulator, signature, current),
     )
-    workers.sum_tensors(accumulator.sums, device)
+    workers.sum_tensors(accumulator.totals(), device)
     tokens, truncated, resumed_from = workers.sum_counts(
         [state.tokens, state.truncated, resumed_from], device
     )
-    count = len(prompts)
-    unscored, no_relevance = [], []
+    written = None
     if workers.is_main:
-        scores = accumulator.scores(count)
-        no_relevance = check_scores(scores, accumulator.seen, output_path)
-        scores = {name: value for name, value in scores.items() if name not in no_relevance}
-        scores = checkpoint_layout(net, scores, converted)
-        metadata = ScoreMetadata(
-            model_fingerprint=fingerprint,
-            num_prompts=count,
-            num_tokens=tokens,
-            target=signal.seed or options.target,
-            model_type=source.model_type,
-            method=signal.name,
-            quantity=signal.quantity,
-            fingerprint_scheme=SCHEME,
-            aliases={a: s for a, s in aliases.items() if s in scores},
-            generator=f"mergekit-lrp {__version__}",
-            extra={
-                "max_length": str(options.max_length),
-                "dtype": str(dtype),
-                "model": source.model,
-                "revision": source.revision or "",
-                "prompts": source.prompts,
-            },
-        )
-        write_scores(output_path, scores, metadata, dtype=DTYPES[options.score_dtype])
-        unscored = sorted(set(tensor_files) - set(scores) - set(metadata.aliases))
+        metadata = _metadata(source, loaded, options, len(prompts), tokens)
+        written = _write(output_path, accumulator, loaded, metadata, options, len(prompts))
     workers.barrier()  # every resume file stays until the score file is written
     resume_file.unlink(missing_ok=True)
     return ComputeSummary(
         output=output_path,
-        prompts=count,
+        prompts=len(prompts),
         tokens=tokens,
         truncated=truncated,
         seconds=time.perf_counter() - started,
         peak_memory_bytes=workers.max_count(peak_memory(device), device),
         last=state.last,
         resumed_from=resumed_from,
-        unscored_tensors=unscored,
-        no_relevance=no_relevance,
-        method=options.method,
-        notes=list(placement.notes),
+        unscored_tensors=written.unscored if written else [],
+        no_relevance=written.no_relevance if written else [],
+        signal=options.signal,
+        notes=[] if options.progress else list(placement.notes),
         processes=workers.world_size,
         main_process=workers.is_main,
     )
+
+
+def _load_checkpoint(source: Source, options: ComputeOptions, device) -> LoadedCheckpoint:
+    """The weights on ``device`` in the pass's dtype, the checkpoint's fingerprint, and the
+    checkpoint name each scored parameter is stored under."""
+    dtype = DTYPES.get(options.dtype) or (
+        torch.bfloat16 if device.type == "cuda" else torch.float32
+    )
+    model_dir = resolve_model_dir(source.model, source.revision)
+    tensor_files = checkpoint_tensor_files(model_dir)
+    fingerprint = fingerprint_tensors(tensor_files)
+    net = _load(model_dir, options, device, dtype)
+    stored_to_param, aliases, converted = checkpoint_names(net, tensor_files)
+    params = dict(net.named_parameters())
+    scored = {stored: params[name] for stored, name in stored_to_param.items()}
+    return LoadedCheckpoint(net, dtype, tensor_files, fingerprint, scored, aliases, converted)
+
+
+def _load(model_dir: Path, options: ComputeOptions, device: torch.device, dtype):
+    from transformers import AutoModelForCausalLM
+
+    if options.device_map is not None:
+        return AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=dtype, device_map=options.device_map
+        )
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
+
+
+def _metadata(source: Source, loaded, options, count: int, tokens: int) -> ScoreMetadata:
+    signal = options.signal
+    return ScoreMetadata(
+        model_fingerprint=loaded.fingerprint,
+        num_prompts=count,
+        num_tokens=tokens,
+        target=signal.target(options.target),
+        model_type=source.model_type,
+        method=signal.name,
+        quantity=signal.quantity,
+        fingerprint_scheme=SCHEME,
+        generator=f"mergekit-lrp {version('mergekit-lrp')}",
+        extra={
+            "max_length": str(options.max_length),
+            "dtype": str(loaded.dtype),
+            "model": source.model,
+            "revision": source.revision or "",
+            "prompts": source.prompts,
+        },
+    )
+
+
+@dataclass(frozen=True)
+class Written:
+    #: checkpoint tensors the file has no scores for (the model class does not use them)
+    unscored: list[str]
+    #: tensors whose scores were zero everywhere, left out of the file
+    no_relevance: list[str]
+
+
+def _write(output_path: Path, accumulator, loaded, metadata, options, count: int) -> Written:
+    """Check the scores, name them as the checkpoint does, write the file atomically."""
+    scores = accumulator.scores(count)
+    no_relevance = check_scores(scores, accumulator.seen, output_path)
+    scores = {name: value for name, value in scores.items() if name not in no_relevance}
+    scores = checkpoint_layout(loaded.net, scores, loaded.converted)
+    aliases = {a: s for a, s in loaded.aliases.items() if s in scores}
+    metadata = replace(metadata, aliases=aliases)
+    write_scores(output_path, scores, metadata, dtype=DTYPES[options.score_dtype])
+    unscored = sorted(set(loaded.tensor_files) - set(scores) - set(aliases))
+    return Written(unscored, no_relevance)
 
 
 def check_scores(scores: dict[str, torch.Tensor], seen: set[str], output: Path) -> list[str]:

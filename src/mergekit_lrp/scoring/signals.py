@@ -24,21 +24,40 @@ class Signal:
     name: str
     #: what the score file holds (scores/file.py lists the known quantities)
     quantity: str
-    #: AttnLRP rules patched in during the pass
+    #: AttnLRP rules patched in during the pass (input relevance then conserves the target)
     rules: bool
     #: False: forward passes only (input statistics)
     backward: bool
     #: accumulate squared gradients instead of absolute ones
     square: bool = False
-    #: the pass's seed when fixed by the signal (else --target)
-    seed: str | None = None
+    #: what the backward pass starts from when the signal fixes it (else ``--target``);
+    #: for a forward-only signal, what it records instead of a target
+    fixed_target: str | None = None
+
+    def target(self, chosen: str) -> str:
+        """The backward target this signal uses when the user chose ``chosen``."""
+        return self.fixed_target or chosen
+
+    @property
+    def pass_name(self) -> str:
+        """What one prompt's pass is called in progress bars and messages."""
+        if not self.backward:
+            return "forward"
+        return "relevance" if self.rules else "gradient"
 
 
 SIGNALS: dict[str, Signal] = {
     "attnlrp": Signal("attnlrp", "mean_abs_grad", rules=True, backward=True),
     "gradient": Signal("gradient", "mean_abs_grad", rules=False, backward=True),
     "fisher": Signal(
-        "fisher", "mean_sq_grad", rules=False, backward=True, square=True, seed="log-likelihood"
+        "fisher",
+        "mean_sq_grad",
+        rules=False,
+        backward=True,
+        square=True,
+        fixed_target="log-likelihood",
     ),
-    "activation": Signal("activation", "mean_sq_input", rules=False, backward=False, seed="inputs"),
+    "activation": Signal(
+        "activation", "mean_sq_input", rules=False, backward=False, fixed_target="inputs"
+    ),
 }

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from mergekit_lrp.scoring.relevance import PassResult
+from mergekit_lrp.scoring.signals import SIGNALS, Signal
 
 #: fewer tokens than this on average is a sign of a wrong tokenizer or empty prompts
 MIN_TOKENS_PER_PROMPT = 4
@@ -27,8 +28,8 @@ class ComputeSummary:
     unscored_tensors: list[str] = field(default_factory=list)
     #: tensors whose scores were zero everywhere, left out of the file
     no_relevance: list[str] = field(default_factory=list)
-    method: str = "attnlrp"
-    #: the choices ``auto`` options made
+    signal: Signal = SIGNALS["attnlrp"]
+    #: the choices ``auto`` options made, when not printed as they were made
     notes: list[str] = field(default_factory=list)
     processes: int = 1
     main_process: bool = True  # only the first of several processes reports
@@ -54,7 +55,7 @@ class ComputeSummary:
             + (" (largest process)" if self.processes > 1 else ""),
         ]
         lines += self.notes
-        if self.last is not None and self.method == "attnlrp":
+        if self.last is not None and self.signal.rules:
             lines.append(
                 f"conservation on the last prompt: input relevance {self.last.input_relevance:.4g}"
                 f" / target logit {self.last.target:.4g} = {self.conservation:.3f}"
@@ -81,7 +82,7 @@ class ComputeSummary:
                 f"warning: prompts average {self.tokens / self.prompts:.1f} tokens; check that "
                 "the tokenizer fits the model and that the prompts are the task's"
             )
-        if self.last is not None and self.method == "attnlrp" and not self.last.target:
+        if self.last is not None and self.signal.rules and not self.last.target:
             found.append(
                 "warning: the target logit of the last prompt is 0, so conservation is "
                 "undefined; the model's output may not depend on its input"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from tiny_models import make_tiny_model
+from tiny_models import CHAR_VOCAB
 from tokenizers import Tokenizer, decoders, models
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -15,7 +15,8 @@ from mergekit_lrp.scores.file import ScoreMetadata, write_scores
 from mergekit_lrp.scores.fingerprint import model_fingerprint
 
 SPECIAL = ["<pad>", "<s>", "</s>", "<unk>"]
-VOCAB = len(SPECIAL) + len(string.printable)  # 104: the char tokenizer's vocabulary
+VOCAB = len(SPECIAL) + len(string.printable)  # the char tokenizer's vocabulary
+assert VOCAB == CHAR_VOCAB
 # calibration prompts of the lrp-compute tests on tiny Llamas and on the hybrid checkpoints
 # (the same four, in another order); the prompts_file fixture writes its module's PROMPTS
 PROMPTS = ["12+34=46", "reverse: abc -> cba", "the cat sat on the mat", "key k7 -> v3"]
@@ -33,19 +34,6 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
         bos_token="<s>",
         eos_token="</s>",
         unk_token="<unk>",
-    )
-
-
-def tiny_llama(seed: int = 0, tie: bool = False, vocab_size: int = VOCAB) -> LlamaForCausalLM:
-    """The tiny Llama of :func:`tiny_models.make_tiny_model` sized for the char tokenizer,
-    as checkpoints are stored: 128 positions, norm weights at transformers' initialisation."""
-    return make_tiny_model(
-        "llama",
-        seed=seed,
-        randomise_vectors=False,
-        vocab_size=vocab_size,
-        max_position_embeddings=128,
-        tie_word_embeddings=tie,
     )
 
 

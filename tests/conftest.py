@@ -14,11 +14,15 @@ from checkpoints import (
     perturbed,
     save,
     synthetic_scores,
-    tiny_llama,
     write_checkpoint,
 )
 from safetensors.torch import load_file
-from tiny_models import make_tiny_hybrid, make_tiny_qwen3_5_multimodal
+from tiny_models import (
+    AS_CHECKPOINT,
+    make_tiny_hybrid,
+    make_tiny_model,
+    make_tiny_qwen3_5_multimodal,
+)
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
@@ -27,7 +31,7 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 def family(tmp_path_factory) -> dict[str, Path]:
     """A tiny base, two stand-in fine-tunes and a valid synthetic score file for each."""
     root = tmp_path_factory.mktemp("family")
-    base = save(tiny_llama(seed=0), root / "base")
+    base = save(make_tiny_model("llama", seed=0, **AS_CHECKPOINT), root / "base")
     paths = {"base": base}
     for index, name in enumerate(("ft_a", "ft_b"), start=1):
         paths[name] = finetune_of(base, root / name, seed=index)
@@ -40,7 +44,8 @@ def family(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory) -> Path:
     """A saved tiny Llama checkpoint to score."""
-    return save(tiny_llama(seed=3), tmp_path_factory.mktemp("llama") / "model")
+    model = make_tiny_model("llama", seed=3, **AS_CHECKPOINT)
+    return save(model, tmp_path_factory.mktemp("llama") / "model")
 
 
 @pytest.fixture(scope="module")

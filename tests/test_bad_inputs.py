@@ -9,7 +9,11 @@ import pytest
 import torch
 from checkpoints import synthetic_scores
 from helpers import lrp_config
-from merging import run
+from merge_runner import mergekit_yaml, run
+from safetensors.torch import load_file
+
+from mergekit_lrp.merging.parameters import LRPConfigError
+from mergekit_lrp.scores.file import ScoreFileError
 
 
 def fails(config, tmp_path, *fragments):
@@ -153,3 +157,45 @@ def test_hostile_score_files(family, tmp_path, kind):
     with pytest.raises(Exception, match="hostile.safetensors"):
         run(config, out)
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "parameters, fragments",
+    [
+        ({"lambda": 0.01}, ["unknown parameter 'lambda'", "lrp takes:"]),
+        ({"densty": 0.5}, ["did you mean 'density'"]),
+        ({"lrp_path": "x.safetensors"}, ["'lrp_path'", "'lrp_scores'"]),
+    ],
+)
+def test_parameters_lrp_does_not_take_are_refused(family, tmp_path, parameters, fragments):
+    config = lrp_config(family, **parameters)
+    with pytest.raises(LRPConfigError) as error:
+        run(config, tmp_path / "out")
+    for fragment in fragments:
+        assert fragment in str(error.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_preflight_errors_are_one_line_through_mergekit_yaml(family, tmp_path):
+    config = lrp_config(family, per_model={"ft_a": {"lrp_scores": str(tmp_path / "nope.st")}})
+    result = mergekit_yaml(config, tmp_path / "out")
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "Error:" in result.stderr and "nope.st" in result.stderr
+
+
+def test_constant_scores_are_refused_unless_missing_scores_says_otherwise(family, tmp_path):
+    name = "model.layers.0.mlp.up_proj.weight"
+    scores = load_file(family["ft_a_scores"])
+    scores[name] = torch.full_like(scores[name], 0.25)
+    path = synthetic_scores(family["ft_a"], tmp_path / "flat.safetensors", seed=0, tensors=scores)
+    config = lrp_config(family, per_model={"ft_a": {"lrp_scores": str(path)}})
+    with pytest.raises(ScoreFileError, match="flat.safetensors.*up_proj.*same for every entry"):
+        run(config, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    magnitude = run({**config, "parameters": {**config["parameters"],
+                                              "missing_scores": "magnitude"}},
+                    tmp_path / "magnitude")  # fmt: skip
+    base = load_file(family["base"] / "model.safetensors")[name]
+    kept = (magnitude[name] != base).float().mean()
+    assert 0.5 <= kept < 1.0  # ft_a's half by |delta| plus ft_b's half by its scores

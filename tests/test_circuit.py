@@ -12,7 +12,7 @@ from mergekit.merge_methods.api import merge_state_dicts
 
 from mergekit_lrp.errors import LrpError
 from mergekit_lrp.merging.circuit import accumulate, keep_rate
-from mergekit_lrp.merging.tensor_scores import LRPConfigError
+from mergekit_lrp.merging.parameters import LRPConfigError
 
 BIN = Path(sys.executable).parent
 
@@ -82,7 +82,7 @@ def circuit_config(family, **parameters) -> dict:
 
 def test_drop_order_from_score_files_changes_the_merge(family, tmp_path):
     config = circuit_config(family, base_droprate=0.3, epsilon=0.2)
-    from merging import run
+    from merge_runner import run
 
     magnitude = run(config, tmp_path / "magnitude", random_seed=0)
     config["parameters"]["drop_order"] = "scores"
@@ -133,7 +133,7 @@ def test_bad_parameters(parameters, fragment):
     ],
 )
 def test_circuit_is_checked_before_anything_is_written(family, tmp_path, change, fragment):
-    from merging import run
+    from merge_runner import run
 
     config = circuit_config(family, drop_order="scores")
     change(config)

@@ -4,9 +4,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from checkpoints import PROMPTS, char_tokenizer, save, tiny_llama
+from checkpoints import PROMPTS, char_tokenizer, save
 from helpers import invoke, lrp_config
-from merging import run
+from merge_runner import run
+from tiny_models import AS_CHECKPOINT, make_tiny_model
 
 from mergekit_lrp.scores.file import ScoreReader
 from mergekit_lrp.scoring import loop as compute_module
@@ -62,7 +63,7 @@ def test_out_of_range_cli_options(family, long_prompts_file, tmp_path, option):
 
 
 def test_pickled_checkpoint_is_refused_before_unpickling(tmp_path, long_prompts_file, monkeypatch):
-    model = tiny_llama(seed=0)
+    model = make_tiny_model("llama", seed=0, **AS_CHECKPOINT)
     model_dir = tmp_path / "bin-model"
     model.config.save_pretrained(model_dir)
     char_tokenizer().save_pretrained(model_dir)

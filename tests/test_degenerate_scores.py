@@ -4,8 +4,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from checkpoints import save, tiny_llama
+from checkpoints import save
 from click.testing import CliRunner
+from tiny_models import AS_CHECKPOINT, make_tiny_model
 from tokenizers import Tokenizer, models
 from transformers import PreTrainedTokenizerFast
 
@@ -27,7 +28,7 @@ def prompts(tmp_path) -> Path:
 
 
 def test_model_whose_output_ignores_its_input_writes_no_file(tmp_path, prompts):
-    model = tiny_llama(seed=0)
+    model = make_tiny_model("llama", seed=0, **AS_CHECKPOINT)
     with torch.no_grad():
         model.model.embed_tokens.weight.zero_()  # every hidden state is 0, whatever the input
     model_dir = save(model, tmp_path / "flat")
@@ -40,7 +41,7 @@ def test_model_whose_output_ignores_its_input_writes_no_file(tmp_path, prompts):
 
 
 def test_tokenizer_that_maps_every_prompt_to_one_token_is_warned_about(tmp_path, prompts):
-    model_dir = save(tiny_llama(seed=0), tmp_path / "model")
+    model_dir = save(make_tiny_model("llama", seed=0, **AS_CHECKPOINT), tmp_path / "model")
     # a word-level vocabulary of one unknown token and no pre-tokenizer: one token a prompt
     one_token = PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer(models.WordLevel(vocab={"<unk>": 3}, unk_token="<unk>")),
@@ -63,7 +64,7 @@ def test_check_scores_refuses_non_finite_and_leaves_unreached_tensors_out(tmp_pa
 
 
 def test_score_file_says_what_it_was_computed_from(tmp_path, prompts):
-    model_dir = save(tiny_llama(seed=0), tmp_path / "model")
+    model_dir = save(make_tiny_model("llama", seed=0, **AS_CHECKPOINT), tmp_path / "model")
     out = tmp_path / "scores" / "model.safetensors"  # the folder is created
     result = invoke(model_dir, "--prompts", prompts, "-o", out, "-q", "--target", "next-token")
     assert result.exit_code == 0, result.output

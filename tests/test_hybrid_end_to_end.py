@@ -10,7 +10,7 @@ import torch
 import transformers
 import yaml
 from checkpoints import HYBRID_PROMPTS
-from merging import read_weights
+from merge_runner import read_weights
 from safetensors.torch import load_file
 
 from mergekit_lrp.scores.file import ScoreFileError, ScoreReader

@@ -8,7 +8,7 @@ import json
 
 import torch
 import transformers
-from merging import run
+from merge_runner import run
 from safetensors.torch import load_file
 
 from mergekit_lrp.plugin.planner import ORIGINALS

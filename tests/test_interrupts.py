@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from checkpoints import finetune_of, save, synthetic_scores, tiny_llama
+from checkpoints import finetune_of, save, synthetic_scores
+from tiny_models import AS_CHECKPOINT, make_tiny_model
 
 BIN = Path(sys.executable).parent
 
@@ -17,7 +18,7 @@ BIN = Path(sys.executable).parent
 @pytest.fixture(scope="module")
 def scoring_job(tmp_path_factory):
     root = tmp_path_factory.mktemp("job")
-    model = save(tiny_llama(seed=2), root / "model")
+    model = save(make_tiny_model("llama", seed=2, **AS_CHECKPOINT), root / "model")
     prompts = root / "prompts.txt"
     prompts.write_text("\n".join(f"prompt {i}: " + "abc def " * 12 for i in range(40)) + "\n")
     reference = root / "reference.safetensors"
@@ -104,7 +105,8 @@ def test_ctrl_c_ends_with_one_clear_line(scoring_job, tmp_path):
 
 
 def test_killed_lrp_merge_leaves_no_complete_looking_output(tmp_path):
-    base = save(tiny_llama(seed=0, vocab_size=30000), tmp_path / "base")
+    big_vocabulary = {**AS_CHECKPOINT, "vocab_size": 30000}
+    base = save(make_tiny_model("llama", seed=0, **big_vocabulary), tmp_path / "base")
     ft = finetune_of(base, tmp_path / "ft", seed=1)
     scores = synthetic_scores(ft, tmp_path / "ft.safetensors", seed=3)
     config = tmp_path / "config.yml"

@@ -2,7 +2,7 @@
 
 import torch
 from helpers import lrp_config
-from merging import run
+from merge_runner import run
 from safetensors.torch import load_file
 
 from mergekit_lrp.merging.selection import top_k_mask

@@ -2,7 +2,7 @@
 
 import torch
 from helpers import lrp_config
-from merging import read_weights, run
+from merge_runner import read_weights, run
 
 
 def test_lrp_merges_are_byte_identical(family, tmp_path):

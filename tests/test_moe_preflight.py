@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 from checkpoints import char_tokenizer, synthetic_scores
-from merging import run
+from merge_runner import run
 from tiny_models import make_tiny_hybrid
 
 from mergekit_lrp.scores.file import ScoreFileError

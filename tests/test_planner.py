@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from checkpoints import VOCAB, finetune_of, save, tiny_llama
-from tiny_models import make_tiny_model
+from checkpoints import VOCAB, finetune_of, save
+from tiny_models import AS_CHECKPOINT, make_tiny_model
 
 BIN = Path(sys.executable).parent
 SEEDS = (1, 2, 3, 4)
@@ -20,7 +20,7 @@ SEEDS = (1, 2, 3, 4)
 def cross_family(tmp_path_factory):
     """A tiny Llama base, a Llama fine-tune, and a same-size Qwen3 (it has k_norm/q_norm)."""
     root = tmp_path_factory.mktemp("cross")
-    base = save(tiny_llama(seed=0), root / "llama-base")
+    base = save(make_tiny_model("llama", seed=0, **AS_CHECKPOINT), root / "llama-base")
     finetune_of(base, root / "llama-ft", seed=1)
     qwen = make_tiny_model("qwen3", seed=7, randomise_vectors=False, vocab_size=VOCAB)
     save(qwen, root / "qwen3")
@@ -142,7 +142,7 @@ def slerp_config(root: Path, t, moved: bool = False) -> dict:
 
 
 def checkpoint_weights(path: Path) -> dict:
-    from merging import read_weights
+    from merge_runner import read_weights
 
     return read_weights(path)
 
@@ -154,7 +154,7 @@ def slerp_of(t: float, v0, v1):
 
 
 def test_slerp_without_t_keeps_the_base_weight(cross_family, tmp_path):
-    from merging import run
+    from merge_runner import run
 
     root = cross_family
     t = [{"filter": name, "value": 0.5} for name in MLP]
@@ -172,8 +172,8 @@ def test_slerp_without_t_keeps_the_base_weight(cross_family, tmp_path):
 
 def test_unpatched_slerp_requires_t_for_every_tensor(cross_family, tmp_path, monkeypatch):
     """Why the patch exists: mergekit 0.1.5 refuses a slerp with t for some tensors."""
+    from merge_runner import run
     from mergekit.plan import MergePlanner
-    from merging import run
 
     from mergekit_lrp.plugin.planner import ORIGINALS
 
@@ -184,8 +184,8 @@ def test_unpatched_slerp_requires_t_for_every_tensor(cross_family, tmp_path, mon
 
 
 def test_slerp_with_t_everywhere_is_unchanged_by_the_patch(cross_family, tmp_path, monkeypatch):
+    from merge_runner import run
     from mergekit.plan import MergePlanner
-    from merging import run
 
     from mergekit_lrp.plugin.planner import ORIGINALS
 
@@ -204,7 +204,7 @@ def test_slerp_with_t_everywhere_is_unchanged_by_the_patch(cross_family, tmp_pat
 def test_mergekit_methods_map_layers_across_families_through_slices(cross_family, tmp_path):
     """Output layer i from the base's layer i and the Qwen3 model's layer 1 - i: mergekit's
     own methods do it (here slerp, t only for the MLP, so with the patch above)."""
-    from merging import run
+    from merge_runner import run
 
     root = cross_family
     t = [{"filter": name, "value": 0.5} for name in MLP]
@@ -223,8 +223,8 @@ def test_mergekit_methods_map_layers_across_families_through_slices(cross_family
 def test_unpatched_mergekit_already_maps_layers_through_slices(cross_family, tmp_path, monkeypatch):
     """The mapping itself is mergekit's: without any plugin patch of the planner, a slerp
     with one t takes output layer i from the Qwen3 model's layer 1 - i."""
+    from merge_runner import run
     from mergekit.plan import MergePlanner
-    from merging import run
 
     from mergekit_lrp.plugin.planner import ORIGINALS
 
@@ -241,9 +241,9 @@ def test_unpatched_mergekit_already_maps_layers_through_slices(cross_family, tmp
 
 def test_lrp_refuses_moved_layers_saying_why_and_what_to_do(cross_family, tmp_path):
     from checkpoints import synthetic_scores
-    from merging import run
+    from merge_runner import run
 
-    from mergekit_lrp.merging.tensor_scores import LRPConfigError
+    from mergekit_lrp.merging.parameters import LRPConfigError
 
     root = cross_family
     scores = synthetic_scores(root / "llama-ft", tmp_path / "ft.safetensors", seed=5)

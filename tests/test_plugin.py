@@ -1,17 +1,20 @@
 """The plugin activates in fresh interpreters, costs nothing at start-up, changes nothing else."""
 
+import json
 import os
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from helpers import lrp_config
-from merging import read_weights, run
+from merge_runner import mergekit_yaml, read_weights, run
 
-BIN = Path(sys.executable).parent
+import mergekit_lrp
+
+SRC = str(Path(mergekit_lrp.__file__).parent.parent)
 
 
 def python(code: str, **env) -> subprocess.CompletedProcess:
@@ -46,15 +49,8 @@ def test_registry_has_lrp_without_any_import_and_twice_is_fine():
 
 def test_mergekit_yaml_runs_lrp(family, tmp_path):
     """Plain `mergekit-yaml` with `merge_method: lrp`: the plugin activates by itself."""
-    config = tmp_path / "lrp.yml"
-    config.write_text(yaml.safe_dump(lrp_config(family)))
     out = tmp_path / "merged"
-    result = subprocess.run(
-        [str(BIN / "mergekit-yaml"), str(config), str(out)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = mergekit_yaml(lrp_config(family), out)
     assert result.returncode == 0, result.stderr[-3000:]
     from transformers import AutoModelForCausalLM
 
@@ -64,27 +60,38 @@ def test_mergekit_yaml_runs_lrp(family, tmp_path):
     assert not any(p.name.startswith(".merged.partial") for p in tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("method", ["ties", "dare_ties", "task_arithmetic"])
-def test_other_methods_unchanged_by_plugin(family, tmp_path, method):
-    """mergekit's own methods give byte-identical output with the plugin active or disabled."""
-    config = lrp_config(family)
-    config["merge_method"] = method
-    for model in config["models"]:
-        del model["parameters"]["lrp_scores"]
-    active = run(config, tmp_path / "active", random_seed=7)
-    path = tmp_path / "config.yml"
-    path.write_text(yaml.safe_dump(config))
+def test_other_methods_unchanged_by_plugin(family, tmp_path):
+    """mergekit's own methods give byte-identical output with the plugin active or disabled
+    (one disabled interpreter merges them all)."""
+    configs = {}
+    for method in ("ties", "dare_ties", "task_arithmetic"):
+        config = lrp_config(family)
+        config["merge_method"] = method
+        for model in config["models"]:
+            del model["parameters"]["lrp_scores"]
+        configs[method] = config
+    code = (
+        "import json, sys\n"
+        "from mergekit.config import MergeConfiguration\n"
+        "from mergekit.merge import run_merge\n"
+        "from mergekit.options import MergeOptions\n"
+        "for method, config in json.loads(sys.argv[1]).items():\n"
+        "    run_merge(MergeConfiguration.model_validate(config), f'{sys.argv[2]}/{method}',"
+        " MergeOptions(quiet=True, random_seed=7))\n"
+    )
     disabled = subprocess.run(
-        [str(BIN / "mergekit-yaml"), str(path), str(tmp_path / "disabled"), "--random-seed", "7"],
+        [sys.executable, "-c", code, json.dumps(configs), str(tmp_path / "disabled")],
         capture_output=True,
         text=True,
         timeout=600,
         env={**os.environ, "MERGEKIT_LRP_DISABLE": "1"},
     )
     assert disabled.returncode == 0, disabled.stderr[-2000:]
-    reference = read_weights(tmp_path / "disabled")
-    assert reference.keys() == active.keys()
-    assert all(torch.equal(reference[n], active[n]) for n in reference)
+    for method, config in configs.items():
+        active = run(config, tmp_path / method, random_seed=7)
+        reference = read_weights(tmp_path / "disabled" / method)
+        assert reference.keys() == active.keys()
+        assert all(torch.equal(reference[n], active[n]) for n in reference), method
 
 
 @pytest.mark.parametrize("first", ["mergekit_lrp.merging.method", "mergekit_lrp.merging.preflight"])
@@ -94,3 +101,58 @@ def test_registered_whatever_is_imported_first(first):
     result = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", code],
                             capture_output=True, text=True, timeout=300)
     assert result.stdout.split() == ["lrp"], result.stderr[-2000:]
+
+
+def test_disabled_plugin_says_why_lrp_is_unknown(family, tmp_path):
+    result = mergekit_yaml(lrp_config(family), tmp_path / "out", env={"MERGEKIT_LRP_DISABLE": "1"})
+    assert result.returncode != 0
+    assert "disabled by MERGEKIT_LRP_DISABLE" in result.stderr
+
+
+def test_register_under_python_dash_s_installs_the_checks_too(family, tmp_path):
+    """Without site, register() must bring the preflight: a score file of another fine-tune
+    is refused, as under mergekit-yaml."""
+    config = lrp_config(family, per_model={"ft_a": {"lrp_scores": str(family["ft_b_scores"])}})
+    code = (
+        "import json, sys; sys.path[:0] = sys.argv[3:]\n"
+        "import mergekit_lrp; mergekit_lrp.register()\n"
+        "from mergekit.config import MergeConfiguration\n"
+        "from mergekit.merge import run_merge\n"
+        "from mergekit.options import MergeOptions\n"
+        "run_merge(MergeConfiguration.model_validate(json.loads(sys.argv[1])), sys.argv[2],"
+        " MergeOptions(quiet=True))\n"
+    )
+    paths = [SRC, sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
+    result = subprocess.run(
+        [sys.executable, "-S", "-c", code, json.dumps(config), str(tmp_path / "out"), *paths],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode != 0
+    assert "different checkpoint" in result.stderr, result.stderr[-2000:]
+
+
+def test_unknown_mergekit_version_merges_and_names_the_fixes_that_are_off(family, tmp_path):
+    code = (
+        "import importlib.metadata as md, json, sys, warnings\n"
+        "real = md.version\n"
+        "md.version = lambda name: '0.1.99' if name == 'mergekit' else real(name)\n"
+        "warnings.simplefilter('always')\n"
+        "from mergekit.config import MergeConfiguration\n"
+        "from mergekit.merge import run_merge\n"
+        "from mergekit.options import MergeOptions\n"
+        "run_merge(MergeConfiguration.model_validate(json.loads(sys.argv[1])), sys.argv[2],"
+        " MergeOptions(quiet=True))\n"
+    )
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(lrp_config(family)), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (out / "config.json").exists()
+    for fix in ("deterministic architecture choice", "MTP tensors kept"):
+        assert f"planner fix '{fix}' is off for mergekit 0.1.99" in result.stderr

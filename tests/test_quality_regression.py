@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from merging import run
+from merge_runner import run
 
 REPO = Path(__file__).resolve().parent.parent
 DARE_SEEDS = (0, 1, 2)

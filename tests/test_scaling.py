@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from checkpoints import char_tokenizer, save, tiny_llama
+from checkpoints import char_tokenizer, save
 from safetensors import safe_open
+from tiny_models import AS_CHECKPOINT, make_tiny_model
 
 from mergekit_lrp.scores.file import ScoreReader
 from mergekit_lrp.scoring.loop import relevance_scores
@@ -27,7 +28,7 @@ def inputs(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("scaling")
     prompts = root / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
-    return save(tiny_llama(seed=11), root / "model"), prompts
+    return save(make_tiny_model("llama", seed=11, **AS_CHECKPOINT), root / "model"), prompts
 
 
 def tensors(path: Path) -> dict[str, torch.Tensor]:

@@ -3,9 +3,9 @@
 from pathlib import Path
 
 import pytest
-from checkpoints import PROMPTS, save, tiny_llama
+from checkpoints import PROMPTS, save
 from safetensors import safe_open
-from tiny_models import make_tiny_model
+from tiny_models import AS_CHECKPOINT, make_tiny_model
 
 from mergekit_lrp.scores.file import ScoreReader
 from mergekit_lrp.scores.fingerprint import checkpoint_tensor_files, model_fingerprint
@@ -40,7 +40,8 @@ def test_every_architecture_covers_every_checkpoint_tensor(model_type, tmp_path,
 
 
 def test_tied_embeddings_get_one_score_tensor(tmp_path, prompts_file):
-    model_dir = save(tiny_llama(seed=1, tie=True), tmp_path / "tied")
+    tied = make_tiny_model("llama", seed=1, tie_word_embeddings=True, **AS_CHECKPOINT)
+    model_dir = save(tied, tmp_path / "tied")
     assert "lm_head.weight" not in checkpoint_tensor_files(model_dir)
     out = tmp_path / "tied.safetensors"
     compute_scores(str(model_dir), str(prompts_file), str(out), ComputeOptions(**QUIET))

@@ -3,8 +3,8 @@
 
 import pytest
 import torch
-from checkpoints import tiny_llama
 from helpers import interrupted_at_pass
+from tiny_models import AS_CHECKPOINT, make_tiny_model
 
 from mergekit_lrp.scoring.options import ComputeOptions
 from mergekit_lrp.scoring.relevance import backward_ready, relevance_pass
@@ -17,7 +17,7 @@ QUIET = {"progress": False}
 def test_padding_never_contributes(target):
     from mergekit_lrp.scoring.attnlrp import attnlrp_rules
 
-    model = tiny_llama(seed=5)
+    model = make_tiny_model("llama", seed=5, **AS_CHECKPOINT)
     ids = torch.tensor([7, 11, 13, 17, 19, 23])
     padded = torch.cat([torch.zeros(3, dtype=torch.long), ids])
     mask = torch.cat([torch.zeros(3, dtype=torch.long), torch.ones_like(ids)])

@@ -3,7 +3,8 @@
 
 import pytest
 import torch
-from checkpoints import PROMPTS, char_tokenizer, tiny_llama
+from checkpoints import PROMPTS, char_tokenizer
+from tiny_models import AS_CHECKPOINT, make_tiny_model
 
 from mergekit_lrp.scoring.loop import relevance_scores
 from mergekit_lrp.scoring.options import ComputeOptions
@@ -11,7 +12,7 @@ from mergekit_lrp.scoring.relevance import backward_ready
 
 
 def test_model_behaves_as_before_after_scoring():
-    model = tiny_llama(seed=4)
+    model = make_tiny_model("llama", seed=4, **AS_CHECKPOINT)
     model.model.layers[0].mlp.up_proj.weight.requires_grad_(False)
     ids = torch.tensor([[5, 9, 14, 22, 30]])
     before = model(ids).logits
@@ -27,7 +28,7 @@ def test_model_behaves_as_before_after_scoring():
 
 @pytest.mark.parametrize("checkpointing", [True, False])
 def test_checkpointing_is_on_only_when_asked_and_restored(checkpointing):
-    model = tiny_llama(seed=6)
+    model = make_tiny_model("llama", seed=6, **AS_CHECKPOINT)
     with backward_ready(model, checkpointing):
         assert model.is_activation_checkpointing is checkpointing
         assert model.model.layers[0].gradient_checkpointing is checkpointing
@@ -36,7 +37,7 @@ def test_checkpointing_is_on_only_when_asked_and_restored(checkpointing):
 
 
 def test_checkpointing_changes_memory_not_scores():
-    model = tiny_llama(seed=6)
+    model = make_tiny_model("llama", seed=6, **AS_CHECKPOINT)
     with_ckpt = relevance_scores(model, char_tokenizer(), PROMPTS)
     without = relevance_scores(model, char_tokenizer(), PROMPTS,
                                ComputeOptions(gradient_checkpointing=False, progress=False))

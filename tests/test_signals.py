@@ -8,12 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from checkpoints import char_tokenizer, tiny_llama
+from checkpoints import char_tokenizer
 from helpers import lrp_config
-from merging import read_weights, run
+from merge_runner import read_weights, run
 from safetensors.torch import load_file
+from tiny_models import AS_CHECKPOINT, make_tiny_model
 
-from mergekit_lrp.merging.tensor_scores import LRPConfigError
+from mergekit_lrp.merging.parameters import LRPConfigError
 from mergekit_lrp.scores.file import ScoreFileError, ScoreReader
 from mergekit_lrp.scoring.loop import relevance_scores
 from mergekit_lrp.scoring.options import ComputeError, ComputeOptions
@@ -24,7 +25,7 @@ BIN = Path(sys.executable).parent
 
 
 def scores_of(method: str, model=None, **options):
-    model = model or tiny_llama(seed=3)
+    model = model or make_tiny_model("llama", seed=3, **AS_CHECKPOINT)
     options = ComputeOptions(method=method, progress=False, **options)
     return model, relevance_scores(model, char_tokenizer(), PROMPTS, options)
 

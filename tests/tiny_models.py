@@ -16,6 +16,11 @@ _COMMON = dict(
     bos_token_id=1,
     eos_token_id=2,
 )
+#: the char tokenizer's vocabulary (checkpoints.char_tokenizer: 4 specials, printable ASCII)
+CHAR_VOCAB = 104
+#: the tests' saved checkpoints: char vocabulary, 128 positions, and 1-D weights left at
+#: transformers' initialisation, as a trained checkpoint's norms start
+AS_CHECKPOINT = dict(randomise_vectors=False, vocab_size=CHAR_VOCAB, max_position_embeddings=128)
 _GEMMA = dict(head_dim=8, query_pre_attn_scalar=8, sliding_window=4)
 _HYBRID = dict(
     head_dim=8,
@@ -62,8 +67,7 @@ def make_tiny_model(
     and Mistral get a sliding window of 4 so that short prompts exercise it. ``overrides``
     go to the config. One-dimensional parameters (norm weights, biases) are randomised
     too: left at their zero initialisation they would carry no relevance. With
-    ``randomise_vectors=False`` they keep transformers' initialisation (the checkpoints of
-    :func:`checkpoints.tiny_llama`).
+    ``randomise_vectors=False`` they keep transformers' initialisation (``AS_CHECKPOINT``).
     """
     config_class, model_class, family = TINY_MODELS[model_type]
     config = getattr(transformers, config_class)(**{**_COMMON, **family, **overrides})

@@ -159,6 +159,8 @@ def merge_table(rows: list[dict]) -> list[str]:
 
 
 def markdown(results: dict) -> str:
+    """The summary tables of each subset kind; lrp's settings ranked on the validation split
+    when the run has lrp rows and rows to measure them against; one line per merge."""
     lines = [
         "Test-split kept fraction of each expert's answer-NLL improvement (1 = expert, "
         "0 = base), averaged over the merged experts and over the subsets of each kind; "
@@ -167,7 +169,8 @@ def markdown(results: dict) -> str:
     ]
     for name, rows in subset_kinds(results):
         lines += ["", f"**{name}**", "", *summary_table(rows, results["densities"])]
-    if any(is_lrp(row["method"]) for row in results["rows"]):
+    methods = {row["method"] for row in results["rows"]}
+    if any(map(is_lrp, methods)) and any(BY_NAME[m].role == REFERENCE for m in methods):
         lines += [
             "",
             "**lrp's settings on the validation split, at weight 1**",

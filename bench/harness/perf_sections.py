@@ -16,6 +16,8 @@ from harness.perf_workers import run_worker
 
 @dataclass(frozen=True)
 class Settings:
+    """What a run measures, on which models, how often: the command line's options."""
+
     cache: Path  # models and score files, built once
     quick: bool = False  # the 10M model only, shorter prompts
     repeats: int = 3  # alternating runs of each timing; medians are reported

@@ -1,0 +1,179 @@
+"""One job per table cell on one family, run over a process pool.
+
+Every finished row is saved to ``rows.partial.json`` in the output directory at once, and
+a run started again with the same output directory skips the jobs whose rows are there.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import multiprocessing
+import shutil
+import statistics
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from harness.evaluation import evaluate, subset_mean
+from harness.methods import Method, merge_config, weights_for
+from harness.score_sets import family_score_files
+
+PARTIAL = "rows.partial.json"
+
+
+def family_id(family) -> str:
+    return f"{family.preset}:{family.seed}"
+
+
+def subsets_of(tasks, which: str = "both") -> list[tuple[str, ...]]:
+    """The merged subsets of ``tasks``: every pair, all of them, or both."""
+    everything = [tuple(tasks)]
+    pairs = [p for p in itertools.combinations(tasks, 2) if p != everything[0]]
+    # with two tasks the only pair is all experts: it is listed once, as all experts
+    return {"pairs": pairs, "all": everything, "both": pairs + everything}[which]
+
+
+@dataclass(frozen=True)
+class Job:
+    """One table cell on one family: a method at a density on a subset of experts."""
+
+    family: object  # toy_family.Family
+    subset: tuple
+    method: Method
+    density: float | None
+    score_files: dict
+
+    @property
+    def key(self) -> tuple:
+        return (family_id(self.family), self.subset, self.method.name, self.density)
+
+    @property
+    def merges(self) -> int:
+        """Validation merges (the progress bar's unit)."""
+        return len(weights_for(self.subset, self.method)) * len(self.method.seeds)
+
+
+def row_key(row: dict) -> tuple:
+    """The :attr:`Job.key` a finished row belongs to."""
+    return (row["family"], tuple(row["subset"]), row["method"], row["density"])
+
+
+def family_jobs(family, methods, densities, subsets: str, progress) -> list[Job]:
+    """Score the experts (cached) and list every cell of ``methods`` on ``family``."""
+    from toy_family import Family
+
+    score_files = family_score_files(family, methods, progress)
+    family = Family(root=family.root, preset=family.preset, seed=family.seed)  # picklable
+    return [
+        Job(family, subset, method, density, score_files)
+        for subset in subsets_of(family.tasks, subsets)
+        for method in methods
+        for density in (densities if method.uses_density else (None,))
+    ]
+
+
+def merge_row(job: Job, exact: bool) -> dict:
+    """Choose the weight on the validation split, then score the test split at it."""
+    from harness.merge import configuration, run_merge
+
+    family, subset, method, density = job.family, job.subset, job.method, job.density
+
+    def merged(weight, seed, out):
+        config = merge_config(family, subset, method, density, weight, job.score_files, seed)
+        run_merge(configuration(config), out, seed)
+
+    scratch = Path(tempfile.mkdtemp(prefix="bench-quality-"))
+    out = scratch / "merged"
+    try:
+        val = {}
+        for weight in weights_for(subset, method):
+            per_seed = []
+            for seed in method.seeds:
+                merged(weight, seed, out)
+                # the weight is chosen on the merged tasks only; the test split scores all
+                per_seed.append(subset_mean(evaluate(out, family, "val", False, subset), subset))
+                shutil.rmtree(out)
+            val[weight] = statistics.mean(per_seed)
+        chosen = max(val, key=lambda w: (val[w], -w))
+        tests = []
+        for seed in method.seeds:
+            merged(chosen, seed, out)
+            tests.append(evaluate(out, family, "test", exact=exact))
+            shutil.rmtree(out)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return {
+        "family": family_id(family),
+        "family_seed": family.seed,
+        "subset": list(subset),
+        "method": method.name,
+        "density": density,
+        "weight": chosen,
+        "val_mean_kept": val,
+        "test": tests,
+        "test_mean_kept": [subset_mean(t, subset) for t in tests],
+    }
+
+
+def run_jobs(jobs: list[Job], out: Path, workers: int, threads: int, exact: bool) -> list[dict]:
+    """The rows of ``jobs``, in their order: those saved in ``out`` by an earlier run, and
+    the others computed over ``workers`` processes (the ``threads`` divided among them)."""
+    from tqdm import tqdm
+
+    rows = load_partial(out)
+    done = {row_key(r) for r in rows}
+    todo = [job for job in jobs if job.key not in done]
+    bar = tqdm(
+        total=sum(j.merges for j in jobs),
+        initial=sum(j.merges for j in jobs if j.key in done),
+        unit="merge",
+        desc="merges",
+        file=sys.stderr,
+    )
+
+    def finished(job: Job, row: dict) -> None:
+        rows.append(row)
+        bar.update(job.merges)
+        save_partial(out, rows)
+
+    try:
+        if workers == 1:
+            for job in todo:
+                finished(job, merge_row(job, exact))
+        else:
+            context = multiprocessing.get_context("spawn")  # no fork after OpenMP started
+            with ProcessPoolExecutor(
+                workers,
+                mp_context=context,
+                initializer=_start_worker,
+                initargs=(max(1, threads // workers),),
+            ) as pool:
+                running = {pool.submit(merge_row, job, exact): job for job in todo}
+                for future in as_completed(running):
+                    finished(running[future], future.result())
+    finally:
+        bar.close()
+    order = {job.key: index for index, job in enumerate(jobs)}
+    rows.sort(key=lambda r: order[row_key(r)])
+    return rows
+
+
+def _start_worker(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def load_partial(out: Path) -> list[dict]:
+    partial = Path(out) / PARTIAL
+    return json.loads(partial.read_text()) if partial.exists() else []
+
+
+def save_partial(out: Path, rows: list[dict]) -> None:
+    """Write the finished rows atomically (an interrupted write leaves the previous file)."""
+    partial = Path(out) / PARTIAL
+    partial.with_suffix(".tmp").write_text(json.dumps(rows))
+    partial.with_suffix(".tmp").replace(partial)

@@ -1,0 +1,25 @@
+"""One merge through mergekit's own ``run_merge``, as both benchmarks run it.
+
+Importing this module imports mergekit (seconds): the cost workers import it lazily, so
+the processes that measure no merge do not carry it.
+"""
+
+from __future__ import annotations
+
+from mergekit.config import MergeConfiguration
+from mergekit.merge import run_merge as mergekit_run_merge
+from mergekit.options import MergeOptions
+
+
+def configuration(config: dict) -> MergeConfiguration:
+    """``config`` (a mergekit configuration as a dict) validated by mergekit."""
+    return MergeConfiguration.model_validate(config)
+
+
+def run_merge(config: MergeConfiguration, out, seed) -> None:
+    """Merge into ``out``; ``seed`` seeds the random methods. No tokenizer or model card
+    is written."""
+    options = MergeOptions(
+        quiet=True, random_seed=seed, copy_tokenizer=False, write_model_card=False
+    )
+    mergekit_run_merge(config, str(out), options)

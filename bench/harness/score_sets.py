@@ -1,0 +1,94 @@
+"""Score files of a family's experts, one set per score-set key, cached beside the family.
+
+A key is ``[<signal>:]<target>-<n>`` (lrp-compute's scoring with ``--method signal``,
+default attnlrp, on n calibration prompts of the expert's task) or ``random-<seed>``
+(uniform random scores, the floor of the signal ablation).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+
+
+def scoring_code_hash() -> str:
+    """A hash of the code that computes scores: cached score files are reused only while
+    it is unchanged (the family's cache key covers the code that trains the models)."""
+    import mergekit_lrp
+
+    package = Path(mergekit_lrp.__file__).parent
+    sources = sorted((package / "scoring").rglob("*.py")) + sorted(
+        (package / "scores").glob("*.py")
+    )
+    digest = hashlib.sha256()
+    for source in sources:
+        digest.update(source.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def score_keys(methods) -> set[str]:
+    """The score sets ``methods`` read, over their merge seeds."""
+    return {m.scores.format(seed=seed) for m in methods if m.scores for seed in m.seeds}
+
+
+def family_score_files(family, methods, progress) -> dict[tuple[str, str], Path]:
+    """(key, task) -> score file, for every score set ``methods`` read; computed once per
+    version of the scoring code, under the family's directory."""
+    root = family.root / f"scores-{scoring_code_hash()}"
+    root.mkdir(exist_ok=True)
+    return compute_score_files(family, score_keys(methods), root, progress)
+
+
+def compute_score_files(family, keys, root: Path, progress) -> dict[tuple[str, str], Path]:
+    """Score files of each expert under ``root``, for each key; existing files are reused."""
+    from mergekit_lrp.scoring.options import ComputeOptions
+    from mergekit_lrp.scoring.run import compute_scores
+
+    files = {}
+    for key in sorted(keys):
+        for task, expert in family.experts.items():
+            out = root / f"{task}-{key.replace(':', '-')}.safetensors"
+            if not out.exists():
+                if key.startswith("random-"):
+                    random_scores(expert, out, int(key.split("-")[1]))
+                else:
+                    signal, _, rest = key.rpartition(":")
+                    target, count = rest.rsplit("-", 1)
+                    prompts = root / f"{task}-calibration-{count}.txt"
+                    lines = family.calibration_prompts(task, int(count))
+                    prompts.write_text("\n".join(p.replace("\n", " ") for p in lines) + "\n")
+                    options = ComputeOptions(
+                        method=signal or "attnlrp", target=target, max_length=256, progress=False
+                    )
+                    compute_scores(str(expert), str(prompts), str(out), options)
+                progress(f"scored {task} ({key})")
+            files[(key, task)] = out
+    return files
+
+
+def random_scores(model_dir: Path, out: Path, seed: int) -> None:
+    """Seeded uniform scores for every tensor of ``model_dir``, with its fingerprint."""
+    from safetensors import safe_open
+
+    from mergekit_lrp.scores.file import ScoreMetadata, write_scores
+    from mergekit_lrp.scores.fingerprint import checkpoint_tensor_files, fingerprint_tensors
+
+    tensor_files = checkpoint_tensor_files(model_dir)
+    generator = torch.Generator().manual_seed(seed)
+    scores = {}
+    for name in sorted(tensor_files):
+        with safe_open(tensor_files[name], framework="pt") as handle:
+            shape = handle.get_slice(name).get_shape()
+        scores[name] = torch.rand(shape, generator=generator)
+    meta = ScoreMetadata(
+        model_fingerprint=fingerprint_tensors(tensor_files),
+        num_prompts=0,
+        num_tokens=0,
+        target="random",
+        model_type="",
+        method="random",
+        extra={"seed": str(seed)},
+    )
+    write_scores(out, scores, meta, dtype=torch.float32)

@@ -1,0 +1,205 @@
+"""The benchmark harness (bench/harness/): pure pieces by hand, and each entry point's
+smallest path end to end, so a broken harness fails here rather than in a benchmark run."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from checkpoints import tiny_llama
+
+from harness.jobs import subsets_of
+from harness.methods import BY_NAME, PLAIN_LRP, Method, merge_config, method_parameters
+from harness.perf_report import markdown as perf_markdown
+from harness.perf_workers import DiscardingAccumulator
+from harness.quality_report import summarize, validation_choice
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def row(method, family, density, test_mean_kept, val_mean_kept=None):
+    return {
+        "family": family,
+        "subset": ["a", "b"],
+        "method": method,
+        "density": density,
+        "test_mean_kept": test_mean_kept,
+        "val_mean_kept": val_mean_kept or {},
+    }
+
+
+def test_summaries_average_each_family_then_take_mean_min_max_over_families():
+    rows = [
+        row("ties", "f:0", 0.5, [0.2]),
+        row("ties", "f:0", 0.5, [0.4]),  # a second subset of the same family
+        row("ties", "g:0", 0.5, [0.9]),
+        row("dare_ties", "f:0", 0.5, [0.1, 0.3, 0.5]),  # three merge seeds
+        row("task_arithmetic", "f:0", None, [0.7]),
+    ]
+    summary = summarize(rows)
+    assert summary["ties"]["0.5"] == pytest.approx((0.6, 0.3, 0.9))
+    assert summary["dare_ties"]["0.5"] == pytest.approx((0.3, 0.3, 0.3))
+    assert summary["task_arithmetic"]["None"] == pytest.approx((0.7, 0.7, 0.7))
+
+
+def test_validation_choice_ranks_lrp_at_weight_1_against_the_best_reference_row():
+    results = {
+        "densities": [0.5],
+        "rows": [
+            row("lrp (delta)", "f:0", 0.5, [0], {"0.5": 0.9, "1.0": 0.6}),
+            row("lrp (weight)", "f:0", 0.5, [0], {"0.5": 0.1, "1.0": 0.8}),
+            row("ties", "f:0", 0.5, [0], {"0.5": 0.7, "1.0": 0.2}),
+            row("dare_ties", "f:0", 0.5, [0], {"0.5": 0.5, "1.0": 0.65}),
+        ],
+    }
+    lines = validation_choice(results)
+    # lrp rows only, best first at weight 1; the best reference (ties at its swept 0.7)
+    assert lines[2] == "| lrp (weight) | 0.800 | 0.800 | 0.800 | +0.100 |"
+    assert lines[3] == "| lrp (delta) | 0.600 | 0.600 | 0.900 | -0.100 |"
+    assert lines[4] == "| best mergekit row (swept weight) | 0.700 | | | |"
+    assert len(lines) == 5
+
+
+def test_pinned_lrp_rows_run_their_rule_on_top_of_plain_lrp():
+    shared, per_model = method_parameters(BY_NAME["lrp (delta, consensus winner)"], 0.3)
+    assert shared == {**PLAIN_LRP, "consensus": "winner"}
+    assert per_model == {"density": 0.3}
+    defaults, _ = method_parameters(BY_NAME["lrp (defaults)"], 0.3)
+    assert defaults == {}  # unpinned: whatever lrp's defaults are
+    stochastic, _ = method_parameters(BY_NAME["lrp (delta, stochastic)"], 0.9)
+    assert stochastic["selection"] == "stochastic"
+    assert stochastic["epsilon"] == pytest.approx(0.05)  # kept inside (0, 1)
+
+
+def test_method_parameters_of_mergekit_methods():
+    assert method_parameters(BY_NAME["sce"], 0.3) == ({"select_topk": 0.3}, {})
+    assert method_parameters(BY_NAME["della"], 0.1)[1] == pytest.approx(
+        {"density": 0.1, "epsilon": 0.05}
+    )
+    assert method_parameters(BY_NAME["task_arithmetic"], None) == ({}, {})
+    assert method_parameters(BY_NAME["circuit (no drops)"], None) == ({"base_droprate": 0.0}, {})
+
+
+def test_merge_config_lists_experts_in_priority_order_with_their_score_files(tmp_path):
+    class Family:
+        base = tmp_path / "base"
+        experts = {"a": tmp_path / "a", "b": tmp_path / "b"}
+
+    method = Method("m", "lrp", scores="random-{seed}", seeds=(7,), reversed_order=True)
+    files = {("random-7", t): tmp_path / f"{t}.safetensors" for t in "ab"}
+    config = merge_config(Family, ("a", "b"), method, 0.5, 1.0, files, seed=7)
+    assert [m["model"] for m in config["models"]] == [str(tmp_path / "b"), str(tmp_path / "a")]
+    assert config["models"][0]["parameters"] == {
+        "weight": 1.0,
+        "density": 0.5,
+        "lrp_scores": str(tmp_path / "b.safetensors"),
+    }
+
+
+def test_subsets_list_all_experts_once():
+    assert subsets_of(("a", "b"), "both") == [("a", "b")]
+    assert subsets_of(("a", "b", "c"), "pairs") == [("a", "b"), ("a", "c"), ("b", "c")]
+    assert subsets_of(("a", "b", "c"), "all") == [("a", "b", "c")]
+
+
+def test_discarding_accumulator_drops_each_gradient_until_detached():
+    from mergekit_lrp.scoring.loop import run_prompts
+    from mergekit_lrp.scoring.options import ComputeOptions
+    from mergekit_lrp.scoring.prompts import Prompt
+    from mergekit_lrp.scoring.resume import LoopState
+
+    model = tiny_llama(seed=0).train()
+    parameters = dict(model.named_parameters())
+    accumulator = DiscardingAccumulator(parameters)
+
+    def backward():
+        model(input_ids=torch.tensor([[1, 5, 9]])).logits.sum().backward()
+
+    accumulator.attach()
+    backward()
+    assert all(p.grad is None for p in parameters.values())
+    accumulator.detach()
+    backward()
+    assert all(p.grad is not None for p in parameters.values())
+    # lrp-compute's prompt loop drives it as it drives its own accumulators
+    options = ComputeOptions(progress=False)
+    state = run_prompts(model, [Prompt((1, 5, 9, 13))], options, accumulator, LoopState())
+    assert state.done == 1
+    assert all(p.grad is None for p in parameters.values())
+
+
+def test_perf_report_orders_sections_and_ends_like_before():
+    merge = {"size": "tiny", "rows": [{"setting": "dare_ties", "seconds": 1.0, "time_ratio": 1.0,
+                                        "peak_rss_mb": 400.0, "rss_ratio": 1.0}]}  # fmt: skip
+    dtype = [{"density": 0.3, "float32_mb": 2.0, "bfloat16_mb": 1.0, "flipped_fraction": 1e-4}]
+    report = perf_markdown({"score_dtype": dtype, "merge": merge}, "10M")
+    assert report.index("## Merge cost (tiny Llama") < report.index("## Score files")
+    assert report.endswith("| 0.3 | 2 | 1 | 1.00e-04 |\n")
+    assert perf_markdown({"merge": merge}, "10M").endswith("| 1.00 |\n\n")
+
+
+def run_script(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "BENCH_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / args[0]), *args[1:]],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.mark.bench
+def test_bench_quality_one_cell_on_the_tiny_family_then_resumes(tmp_path):
+    quality = [
+        "bench_quality.py",
+        "--families", "tiny", "--quick", "--methods", "lrp (delta)", "--densities", "0.3",
+        "--threads", "1", "--workers", "1", "--cache", str(tmp_path / "cache"),
+    ]  # fmt: skip
+    out = tmp_path / "out"
+    printed = run_script(*quality, "--out", str(out), cwd=tmp_path).stdout
+    results = json.loads((out / "results.json").read_text())
+    (cell,) = results["rows"]
+    assert (cell["family"], cell["method"], cell["density"]) == ("tiny:0", "lrp (delta)", 0.3)
+    assert cell["subset"] == ["rev", "sort", "rot", "text"]
+    assert cell["weight"] in (0.25, 0.5, 1.0)
+    assert set(cell["test"][0]) == set(cell["subset"])
+    assert results["densities"] == [0.3]
+    table = (out / "results.md").read_text()
+    assert "| method | density 0.3 |" in table and "| lrp (delta) | " in table
+    assert "**lrp's settings on the validation split" not in table  # nothing to rank against
+    assert table in printed
+    assert (out / "results.png").stat().st_size > 0
+    assert not (out / "rows.partial.json").exists()
+
+    # a run that finds the cell among the saved rows merges nothing and reports that row
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    saved = {**cell, "weight": 0.125}
+    (resumed / "rows.partial.json").write_text(json.dumps([saved]))
+    run_script(*quality, "--out", str(resumed), cwd=tmp_path)
+    assert json.loads((resumed / "results.json").read_text())["rows"] == [saved]
+    assert "| 0.3 | 0.125 |" in (resumed / "results.md").read_text()
+
+
+@pytest.mark.bench
+def test_bench_perf_times_one_merge_against_dare_ties_on_a_tiny_model(tmp_path):
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    perf = ["bench_perf.py", "--only", "merge", "--size", "tiny", "--merges", "lrp top-k"]
+    run_script(*perf, "--repeats", "1", "--out", str(out), "--cache", str(cache), cwd=tmp_path)
+    merge = json.loads((out / "perf.json").read_text())["merge"]
+    assert merge["size"] == "tiny"
+    assert [r["setting"] for r in merge["rows"]] == ["dare_ties", "lrp top-k"]
+    assert [len(runs) for runs in merge["runs"].values()] == [1, 1]
+    assert merge["rows"][0]["time_ratio"] == 1.0
+    assert all(r["time_ratio"] > 0 and r["peak_rss_mb"] > 0 for r in merge["rows"])
+    report = (out / "perf.md").read_text()
+    assert "## Merge cost (tiny Llama, two fine-tunes, density 0.5)" in report
+    assert "| lrp top-k | " in report
+    assert not list(cache.glob("out-*"))  # each merge's output is removed after timing

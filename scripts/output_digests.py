@@ -4,15 +4,19 @@
 
 Builds tiny seeded checkpoints (Llama, Qwen3, Gemma2 and a Qwen3-Next with MoE experts,
 whose scores go through transformers' weight conversion), scores each fine-tune with the
-`lrp-compute` command, merges with `lrp` through the `mergekit-yaml` command in several
-option settings, and prints one digest per file. Run it before and after a refactor that
-must not change behaviour: the two printouts must be identical (same torch version).
+`lrp-compute` command, merges with `lrp` and `circuit` through the `mergekit-yaml` command
+in several option settings (`--random-seed 0`: the default selection draws), and prints
+one digest per file. Run it before and after a refactor that must not change behaviour:
+the two printouts must be identical (same torch version). Score files record the paths
+they were computed from, so both runs must use the same --work directory (the default is
+a fixed one, emptied first).
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -30,10 +34,12 @@ from tiny_models import make_tiny_hybrid, make_tiny_model  # noqa: E402
 BIN = Path(sys.executable).parent
 VOCAB = len(char_tokenizer())
 PROMPTS = ["def add(a, b): return a + b", "the quick brown fox", "12 + 30 = 42", "sort 3 1 2"]
-MERGES = {
-    "defaults": {},
-    "weight-ties": {"importance": "weight", "consensus": "sum", "normalize": True},
-    "rescale-dense": {"density": 0.7, "rescale": True, "protect_special": False},
+MERGES = {  # label -> (merge method, parameters)
+    "defaults": ("lrp", {}),
+    "weight-ties": ("lrp", {"importance": "weight", "consensus": "sum", "normalize": True}),
+    "rescale-dense": ("lrp", {"density": 0.7, "rescale": True, "protect_special": False}),
+    "topk-budget": ("lrp", {"selection": "topk", "consensus": "none", "budget": "layer"}),
+    "circuit-scores": ("circuit", {"drop_order": "scores", "epsilon": 0.2}),
 }
 
 
@@ -65,11 +71,15 @@ def build(kind: str, root: Path) -> dict[str, Path]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--work", default=None, help="keep the files here (default: temporary)")
+    default_work = Path(tempfile.gettempdir()) / "mergekit-lrp-digests"
+    parser.add_argument(
+        "--work", default=str(default_work), help="where the files go (emptied first)"
+    )
     args = parser.parse_args()
-    work = Path(args.work or tempfile.mkdtemp(prefix="lrp-digests-"))
+    work = Path(args.work)
+    shutil.rmtree(work, ignore_errors=True)
     prompts = work / "prompts.txt"
-    work.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True)
     prompts.write_text("\n".join(PROMPTS) + "\n")
     for kind in ("llama", "qwen3", "gemma2", "qwen3_next"):
         models = build(kind, work / kind)
@@ -93,11 +103,12 @@ def main() -> None:
                     capture_output=True,
                 )
                 print(f"{kind} scores {name} {target}: {digest(out)}")
-        for label, parameters in MERGES.items():
+        for label, (method, parameters) in MERGES.items():
+            density = {"density": 0.4} if method == "lrp" else {}
             config = {
-                "merge_method": "lrp",
+                "merge_method": method,
                 "base_model": str(models["base"]),
-                "parameters": {"density": 0.4, **parameters},
+                "parameters": {**density, **parameters},
                 "models": [
                     {
                         "model": str(models[name]),
@@ -113,7 +124,7 @@ def main() -> None:
             config_path.write_text(yaml.safe_dump(config))
             out = work / kind / f"merged-{label}"
             subprocess.run(
-                [BIN / "mergekit-yaml", config_path, out, "--allow-crimes"],
+                [BIN / "mergekit-yaml", config_path, out, "--allow-crimes", "--random-seed", "0"],
                 check=True,
                 capture_output=True,
             )

@@ -34,6 +34,7 @@ from tiny_models import make_tiny_hybrid, make_tiny_model  # noqa: E402
 BIN = Path(sys.executable).parent
 VOCAB = len(char_tokenizer())
 PROMPTS = ["def add(a, b): return a + b", "the quick brown fox", "12 + 30 = 42", "sort 3 1 2"]
+KINDS = ("llama", "qwen3", "gemma2", "qwen3_next")
 MERGES = {  # label -> (merge method, parameters)
     "defaults": ("lrp", {}),
     "weight-ties": ("lrp", {"importance": "weight", "consensus": "sum", "normalize": True}),
@@ -75,13 +76,14 @@ def main() -> None:
     parser.add_argument(
         "--work", default=str(default_work), help="where the files go (emptied first)"
     )
+    parser.add_argument("--kinds", nargs="+", default=KINDS, choices=KINDS)
     args = parser.parse_args()
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
     prompts = work / "prompts.txt"
     work.mkdir(parents=True)
     prompts.write_text("\n".join(PROMPTS) + "\n")
-    for kind in ("llama", "qwen3", "gemma2", "qwen3_next"):
+    for kind in args.kinds:
         models = build(kind, work / kind)
         for target in ("predicted", "next-token"):
             for name in ("ft_a", "ft_b"):
@@ -104,11 +106,15 @@ def main() -> None:
                 )
                 print(f"{kind} scores {name} {target}: {digest(out)}")
         for label, (method, parameters) in MERGES.items():
-            density = {"density": 0.4} if method == "lrp" else {}
+            if kind == "qwen3_next" and method == "circuit":
+                continue  # circuit has no missing_scores, and MoE routers get no relevance
+            shared = {"density": 0.4} if method == "lrp" else {}
+            if kind == "qwen3_next":  # MoE routers get no relevance
+                shared["missing_scores"] = "magnitude"
             config = {
                 "merge_method": method,
                 "base_model": str(models["base"]),
-                "parameters": {**density, **parameters},
+                "parameters": {**shared, **parameters},
                 "models": [
                     {
                         "model": str(models[name]),

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from checkpoints import tiny_llama
+from tiny_models import AS_CHECKPOINT, make_tiny_model
 
 from harness.jobs import subsets_of
 from harness.methods import BY_NAME, PLAIN_LRP, Method, merge_config, method_parameters
@@ -111,7 +111,7 @@ def test_discarding_accumulator_drops_each_gradient_until_detached():
     from mergekit_lrp.scoring.prompts import Prompt
     from mergekit_lrp.scoring.resume import LoopState
 
-    model = tiny_llama(seed=0).train()
+    model = make_tiny_model("llama", seed=0, **AS_CHECKPOINT).train()
     parameters = dict(model.named_parameters())
     accumulator = DiscardingAccumulator(parameters)
 

@@ -184,8 +184,9 @@ def score_dtype(settings: Settings) -> list[dict]:
         for name, s32 in exact.items():
             if ft_w[name].ndim < 2:
                 continue
-            a = merge_mask(base_w[name], ft_w[name], s32, density)
-            b = merge_mask(base_w[name], ft_w[name], rounded[name], density)
+            topk = dict(selection="topk", protect_special=False)
+            a = merge_mask(base_w[name], ft_w[name], s32, density, **topk)
+            b = merge_mask(base_w[name], ft_w[name], rounded[name], density, **topk)
             flipped += int((a != b).sum())
             total += ft_w[name].numel()
         rows.append(

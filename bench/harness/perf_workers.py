@@ -107,11 +107,12 @@ def load_model(model_dir: str, length: int, count: int):
 def relevance_passes(model, checkpointing: bool):
     """``step(ids)``: one relevance pass (the predicted token as target) under the AttnLRP
     rules, the model prepared for backward, |grad| summed as lrp-compute sums it."""
+    from mergekit_lrp.scoring.accumulator import new_accumulator
     from mergekit_lrp.scoring.attnlrp import attnlrp_rules
-    from mergekit_lrp.scoring.loop import new_accumulator
     from mergekit_lrp.scoring.relevance import backward_ready, relevance_pass
+    from mergekit_lrp.scoring.signals import SIGNALS
 
-    accumulator = new_accumulator(model, dict(model.named_parameters()), "attnlrp")
+    accumulator = new_accumulator(model, dict(model.named_parameters()), SIGNALS["attnlrp"])
     with attnlrp_rules(model), backward_ready(model, checkpointing=checkpointing):
         accumulator.attach()
         try:
@@ -146,10 +147,12 @@ def precompute(model_dir: str, mode: str, length: int, count: int) -> dict:
 def signal(model_dir: str, mode: str, length: int, count: int) -> dict:
     """One signal (``mode``: an lrp-compute ``--method``, or "plain") through lrp-compute's
     loop at its default options."""
-    from mergekit_lrp.scoring.loop import new_accumulator, run_prompts
+    from mergekit_lrp.scoring.accumulator import new_accumulator
+    from mergekit_lrp.scoring.loop import run_prompts
     from mergekit_lrp.scoring.options import ComputeOptions
     from mergekit_lrp.scoring.prompts import Prompt
     from mergekit_lrp.scoring.resume import LoopState
+    from mergekit_lrp.scoring.signals import SIGNALS
 
     model, prompts, rss_before_model, weights = load_model(model_dir, length, count)
     times = []
@@ -157,7 +160,7 @@ def signal(model_dir: str, mode: str, length: int, count: int) -> dict:
         times = plain_seconds(model, prompts)
     else:
         options = ComputeOptions(method=mode, progress=False)
-        accumulator = new_accumulator(model, dict(model.named_parameters()), mode)
+        accumulator = new_accumulator(model, dict(model.named_parameters()), SIGNALS[mode])
         for ids in prompts:  # one prompt a call, so each is timed alone
             start = time.perf_counter()
             run_prompts(model, [Prompt(tuple(ids.tolist()))], options, accumulator, LoopState())
@@ -176,7 +179,7 @@ def placement(model_dir: str, mode: str, length: int, count: int, device: str) -
     loop on ``device``."""
     from transformers import AutoModelForCausalLM
 
-    from mergekit_lrp.scoring.accumulator import GradientAccumulator
+    from mergekit_lrp.scoring.gradient_sums import GradientAccumulator
     from mergekit_lrp.scoring.loop import run_prompts
     from mergekit_lrp.scoring.options import ComputeOptions
     from mergekit_lrp.scoring.prompts import Prompt

@@ -70,8 +70,6 @@ def main() -> None:
             "--output",
             f"demo-out/scores/{task}.safetensors",
             "--overwrite",
-            "--max-length",
-            256,
         )
 
     step("merges: plain mergekit-yaml")

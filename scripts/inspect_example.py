@@ -43,7 +43,7 @@ def main() -> None:
         lines = family.calibration_prompts(task, args.prompts)
         prompts.write_text("".join(json.dumps({"text": p}) + "\n" for p in lines))
         output = WORK / f"expert-{task}.safetensors"
-        options = ComputeOptions(overwrite=True, progress=False, max_length=256)
+        options = ComputeOptions(overwrite=True, progress=False)
         compute_scores(str(family.experts[task]), str(prompts), str(output), options)
         scores.append(str(output))
         models.append(str(family.experts[task]))

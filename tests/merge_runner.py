@@ -31,11 +31,12 @@ def run(config: dict, out: Path, **options) -> dict[str, torch.Tensor]:
 
 
 def mergekit_yaml(
-    config: dict, out: Path, *args: str, env: dict | None = None
+    config: dict, out: Path, *args: str, env: dict | None = None, cwd: Path | None = None
 ) -> subprocess.CompletedProcess:
     """``mergekit-yaml CONFIG OUT *args`` in a fresh process (config written beside OUT),
-    with ``env`` added to this process's environment."""
+    with ``env`` added to this process's environment, in ``cwd``."""
     path = Path(out).parent / f"{Path(out).name}.yml"
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(config))
     return subprocess.run(
         [str(BIN / "mergekit-yaml"), str(path), str(out), *args],
@@ -43,6 +44,7 @@ def mergekit_yaml(
         text=True,
         env={**os.environ, **(env or {})},
         timeout=600,
+        cwd=cwd,
     )
 
 

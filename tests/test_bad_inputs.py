@@ -199,3 +199,26 @@ def test_constant_scores_are_refused_unless_missing_scores_says_otherwise(family
     base = load_file(family["base"] / "model.safetensors")[name]
     kept = (magnitude[name] != base).float().mean()
     assert 0.5 <= kept < 1.0  # ft_a's half by |delta| plus ft_b's half by its scores
+
+
+@pytest.mark.parametrize(
+    "edit, fragment",
+    [
+        ({"dtype": "bf16"}, "dtype: 'bf16' is not a dtype mergekit knows"),
+        ({"base_model": None}, "lrp needs base_model"),
+    ],
+)
+def test_setup_mistakes_are_refused_before_merging(family, tmp_path, edit, fragment):
+    config = {**lrp_config(family), **edit}
+    config = {key: value for key, value in config.items() if value is not None}
+    fails(config, tmp_path, fragment)
+
+
+def test_cuda_without_a_cuda_device_is_one_line(family, tmp_path, monkeypatch):
+    import torch as torch_module
+
+    monkeypatch.setattr(torch_module.cuda, "is_available", lambda: False)
+    out = tmp_path / "out"
+    with pytest.raises(LRPConfigError, match="--cuda was given, but torch sees no CUDA device"):
+        run(lrp_config(family), out, device="cuda")
+    assert not out.exists()

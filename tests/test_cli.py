@@ -87,3 +87,66 @@ def test_unwritable_output_location(family, long_prompts_file, tmp_path, monkeyp
     monkeypatch.undo()
     with pytest.raises(OSError):
         run(lrp_config(family), Path("/proc/merged"))
+
+
+def test_max_length_above_the_models_positions_is_refused_and_the_default_capped(
+    llama_dir, prompts_file, tmp_path
+):
+    """The tests' checkpoints have 128 positions: 512 by default would score positions
+    the model never saw."""
+    out = tmp_path / "s.safetensors"
+    refused = invoke(llama_dir, "--prompts", prompts_file, "-o", out, "--max-length", "200")
+    assert refused.exit_code != 0 and "--max-length 200 exceeds the 128 positions" in refused.output
+    assert not out.exists()
+    assert invoke(llama_dir, "--prompts", prompts_file, "-o", out, "-q").exit_code == 0
+    assert ScoreReader(out).metadata.extra["max_length"] == "128"
+
+
+def test_a_folder_without_config_json_says_what_it_lacks(prompts_file, tmp_path):
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"")
+    result = invoke(folder, "--prompts", prompts_file, "-o", tmp_path / "s.safetensors")
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert "has no config.json: it is not a transformers checkpoint" in result.output
+    assert "nor a PEFT adapter" in result.output
+
+
+def test_what_lrp_compute_prints_follows_the_signal(llama_dir, prompts_file, tmp_path):
+    """A forward-only signal: no checkpointing choice, no conservation, no missing_scores
+    hint for the 1-D tensors it does not measure, a 'forward' progress bar; the
+    checkpointing choice of a backward signal is printed once."""
+    activation = invoke(
+        llama_dir, "--prompts", prompts_file, "-o", tmp_path / "a.safetensors",
+        "--method", "activation",
+    )  # fmt: skip
+    assert activation.exit_code == 0, activation.output
+    assert "gradient-checkpointing" not in activation.output
+    assert "missing_scores" not in activation.output and "conservation" not in activation.output
+    assert "forward:" in activation.output and "relevance:" not in activation.output
+    attnlrp = invoke(llama_dir, "--prompts", prompts_file, "-o", tmp_path / "b.safetensors")
+    assert attnlrp.output.count("gradient-checkpointing auto:") == 1
+    assert "share of the target's relevance that reached the input" in attnlrp.output
+
+
+def test_threads_leave_cores_that_other_processes_keep_busy(
+    llama_dir, prompts_file, tmp_path, monkeypatch
+):
+    import os
+
+    from mergekit_lrp.scoring.placement import decide_threads
+
+    assert decide_threads(3)[0] == 3  # --threads wins
+    assert decide_threads(None, load=2.0, cores=2)[0] == 1
+    assert decide_threads(None, load=0.0, cores=64)[0] == torch.get_num_threads()
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.9, 1.0, 1.0))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # torch's default on two cores
+    try:
+        result = invoke(llama_dir, "--prompts", prompts_file, "-o", tmp_path / "s.safetensors")
+        assert torch.get_num_threads() == 2  # restored for the caller
+    finally:
+        torch.set_num_threads(before)
+    assert result.exit_code == 0, result.output
+    assert "threads auto: 1 (other processes keep about 1.9 of 2 cores busy" in result.output

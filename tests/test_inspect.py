@@ -263,3 +263,11 @@ def test_comparison_masks_follow_the_merge_importance_with_models(tmp_path):
     mask_of = stats.merge_masks(readers, base, [first, second], topk)
     by_merge = stats.compare_files(readers, 0.5, mask_of, "the merge")
     assert by_merge["pairs"][0]["layers"][0]["jaccard"] == 0.0  # {2, 3} against {0, 1}
+
+
+def test_a_model_folder_that_does_not_exist_is_named(family, tmp_path):
+    result = CliRunner().invoke(
+        main, [str(family["ft_a_scores"]), "--model", str(tmp_path / "no-such-model")]
+    )
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"model directory {tmp_path / 'no-such-model'} does not exist" in result.output

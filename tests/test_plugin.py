@@ -104,9 +104,12 @@ def test_registered_whatever_is_imported_first(first):
 
 
 def test_disabled_plugin_says_why_lrp_is_unknown(family, tmp_path):
-    result = mergekit_yaml(lrp_config(family), tmp_path / "out", env={"MERGEKIT_LRP_DISABLE": "1"})
+    disabled = {"MERGEKIT_LRP_DISABLE": "1"}
+    result = mergekit_yaml(lrp_config(family), tmp_path / "out", env=disabled)
     assert result.returncode != 0
+    assert "Error: Unimplemented merge method lrp" in result.stderr
     assert "disabled by MERGEKIT_LRP_DISABLE" in result.stderr
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
 
 
 def test_register_under_python_dash_s_installs_the_checks_too(family, tmp_path):

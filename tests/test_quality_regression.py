@@ -34,7 +34,7 @@ def expert_scores(quick_family, tmp_path_factory):
         prompts.write_text("\n".join(p.replace("\n", " ") for p in lines) + "\n")
         files[task] = root / f"{task}.safetensors"
         compute_scores(str(expert), str(prompts), str(files[task]),
-                       ComputeOptions(max_length=256, progress=False))
+                       ComputeOptions(progress=False))
     return files
 
 

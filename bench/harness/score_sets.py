@@ -60,7 +60,7 @@ def compute_score_files(family, keys, root: Path, progress) -> dict[tuple[str, s
                     lines = family.calibration_prompts(task, int(count))
                     prompts.write_text("\n".join(p.replace("\n", " ") for p in lines) + "\n")
                     options = ComputeOptions(
-                        method=signal or "attnlrp", target=target, max_length=256, progress=False
+                        method=signal or "attnlrp", target=target, progress=False
                     )
                     compute_scores(str(expert), str(prompts), str(out), options)
                 progress(f"scored {task} ({key})")

@@ -26,7 +26,7 @@ def compute_scores(
     *,
     method: str = "attnlrp",
     target: str = "predicted",
-    max_length: int = 512,
+    max_length: int | None = None,
     gradient_checkpointing: bool | str = "auto",
     progress: bool = False,
 ) -> dict[str, torch.Tensor]:
@@ -35,7 +35,8 @@ def compute_scores(
     (attnlrp: |d target / d theta| under the AttnLRP rules; float32, the parameter's
     shape). The model must be of a supported architecture (docs/attnlrp.md); it is patched
     only for the duration of the call. ``gradient_checkpointing="auto"`` decides as
-    ``lrp-compute`` does (on only when a ``max_length`` prompt's activations do not fit).
+    ``lrp-compute`` does (on only when a ``max_length`` prompt's activations do not fit);
+    ``max_length=None``: 512 tokens, or the model's ``max_position_embeddings`` if fewer.
 
     Example::
 

@@ -27,6 +27,7 @@ from mergekit_lrp.merging.parameters import (
     parameter_places,
     score_path,
 )
+from mergekit_lrp.merging.staging import check_output_folder
 from mergekit_lrp.merging.tensor_names import is_protected
 from mergekit_lrp.merging.tensor_scores import check_mode, locate_scores, open_scores
 from mergekit_lrp.scores.file import ScoreFileError, ScoreReader
@@ -39,6 +40,8 @@ class _ModelFiles:
     model_type: str | None
     fingerprint: str = ""
     score_paths_seen: set[str] = field(default_factory=set)
+    #: for ``base+adapter``: the (base, adapter) folders, fingerprinted together
+    adapter_parts: tuple[str, str] | None = None
 
     def shape(self, name: str) -> tuple[int, ...]:
         with safe_open(self.tensor_files[name], framework="pt") as handle:
@@ -115,10 +118,52 @@ def check_parameter_names(merge_config, method=None) -> None:
             )
 
 
-def check_merge(merge_config, options) -> None:
-    """The pre-merge check of the config's merge method (one of this project's)."""
+def check_merge(merge_config, options, out_path=None) -> None:
+    """Everything checked before a merge with one of this project's methods: the setup
+    (base model, dtypes, device, LoRA cache, output folder), then the method's checks."""
+    check_setup(merge_config, options, out_path)
     checks = {"lrp": preflight, "circuit": preflight_circuit}
     checks[merge_config.merge_method](merge_config, options)
+
+
+#: dtype names mergekit's ``dtype`` / ``out_dtype`` accept, by what they are
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
+
+def check_setup(merge_config, options, out_path=None) -> None:
+    """What mergekit itself would only trip over after loading (or merging) everything."""
+    method = merge_config.merge_method
+    bases = [merge_config.base_model] + [s.base_model for s in merge_config.slices or ()]
+    if not any(bases):
+        raise LRPConfigError(
+            f"{method} needs base_model: the model the fine-tunes' task vectors are taken "
+            "from (add `base_model: path/to/base` to the config)"
+        )
+    for option in ("dtype", "out_dtype"):
+        value = getattr(merge_config, option, None)
+        if value is not None and str(value).removeprefix("torch.") not in DTYPE_NAMES:
+            raise LRPConfigError(
+                f"{option}: {value!r} is not a dtype mergekit knows; use one of "
+                f"{', '.join(DTYPE_NAMES)}"
+            )
+    device = str(getattr(options, "device", "cpu") or "cpu")
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise LRPConfigError(
+                "--cuda was given, but torch sees no CUDA device on this machine; merge "
+                "without --cuda (on the CPU)"
+            )
+    adapters = [str(m) for m in merge_config.referenced_models() if m.lora is not None]
+    if adapters and not getattr(options, "lora_merge_cache", None):
+        raise LRPConfigError(
+            f"model {adapters[0]} is a LoRA adapter over a base model; mergekit merges the "
+            "adapter into its base first and needs a folder for that: pass "
+            "--lora-merge-cache DIR"
+        )
+    if out_path is not None:
+        check_output_folder(out_path)
 
 
 def preflight(merge_config, options) -> None:
@@ -200,8 +245,20 @@ def _model_files(model, models: dict, options) -> _ModelFiles:
     if model not in models:
         index = LoaderCache().get(model).index
         model_type = model.config(trust_remote_code=options.trust_remote_code).model_type
-        models[model] = _ModelFiles(index_tensor_files(index), model_type)
+        parts = None
+        if model.lora is not None:
+            parts = (_local_folder(model.model), _local_folder(model.lora))
+        models[model] = _ModelFiles(index_tensor_files(index), model_type, adapter_parts=parts)
     return models[model]
+
+
+def _local_folder(path) -> str:
+    """A local folder for mergekit's ``ModelPath`` (fetched from the hub when not local)."""
+    if os.path.isdir(path.path):
+        return path.path
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(path.path, revision=path.revision)
 
 
 def _refuse_moved_tensor(method: str, model, input_weight, weight) -> None:
@@ -249,14 +306,26 @@ def _check_file(model, path, files: _ModelFiles) -> ScoreReader | None:
         return reader
     if not files.fingerprint:
         files.fingerprint = fingerprint_tensors(files.tensor_files)
-    if reader.metadata.model_fingerprint != files.fingerprint:
+    found = reader.metadata.model_fingerprint
+    if found != files.fingerprint and found != _adapter_identity(files):
         raise ScoreFileError(
             f"{path}: computed on a different checkpoint than model {model} (fingerprint "
             f"{reader.metadata.model_fingerprint[:12]}…, the model's is {files.fingerprint[:12]}…)."
-            " Recompute it with lrp-compute on this model"
+            f" Recompute it with `lrp-compute {model} ...`"
         )
     files.score_paths_seen.add(str(path))
     return reader
+
+
+def _adapter_identity(files: _ModelFiles) -> str | None:
+    """The fingerprint ``lrp-compute BASE+ADAPTER`` writes: of the base and the adapter,
+    whatever dtype mergekit merged the adapter in (None for a plain checkpoint)."""
+    if files.adapter_parts is None:
+        return None
+    from mergekit_lrp.scores.fingerprint import adapter_fingerprint, checkpoint_tensor_files
+
+    base, adapter = files.adapter_parts
+    return adapter_fingerprint(fingerprint_tensors(checkpoint_tensor_files(base)), adapter)
 
 
 def _check_extra_tensors(models: dict[object, _ModelFiles]) -> None:

@@ -1,4 +1,11 @@
-"""Write a directory completely or not at all."""
+"""Write an output directory completely or not at all, and replace an earlier one whole.
+
+The merge fills a hidden sibling of the output (``.<name>.partial-<pid>``); only when it
+is complete does it take the output's place. A folder that held an earlier merge is
+replaced as a whole, never mixed with the new files (its shards and index could
+otherwise outlive it beside the new weights). A folder holding anything else is refused
+before the merge starts (:func:`check_output_folder`).
+"""
 
 from __future__ import annotations
 
@@ -8,13 +15,43 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-# Moved last, so a directory holding them was finished.
-_FINAL_FILES = ("model.safetensors.index.json", "config.json")
+from mergekit_lrp.errors import LrpError
+
+#: files that mark a folder as a model or merge output, which a new merge may replace
+MODEL_FILES = ("config.json", "mergekit_config.yml", "model.safetensors.index.json")
+
+
+class OutputFolderError(LrpError):
+    """The output path cannot take a merge."""
+
+
+def check_output_folder(out_path: str | os.PathLike) -> None:
+    """Refuse an output path that is a file, or a non-empty folder that is not a model or
+    merge output (a new merge replaces the folder's contents as a whole)."""
+    out = Path(out_path)
+    if out.exists() and not out.is_dir():
+        raise OutputFolderError(f"output path {out} exists and is not a folder")
+    if not out.is_dir():
+        return
+    entries = sorted(p.name for p in out.iterdir())
+    if not entries or _holds_a_model(out):
+        return
+    shown = ", ".join(entries[:5]) + (", …" if len(entries) > 5 else "")
+    raise OutputFolderError(
+        f"output folder {out} is not empty and holds no model ({shown}); a merge replaces "
+        "its output folder as a whole, so choose a new or empty folder"
+    )
+
+
+def _holds_a_model(folder: Path) -> bool:
+    return any((folder / name).exists() for name in MODEL_FILES) or any(
+        folder.glob("*.safetensors")
+    )
 
 
 @contextlib.contextmanager
 def staged_directory(out_path: str | os.PathLike) -> Iterator[str]:
-    """Yield a hidden sibling of ``out_path`` to fill; move its files into place on success.
+    """Yield a hidden sibling of ``out_path`` to fill; it becomes ``out_path`` on success.
 
     On any exception (including KeyboardInterrupt) the staging directory is removed
     and ``out_path`` is left as it was. A process killed outright leaves only the
@@ -34,19 +71,16 @@ def staged_directory(out_path: str | os.PathLike) -> Iterator[str]:
 
 
 def publish(staging: Path, out: Path) -> None:
-    """Move a finished staging directory to ``out`` (a rename when ``out`` is free)."""
-    if out.is_dir() and not any(out.iterdir()):
-        out.rmdir()
-    if not out.exists():
-        os.replace(staging, out)
-        return
-    if not out.is_dir():
+    """Make the finished ``staging`` directory ``out``: a rename, after moving an earlier
+    output aside (removed once the new one is in place)."""
+    if out.exists() and not out.is_dir():
         shutil.rmtree(staging, ignore_errors=True)
-        raise FileExistsError(f"output path {out} exists and is not a directory")
-    entries = sorted(staging.iterdir(), key=lambda p: (p.name in _FINAL_FILES, p.name))
-    for entry in entries:
-        target = out / entry.name
-        if target.is_dir() and not target.is_symlink():
-            shutil.rmtree(target)
-        os.replace(entry, target)
-    staging.rmdir()
+        raise OutputFolderError(f"output path {out} exists and is not a folder")
+    previous = None
+    if out.is_dir():
+        previous = out.parent / f".{out.name}.replaced-{os.getpid()}"
+        shutil.rmtree(previous, ignore_errors=True)
+        os.replace(out, previous)
+    os.replace(staging, out)
+    if previous is not None:
+        shutil.rmtree(previous, ignore_errors=True)

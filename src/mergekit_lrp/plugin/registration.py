@@ -53,7 +53,8 @@ def register_method(method_module: ModuleType) -> None:
 
 
 def hint_when_disabled(registry: ModuleType) -> None:
-    """With ``MERGEKIT_LRP_DISABLE`` set, make mergekit's error for our methods say why."""
+    """With ``MERGEKIT_LRP_DISABLE`` set, make mergekit's error for our methods say why
+    (one line under ``mergekit-yaml``)."""
     get = registry.get
 
     def get_with_hint(name: str):
@@ -62,9 +63,14 @@ def hint_when_disabled(registry: ModuleType) -> None:
         except RuntimeError as error:
             if name not in METHODS:
                 raise
-            raise RuntimeError(
+            message = (
                 f"{error}: mergekit-lrp is installed but disabled by MERGEKIT_LRP_DISABLE; "
                 f"unset it to use merge_method: {name}"
-            ) from None
+            )
+            import click
+
+            if click.get_current_context(silent=True) is not None:  # mergekit-yaml
+                raise click.ClickException(message) from None
+            raise RuntimeError(message) from None
 
     registry.get = get_with_hint

@@ -1,7 +1,14 @@
 """Wrap ``mergekit.merge.run_merge`` so merges with this project's methods (``lrp``,
-``circuit``) are checked first and staged.
+``circuit``) are checked first, seeded, staged, and recorded.
 
-Other merge methods go straight to mergekit's own ``run_merge``, untouched.
+Other merge methods go straight to mergekit's own ``run_merge``, untouched. For ours:
+
+1. every check that can fail before the merge runs (:func:`.preflight.check_merge`);
+2. a seed is drawn when none was given, so the output can be reproduced;
+3. mergekit merges into a hidden staging folder, without its model card;
+4. the card and the saved config (every resolved parameter, versions, seed, score files)
+   are written from what is known locally: no step after the weights can lose them;
+5. the staging folder replaces the output folder as a whole.
 """
 
 from __future__ import annotations
@@ -12,9 +19,6 @@ from pathlib import Path
 from types import ModuleType
 
 from mergekit_lrp.errors import LrpError
-from mergekit_lrp.merging.model_card import finish_model_card, lrp_section
-from mergekit_lrp.merging.preflight import check_merge
-from mergekit_lrp.merging.staging import staged_directory
 from mergekit_lrp.plugin.registration import METHODS
 
 
@@ -40,19 +44,35 @@ def guard_run_merge(merge_module: ModuleType) -> None:
 
     @functools.wraps(original)
     def run_merge(merge_config, out_path, options, config_source=None):
-        method = merge_config.merge_method
-        if method not in METHODS:
+        if merge_config.merge_method not in METHODS:
             return original(merge_config, out_path, options, config_source=config_source)
-        with one_line_errors():
-            check_merge(merge_config, options)
-            section = None
-            if method == "lrp":
-                section = lrp_section(merge_config)  # before mergekit rewrites the config
-            with staged_directory(out_path) as staging:
-                result = original(merge_config, staging, options, config_source=config_source)
-                if section is not None and options.write_model_card:
-                    finish_model_card(Path(staging), Path(out_path), section)
-            return result
+        return guarded_merge(original, merge_config, out_path, options, config_source)
 
     run_merge.__mergekit_lrp_guard__ = True
     merge_module.run_merge = run_merge
+
+
+def guarded_merge(original, merge_config, out_path, options, config_source=None):
+    """Steps 1-5 of the module doc around mergekit's ``original`` run_merge."""
+    from mergekit.merge_methods.registry import get
+
+    from mergekit_lrp.merging.model_card import write_card_and_config
+    from mergekit_lrp.merging.preflight import check_merge
+    from mergekit_lrp.merging.provenance import draw_seed, record
+    from mergekit_lrp.merging.staging import staged_directory
+
+    with one_line_errors():
+        check_merge(merge_config, options, out_path)
+        seed_drawn = options.random_seed is None
+        seed = draw_seed() if seed_drawn else options.random_seed
+        options = options.model_copy(update={"random_seed": seed})
+        method_spec = get(merge_config.merge_method).spec
+        provenance = record(merge_config, method_spec, seed, seed_drawn)
+        inner = options.model_copy(update={"write_model_card": False})
+        with staged_directory(out_path) as staging:
+            result = original(merge_config, staging, inner, config_source=config_source)
+            if options.write_model_card:
+                write_card_and_config(
+                    Path(staging), Path(out_path), merge_config, config_source, provenance
+                )
+        return result

@@ -37,6 +37,8 @@ def checkpoint_tensor_files(model_dir: str | os.PathLike) -> dict[str, str]:
     transformers' ``save_pretrained`` writes them.
     """
     model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise FingerprintError(f"model directory {model_dir} does not exist")
     index = model_dir / "model.safetensors.index.json"
     single = model_dir / "model.safetensors"
     if index.is_file():
@@ -94,3 +96,37 @@ def fingerprint_tensors(tensor_files: dict[str, str]) -> str:
 
 def model_fingerprint(model_dir: str | os.PathLike) -> str:
     return fingerprint_tensors(checkpoint_tensor_files(model_dir))
+
+
+#: a score file computed on a base with a PEFT adapter merged in is fingerprinted by both
+ADAPTER_SCHEME = "base+adapter-v1"
+#: adapter_config.json fields that say where things are, not what the merged weights are
+_ADAPTER_LOCATION_FIELDS = ("base_model_name_or_path", "revision")
+
+
+def adapter_fingerprint(base_fingerprint: str, adapter_dir: str | os.PathLike) -> str:
+    """The fingerprint of ``base + adapter``: the base checkpoint's fingerprint, the
+    adapter's weights (sampled rows, as for checkpoints) and its configuration (rank,
+    scaling, target modules). It does not depend on the dtype the adapter is merged in,
+    so one score file serves mergekit's ``model: base+adapter`` at any
+    ``--lora-merge-dtype``."""
+    adapter_dir = Path(adapter_dir)
+    weights = adapter_dir / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise FingerprintError(
+            f"{adapter_dir}: no adapter_model.safetensors; mergekit-lrp never unpickles "
+            "weights (save the adapter with safe_serialization=True)"
+        )
+    try:
+        config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise FingerprintError(f"{adapter_dir}: unreadable adapter_config.json ({error})") from None
+    for name in _ADAPTER_LOCATION_FIELDS:
+        config.pop(name, None)
+    with safe_open(str(weights), framework="pt") as handle:
+        files = {name: str(weights) for name in handle.keys()}
+    digest = hashlib.sha256(ADAPTER_SCHEME.encode())
+    digest.update(base_fingerprint.encode())
+    digest.update(fingerprint_tensors(files).encode())
+    digest.update(json.dumps(config, sort_keys=True).encode())
+    return digest.hexdigest()

@@ -64,10 +64,11 @@ from mergekit_lrp.scoring.signals import SIGNALS
 )
 @click.option(
     "--max-length",
-    default=default("max_length"),
-    show_default=True,
+    default=None,
     type=click.IntRange(min=2),
-    help="Tokens per prompt; longer prompts keep their last --max-length tokens.",
+    help="Tokens per prompt; longer prompts keep their last --max-length tokens. A value "
+    "above the model's max_position_embeddings is refused.  [default: 512, or the model's "
+    "max_position_embeddings if fewer]",
 )
 @click.option(
     "--num-prompts",
@@ -154,6 +155,13 @@ from mergekit_lrp.scoring.signals import SIGNALS
     "copied and added in the background while the GPU goes on); 'auto' = "
     "the device when they fit in its free memory, else the host (the choice is printed).",
 )
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    help="CPU threads for the passes on a CPU.  [default: one per core, fewer when other "
+    "processes already keep cores busy (the choice is printed)]",
+)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def main(
     model,
@@ -176,10 +184,13 @@ def main(
     checkpoint_every,
     gradient_checkpointing,
     accumulate_on,
+    threads,
     quiet,
 ):
-    """Compute the importance scores of MODEL (a checkpoint directory or a hub id) on
-    calibration prompts, for the lrp merge method.
+    """Compute the importance scores of MODEL on calibration prompts, for the lrp merge
+    method. MODEL is a checkpoint directory or hub id, or a PEFT (LoRA) adapter: BASE+ADAPTER
+    (mergekit's spelling) or an adapter folder whose adapter_config.json names its base;
+    an adapter is scored on its base with the adapter merged in.
 
     Every input (lxt, output folder, prompts, config, architecture, tokenizer) is
     checked before the weights are loaded or downloaded.
@@ -228,6 +239,7 @@ def main(
             if gradient_checkpointing is None
             else gradient_checkpointing,
             accumulate_on=accumulate_on,
+            threads=threads,
             progress=not quiet,
         )
     except LrpError as error:

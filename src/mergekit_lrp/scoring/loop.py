@@ -15,7 +15,7 @@ from dataclasses import replace
 import torch
 
 from mergekit_lrp.scoring.accumulator import Accumulator, new_accumulator
-from mergekit_lrp.scoring.options import ComputeOptions
+from mergekit_lrp.scoring.options import ComputeOptions, decide_max_length
 from mergekit_lrp.scoring.placement import plan
 from mergekit_lrp.scoring.prompts import Prompt
 from mergekit_lrp.scoring.relevance import backward_ready, relevance_pass
@@ -38,12 +38,15 @@ def run_prompts(
 ) -> LoopState:
     """Run ``options.signal``'s pass on ``prompts[state.done:]`` into ``accumulator``.
 
-    ``gradient_checkpointing="auto"`` is decided by :func:`.placement.plan`, as for
-    ``lrp-compute``. The model is patched and prepared for backward only for the
-    duration; ``save_state(state)`` is called every ``options.checkpoint_every`` prompts.
+    ``gradient_checkpointing="auto"`` is decided by :func:`.placement.plan` and an unset
+    ``max_length`` by :func:`.options.decide_max_length`, as for ``lrp-compute``. The
+    model is patched and prepared for backward only for the duration;
+    ``save_state(state)`` is called every ``options.checkpoint_every`` prompts.
     """
     from tqdm import tqdm
 
+    if options.max_length is None:
+        options = decide_max_length(options, net.config)
     if options.gradient_checkpointing == "auto":
         parameters = dict(net.named_parameters())
         dtype = next(iter(parameters.values())).dtype
@@ -114,7 +117,7 @@ def relevance_scores(
     """In-memory scores (parameter name -> ``options.signal``'s mean over ``prompts``) of
     an already loaded model on plain-text ``prompts``; ``auto`` options are decided as
     ``lrp-compute`` decides them (:func:`.placement.plan`)."""
-    options = options or ComputeOptions(progress=False)
+    options = decide_max_length(options or ComputeOptions(progress=False), net.config)
     parameters = dict(net.named_parameters())
     dtype = next(iter(parameters.values())).dtype
     placement = plan(options, net, parameters, dtype)

@@ -8,12 +8,14 @@ inputs with the same messages.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 from mergekit_lrp.errors import LrpError
 from mergekit_lrp.scoring.relevance import TARGETS
 from mergekit_lrp.scoring.signals import SIGNALS, Signal
 
+#: tokens per prompt when --max-length is not given (capped at the model's positions)
+DEFAULT_MAX_LENGTH = 512
 #: dtype of the weights during the pass; ``auto`` = float32 on CPU, bfloat16 on CUDA
 WEIGHT_DTYPES = ("auto", "float32", "bfloat16", "float16")
 #: dtype of the stored scores (accumulation is float32 either way)
@@ -31,7 +33,9 @@ class ComputeError(LrpError):
 class ComputeOptions:
     #: the importance signal (:mod:`.signals`)
     method: str = "attnlrp"
-    max_length: int = 512
+    #: tokens per prompt; None: :data:`DEFAULT_MAX_LENGTH`, or the model's
+    #: ``max_position_embeddings`` when smaller (:func:`decide_max_length`)
+    max_length: int | None = None
     num_prompts: int | None = None
     #: split and column of a dataset source (see :mod:`.prompts`)
     split: str | None = None
@@ -55,6 +59,8 @@ class ComputeOptions:
     #: where the float32 sums live: "device" (each parameter's), "cpu", or "auto"
     accumulate_on: str = "auto"
     progress: bool = True
+    #: CPU threads (``--threads``); None: :func:`.placement.decide_threads`
+    threads: int | None = None
     #: passed to ``from_pretrained``: "auto" spreads a model too big for one GPU over all
     #: of them; a dict maps module names to devices
     device_map: str | dict | None = None
@@ -71,7 +77,8 @@ class ComputeOptions:
             value = getattr(self, name)
             if value not in allowed:
                 raise ComputeError(f"--{_flag(name)} must be one of {', '.join(allowed)}")
-        for name, minimum in (("max_length", 2), ("checkpoint_every", 1), ("num_prompts", 1)):
+        minimums = (("max_length", 2), ("checkpoint_every", 1), ("num_prompts", 1), ("threads", 1))
+        for name, minimum in minimums:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < minimum):
                 raise ComputeError(f"--{_flag(name)} must be an integer of at least {minimum}")
@@ -88,6 +95,23 @@ class ComputeOptions:
     def signal(self) -> Signal:
         """The importance signal ``method`` names (validated on construction)."""
         return SIGNALS[self.method]
+
+
+def decide_max_length(options: ComputeOptions, config) -> ComputeOptions:
+    """``options`` with ``max_length`` decided for a model of ``config``: the default is
+    capped at the positions the model was trained on; a larger --max-length is refused
+    (those positions would be scored, silently, on untrained position embeddings)."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    limit = getattr(config, "max_position_embeddings", None)
+    if options.max_length is None:
+        value = DEFAULT_MAX_LENGTH if not limit else min(DEFAULT_MAX_LENGTH, int(limit))
+        return replace(options, max_length=value)
+    if limit and options.max_length > limit:
+        raise ComputeError(
+            f"--max-length {options.max_length} exceeds the {limit} positions the model was "
+            f"trained on (max_position_embeddings); pass --max-length {limit} or less"
+        )
+    return options
 
 
 def default(name: str):

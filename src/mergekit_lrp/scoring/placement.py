@@ -13,12 +13,13 @@ time) and is only worth it when the activations of a --max-length prompt do not 
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
 
-from mergekit_lrp.scoring.options import ComputeError
+from mergekit_lrp.scoring.options import ComputeError, decide_max_length
 
 #: activation bytes a layer keeps per token and hidden unit for the backward pass, in
 #: units of the weights' element size (attention inputs and outputs, MLP intermediates,
@@ -27,6 +28,28 @@ ACTIVATION_FACTOR = 34
 #: part of the free memory the plan may use: the rest is left for fragmentation, the
 #: framework's own buffers and the logits
 USABLE = 0.8
+
+
+def decide_threads(requested: int | None, load=None, cores=None) -> tuple[int, str | None]:
+    """CPU threads for the pass, and a note saying why when chosen here.
+
+    ``requested`` (``--threads``) wins. Otherwise torch's default (one per core) is kept
+    unless other processes already keep cores busy: then the cores they leave free, at
+    least one. On two cores beside one two-thread process, two threads made a run ~30x
+    slower than one (threads wait for each other at every operation); ``load`` (the
+    1-minute load average) and ``cores`` (usable cores) default to the machine's.
+    """
+    if requested is not None:
+        return requested, None
+    cores = cores if cores is not None else len(os.sched_getaffinity(0))
+    busy = load if load is not None else os.getloadavg()[0]
+    chosen = max(1, min(torch.get_num_threads(), cores - int(busy + 0.5)))
+    if chosen == torch.get_num_threads():
+        return chosen, None
+    return chosen, (
+        f"threads auto: {chosen} (other processes keep about {busy:.1f} of {cores} cores "
+        "busy; --threads N to choose)"
+    )
 
 
 @dataclass(frozen=True)
@@ -70,6 +93,8 @@ def plan(options, net, parameters, dtype, free=None) -> Placement:
     """Decide ``--accumulate-on`` and ``--gradient-checkpointing`` (see the module doc);
     ``free(device)`` gives a device's free bytes (default :func:`free_bytes`)."""
     free = free or free_bytes
+    if options.max_length is None:
+        options = decide_max_length(options, net.config)
     notes = []
     needed = sums_by_device(parameters)
     accelerated = any(device.type != "cpu" for device in needed)

@@ -6,6 +6,8 @@ Under torchrun or accelerate launch the prompts are shared by the processes (see
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 import tempfile
 import time
@@ -16,13 +18,19 @@ from pathlib import Path
 import torch
 
 from mergekit_lrp.scores.file import ScoreMetadata, write_scores
-from mergekit_lrp.scores.fingerprint import SCHEME, checkpoint_tensor_files, fingerprint_tensors
+from mergekit_lrp.scores.fingerprint import (
+    ADAPTER_SCHEME,
+    SCHEME,
+    adapter_fingerprint,
+    checkpoint_tensor_files,
+    fingerprint_tensors,
+)
 from mergekit_lrp.scoring.accumulator import new_accumulator
 from mergekit_lrp.scoring.checkpoint_names import checkpoint_layout, checkpoint_names
 from mergekit_lrp.scoring.distributed import Workers, joined_workers, launched_world_size
 from mergekit_lrp.scoring.loop import run_prompts
-from mergekit_lrp.scoring.options import ComputeError, ComputeOptions
-from mergekit_lrp.scoring.placement import plan
+from mergekit_lrp.scoring.options import ComputeError, ComputeOptions, decide_max_length
+from mergekit_lrp.scoring.placement import decide_threads, plan
 from mergekit_lrp.scoring.prompts import Prompt, read_records, tokenize_records
 from mergekit_lrp.scoring.resume import (
     check_resume_layout,
@@ -31,39 +39,15 @@ from mergekit_lrp.scoring.resume import (
     save_state,
     start_state,
 )
+from mergekit_lrp.scoring.sources import (
+    ModelSource,
+    merge_adapter,
+    parse_model_source,
+    resolve_model_dir,
+)
 from mergekit_lrp.scoring.summary import ComputeSummary, peak_memory
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def is_hub_id(model: str) -> bool:
-    return model.count("/") == 1 and not model.startswith((".", "/", "~")) and "\\" not in model
-
-
-def check_model_source(model: str) -> None:
-    if not Path(model).is_dir() and (Path(model).exists() or not is_hub_id(model)):
-        raise ComputeError(f"model directory {model} does not exist")
-
-
-def resolve_model_dir(model: str, revision: str | None = None) -> Path:
-    """A local checkpoint directory, or a hub id fetched into the local cache."""
-    check_model_source(model)
-    if Path(model).is_dir():
-        return Path(model)
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(
-            snapshot_download(
-                model,
-                revision=revision,
-                allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"],
-            )
-        )
-    except Exception as error:
-        raise ComputeError(
-            f"{model} is not a local directory and could not be fetched from the hub ({error})"
-        ) from None
 
 
 def pick_device(device: str) -> torch.device:
@@ -133,11 +117,12 @@ def _first_line(error: Exception) -> str:
 
 
 def compute_scores(model: str, prompts_path: str, output: str, options: ComputeOptions):
-    """Compute and write the score file of ``model`` (a directory or hub id); returns a
+    """Compute and write the score file of ``model`` (a directory or hub id, ``BASE+ADAPTER``
+    or a PEFT adapter folder: :mod:`.sources`); returns a
     :class:`~mergekit_lrp.scoring.summary.ComputeSummary`.
 
     Every input is checked before the weights are loaded or downloaded: lxt, the output
-    folder, the prompts, the config and architecture, the tokenizer.
+    folder, the prompts, the config and architecture, --max-length, the tokenizer.
     """
     from mergekit_lrp.scoring.attnlrp import SUPPORTED_MODEL_TYPES, UnsupportedArchitectureError
 
@@ -149,27 +134,51 @@ def compute_scores(model: str, prompts_path: str, output: str, options: ComputeO
             "--device-map spreads one model over this machine's GPUs; it cannot be combined "
             "with several processes (torchrun / accelerate launch), which each load a copy"
         )
-    check_model_source(model)
+    model_source = parse_model_source(model)
     records = read_records(prompts_path, options.split, options.column, options.num_prompts)
-    config = load_config(model, options.revision)
+    config = load_config(model_source.base, options.revision)
     model_type = getattr(config, "model_type", "?")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise UnsupportedArchitectureError(model_type)
-    tokenizer = load_tokenizer(options.tokenizer or model, options.revision, model)
+    options = decide_max_length(options, config)
+    tokenizer_source = options.tokenizer or model_source.tokenizer_source
+    tokenizer = load_tokenizer(tokenizer_source, options.revision, model)
     prompts = tokenize_records(records, tokenizer, options.target)
     device = pick_device(options.device)
-    source = Source(model, options.revision, str(prompts_path), model_type)
-    with joined_workers(use_cuda=device.type == "cuda") as workers:
+    source = Source(model_source, options.revision, str(prompts_path), model_type)
+    with joined_workers(use_cuda=device.type == "cuda") as workers, _cpu_threads(
+        options, device
+    ) as note:
         if device.type == "cuda" and workers.world_size > 1:
             device = torch.device("cuda", workers.local_rank)
+        if note and options.progress and workers.is_main:
+            print(note, file=sys.stderr)
         return _score_checkpoint(source, prompts, output_path, options, device, workers)
+
+
+@contextlib.contextmanager
+def _cpu_threads(options: ComputeOptions, device: torch.device):
+    """torch's threads for a pass on the CPU (:func:`.placement.decide_threads`), restored
+    afterwards; yields the note saying what was chosen, if anything was."""
+    if device.type != "cpu":
+        yield None
+        return
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    cores = max(1, len(os.sched_getaffinity(0)) // processes)
+    threads, note = decide_threads(options.threads, cores=cores)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield note
+    finally:
+        torch.set_num_threads(before)
 
 
 @dataclass(frozen=True)
 class Source:
     """What a score file says it was computed from."""
 
-    model: str
+    model: ModelSource
     revision: str | None
     prompts: str
     model_type: str
@@ -246,6 +255,7 @@ def _score_checkpoint(
         last=state.last,
         resumed_from=resumed_from,
         unscored_tensors=written.unscored if written else [],
+        unscored_matrices=written.unscored_matrices if written else [],
         no_relevance=written.no_relevance if written else [],
         signal=options.signal,
         notes=[] if options.progress else list(placement.notes),
@@ -260,10 +270,14 @@ def _load_checkpoint(source: Source, options: ComputeOptions, device) -> LoadedC
     dtype = DTYPES.get(options.dtype) or (
         torch.bfloat16 if device.type == "cuda" else torch.float32
     )
-    model_dir = resolve_model_dir(source.model, source.revision)
+    model_dir = resolve_model_dir(source.model.base, source.revision)
     tensor_files = checkpoint_tensor_files(model_dir)
     fingerprint = fingerprint_tensors(tensor_files)
     net = _load(model_dir, options, device, dtype)
+    if source.model.adapter is not None:
+        adapter_dir = resolve_model_dir(source.model.adapter)
+        fingerprint = adapter_fingerprint(fingerprint, adapter_dir)
+        net = merge_adapter(net, adapter_dir)
     stored_to_param, aliases, converted = checkpoint_names(net, tensor_files)
     params = dict(net.named_parameters())
     scored = {stored: params[name] for stored, name in stored_to_param.items()}
@@ -290,12 +304,12 @@ def _metadata(source: Source, loaded, options, count: int, tokens: int) -> Score
         model_type=source.model_type,
         method=signal.name,
         quantity=signal.quantity,
-        fingerprint_scheme=SCHEME,
+        fingerprint_scheme=ADAPTER_SCHEME if source.model.adapter else SCHEME,
         generator=f"mergekit-lrp {version('mergekit-lrp')}",
         extra={
             "max_length": str(options.max_length),
             "dtype": str(loaded.dtype),
-            "model": source.model,
+            "model": source.model.given,
             "revision": source.revision or "",
             "prompts": source.prompts,
         },
@@ -304,8 +318,11 @@ def _metadata(source: Source, loaded, options, count: int, tokens: int) -> Score
 
 @dataclass(frozen=True)
 class Written:
-    #: checkpoint tensors the file has no scores for (the model class does not use them)
+    #: checkpoint tensors the file has no scores for (the model class does not use them,
+    #: or the signal measures nothing for them)
     unscored: list[str]
+    #: those of two or more dimensions
+    unscored_matrices: list[str]
     #: tensors whose scores were zero everywhere, left out of the file
     no_relevance: list[str]
 
@@ -320,7 +337,15 @@ def _write(output_path: Path, accumulator, loaded, metadata, options, count: int
     metadata = replace(metadata, aliases=aliases)
     write_scores(output_path, scores, metadata, dtype=DTYPES[options.score_dtype])
     unscored = sorted(set(loaded.tensor_files) - set(scores) - set(aliases))
-    return Written(unscored, no_relevance)
+    matrices = [name for name in unscored if len(_stored_shape(loaded.tensor_files, name)) > 1]
+    return Written(unscored, matrices, no_relevance)
+
+
+def _stored_shape(tensor_files: dict[str, str], name: str) -> tuple[int, ...]:
+    from safetensors import safe_open
+
+    with safe_open(tensor_files[name], framework="pt") as handle:
+        return tuple(handle.get_slice(name).get_shape())
 
 
 def check_scores(scores: dict[str, torch.Tensor], seen: set[str], output: Path) -> list[str]:

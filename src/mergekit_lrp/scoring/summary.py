@@ -26,6 +26,9 @@ class ComputeSummary:
     last: PassResult | None
     resumed_from: int = 0
     unscored_tensors: list[str] = field(default_factory=list)
+    #: the unscored tensors of two or more dimensions: the merge reads scores for those
+    #: (protect_special keeps 1-D tensors whole)
+    unscored_matrices: list[str] = field(default_factory=list)
     #: tensors whose scores were zero everywhere, left out of the file
     no_relevance: list[str] = field(default_factory=list)
     signal: Signal = SIGNALS["attnlrp"]
@@ -58,13 +61,23 @@ class ComputeSummary:
         if self.last is not None and self.signal.rules:
             lines.append(
                 f"conservation on the last prompt: input relevance {self.last.input_relevance:.4g}"
-                f" / target logit {self.last.target:.4g} = {self.conservation:.3f}"
+                f" / target logit {self.last.target:.4g} = {self.conservation:.3f} (the share "
+                "of the target's relevance that reached the input embeddings; AttnLRP "
+                "conserves it up to its rules' approximations: 0.8-1.0 on a trained model, "
+                "less on an untrained one; see docs/attnlrp.md, Conservation)"
             )
-        unused = [name for name in self.unscored_tensors if name not in self.no_relevance]
-        if unused:
+        needed = [n for n in self.unscored_matrices if n not in self.no_relevance]
+        if needed and self.signal.backward:
             lines.append(
-                f"{len(unused)} checkpoint tensor(s) are not used by the model class and have "
-                f"no scores ({', '.join(unused[:3])}, ...): merge them with missing_scores: base"
+                f"{len(needed)} checkpoint matrix/matrices are not used by the model class and "
+                f"have no scores ({', '.join(needed[:3])}, ...): merge them with "
+                "missing_scores: base"
+            )
+        elif needed:
+            lines.append(
+                f"{len(needed)} checkpoint matrix/matrices get no {self.signal.name} "
+                f"statistics (only linear layers and embeddings do: {', '.join(needed[:3])}, "
+                "...): merge them with missing_scores: magnitude (|delta|) or base"
             )
         if self.no_relevance:
             lines.append(

@@ -35,7 +35,12 @@ QUANTITIES = {
     "mean_abs_grad": "|d target / d theta| (attnlrp: under the AttnLRP rules; gradient)",
     "mean_sq_grad": "(d log-likelihood / d theta)^2 (fisher: diagonal empirical Fisher)",
     "mean_sq_input": "summed squared input of the entry's column (activation: diag X^T X)",
+    "input_gram": "the Gram matrix X^T X of a linear layer's inputs, tokens weighted by the "
+    "file's token_weighting (gram: RegMean statistics; one [in, in] matrix per distinct "
+    "input, shared by the layers that read it, see gram_of)",
 }
+#: quantities stored as one matrix per layer input instead of one score per weight entry
+GRAM_QUANTITIES = ("input_gram",)
 SCORE_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16}
 
 
@@ -59,11 +64,16 @@ class ScoreMetadata:
     # other name of a tied parameter -> the stored tensor holding its scores
     # (e.g. lm_head.weight -> model.embed_tokens.weight)
     aliases: dict[str, str] = field(default_factory=dict)
+    # Gram files: each linear weight's checkpoint name -> the stored Gram matrix of its input
+    # (q/k/v, or gate/up, read the same input and share one)
+    gram_of: dict[str, str] = field(default_factory=dict)
     generator: str = ""
     extra: dict[str, str] = field(default_factory=dict)
 
     def to_header(self) -> dict[str, str]:
         values = asdict(self)
+        if not values["gram_of"]:  # only Gram files have it: the others keep their bytes
+            del values["gram_of"]
         header = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION}
         for key, value in values.items():
             header[key] = json.dumps(value) if isinstance(value, dict) else str(value)
@@ -99,6 +109,7 @@ class ScoreMetadata:
                 quantity=header["quantity"],
                 fingerprint_scheme=header.get("fingerprint_scheme", ""),
                 aliases=json.loads(header.get("aliases", "{}")),
+                gram_of=json.loads(header.get("gram_of", "{}")),
                 generator=header.get("generator", ""),
                 extra=json.loads(header.get("extra", "{}")),
             )
@@ -131,6 +142,11 @@ class ScoreReader:
         self.metadata = ScoreMetadata.from_header(header, self.path)
         self._entries, self._data_start = _tensor_entries(self.path)
         self._names = set(self._entries)
+        for weight, stored in self.metadata.gram_of.items():
+            if stored not in self._names:
+                raise ScoreFileError(
+                    f"{self.path}: the Gram matrix of {weight!r} points to missing {stored!r}"
+                )
         for alias, stored in self.metadata.aliases.items():
             if stored not in self._names:
                 raise ScoreFileError(f"{self.path}: alias {alias!r} points to missing {stored!r}")

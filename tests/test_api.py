@@ -57,7 +57,7 @@ def test_merge_mask_example():
 @pytest.mark.parametrize("selection", ["topk", "stochastic"])
 def test_merge_mask_is_the_mask_the_merge_applies(family, tmp_path, selection):
     """ft_a listed second (ft_b first, weight 0), kept deltas added: the merge changes the
-    base exactly where merge_mask (position 1, the merge's seed) keeps ft_a's entries."""
+    base exactly where merge_mask (for ft_a, the merge's seed) keeps ft_a's entries."""
     name = "model.layers.1.self_attn.o_proj.weight"
     models = []
     for ft, weight in (("ft_b", 0.0), ("ft_a", 1.0)):
@@ -76,19 +76,32 @@ def test_merge_mask_is_the_mask_the_merge_applies(family, tmp_path, selection):
     theta = load_file(family["ft_a"] / "model.safetensors")[name]
     scores = api.read_scores(family["ft_a_scores"]).get(name)
     mask = api.merge_mask(
-        theta_base, theta, scores, 0.25, selection=selection, seed=7, position=1, name=name
+        theta_base,
+        theta,
+        scores,
+        0.25,
+        selection=selection,
+        seed=7,
+        model=str(family["ft_a"]),
+        name=name,
     )
     assert torch.equal(merged != theta_base, mask)
     if selection == "topk":
         assert int(mask.sum()) == round(0.25 * mask.numel())
         torch.testing.assert_close(merged, theta_base + (theta - theta_base) * mask)
-    else:  # another seed or position draws another mask
+    else:  # another seed or another model draws another mask
         other = dict(selection=selection, name=name)
         assert not torch.equal(
-            mask, api.merge_mask(theta_base, theta, scores, 0.25, seed=8, position=1, **other)
+            mask,
+            api.merge_mask(
+                theta_base, theta, scores, 0.25, seed=8, model=str(family["ft_a"]), **other
+            ),
         )
         assert not torch.equal(
-            mask, api.merge_mask(theta_base, theta, scores, 0.25, seed=7, position=0, **other)
+            mask,
+            api.merge_mask(
+                theta_base, theta, scores, 0.25, seed=7, model=str(family["ft_b"]), **other
+            ),
         )
     assert api.merge_mask(theta_base, theta, scores, 0.25, name="lm_head.weight").all()
     norm = torch.ones(4)

@@ -75,6 +75,40 @@ def test_priority_gives_conflicts_to_the_first_listed_model(tmp_path):
     assert reversed_order.tolist() == [[2.0 + 3.0, 2.0, -6.0, 5.0]]
 
 
+UNIT_DELTAS = [torch.tensor([[1.0, 1.0], [1.0, 0.0]]), torch.tensor([[-3.0, 0.0], [-1.0, -1.0]])]
+UNIT_SCORES = [torch.tensor([[1.0, 2.0], [1.0, 1.0]]), torch.tensor([[1.0, 1.0], [2.0, 1.0]])]
+
+
+def test_unit_gives_each_rows_conflicts_to_the_model_of_larger_mass_there(tmp_path):
+    """Comparable importances (each divided by its mean): m0 [[1, 2], [1, 0]], m1
+    [[2, 0], [4/3, 2/3]]. Row 0: mass 3 against 2, m0 wins (+1 over -3); row 1: 1 against
+    2, m1 wins (-1 over +1). By kept |delta| instead: row 0 is m1's (3 against 2)."""
+    unit = merge(tmp_path, UNIT_DELTAS, UNIT_SCORES, consensus="unit", density=ALL)
+    assert unit.tolist() == [[1.0, 1.0], [-1.0, -1.0]]
+    magnitude = merge(
+        tmp_path, UNIT_DELTAS, UNIT_SCORES, consensus="unit", unit_mass="magnitude", density=ALL
+    )
+    assert magnitude.tolist() == [[-3.0, 1.0], [-1.0, -1.0]]
+    priority = merge(tmp_path, UNIT_DELTAS, UNIT_SCORES, consensus="priority", density=ALL)
+    assert priority.tolist() == [[1.0, 1.0], [1.0, -1.0]]
+    listed_the_other_way = merge(
+        tmp_path, UNIT_DELTAS[::-1], UNIT_SCORES[::-1], consensus="unit", density=ALL
+    )
+    assert listed_the_other_way.tolist() == unit.tolist()
+
+
+def test_unit_on_a_tensor_without_output_units_says_what_it_does_instead(tmp_path):
+    from mergekit_lrp.merging import combine as combine_module
+
+    combine_module._REPORTED.clear()
+    deltas = [torch.tensor([1.0, -2.0, 3.0]), torch.tensor([-2.0, 1.0, 1.0])]
+    scores = [torch.tensor([1.0, 2.0, 3.0]), torch.tensor([3.0, 2.0, 1.0])]
+    with pytest.warns(UserWarning, match="consensus: unit on .* 1-D tensors .* entry by entry"):
+        merged = merge(tmp_path, deltas, scores, consensus="unit", density=ALL)
+    winner = merge(tmp_path, deltas, scores, consensus="winner", density=ALL)
+    assert merged.tolist() == winner.tolist()  # two models: the larger mass alone wins
+
+
 def test_mass_rescale_divides_by_the_kept_share_of_importance():
     delta = torch.tensor([4.0, 3.0, 2.0, 1.0])
     importance = torch.tensor([5.0, 3.0, 1.0, 1.0])
@@ -153,6 +187,7 @@ def test_consensus_none_and_normalize_match_the_plain_sum():
     [
         ({"selection": "random"}, "selection must be one of topk, stochastic"),
         ({"consensus": "vote"}, "consensus must be one of none, sum, count, relevance"),
+        ({"unit_mass": "rows"}, "unit_mass must be one of importance, magnitude"),
         ({"rescale": "entries"}, "rescale must be true, false or mass"),
         ({"selection": "stochastic", "density": 0.1, "epsilon": 0.2}, "density ± epsilon"),
     ],

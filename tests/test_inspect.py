@@ -154,10 +154,10 @@ def test_what_lrp_keeps_matches_hand_computation(tmp_path):
 
 def test_what_lrp_keeps_is_the_merge_mask_at_the_default_stochastic_selection(family):
     """lrp-inspect's table is computed from the mask the merge draws (api.merge_mask is
-    checked against a real merge in test_api.py) for that seed and list position."""
+    checked against a real merge in test_api.py) for that seed and model."""
     reader = ScoreReader(family["ft_b_scores"])
     settings = MaskSettings(density=0.6, seed=3)
-    keep = stats.keep_by_layer(reader, family["base"], family["ft_b"], settings, position=1)
+    keep = stats.keep_by_layer(reader, family["base"], family["ft_b"], settings)
     base = load_file(family["base"] / "model.safetensors")
     theta = load_file(family["ft_b"] / "model.safetensors")
     kept = entries = 0
@@ -166,7 +166,13 @@ def test_what_lrp_keeps_is_the_merge_mask_at_the_default_stochastic_selection(fa
         if name in keep["protected"] or not name.startswith("model.layers.1."):
             continue
         mask = merge_mask(
-            base[name], theta[name], reader.get(name), 0.6, seed=3, position=1, name=name
+            base[name],
+            theta[name],
+            reader.get(name),
+            0.6,
+            seed=3,
+            model=str(family["ft_b"]),
+            name=name,
         )
         delta = (theta[name] - base[name]).abs().double()
         kept, entries = kept + int(mask.sum()), entries + mask.numel()
@@ -175,7 +181,8 @@ def test_what_lrp_keeps_is_the_merge_mask_at_the_default_stochastic_selection(fa
     assert (row["kept"], row["entries"]) == (kept, entries)
     assert row["lrp_kept"] == pytest.approx(kept_mass / mass)
     assert kept != round(0.6 * entries)  # a draw, not exactly the top-k count
-    again = stats.keep_by_layer(reader, family["base"], family["ft_b"], settings, position=0)
+    other_seed = MaskSettings(density=0.6, seed=4)
+    again = stats.keep_by_layer(reader, family["base"], family["ft_b"], other_seed)
     assert [r["kept"] for r in again["layers"]] != [r["kept"] for r in keep["layers"]]
 
 

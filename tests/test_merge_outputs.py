@@ -61,3 +61,16 @@ def test_a_folder_holding_something_else_is_refused_before_merging(family, tmp_p
         run(lrp_config(family), out)
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_models_draw_and_an_order_free_rule_do_not_depend_on_the_list_order(
+    family, tmp_path
+):
+    """With consensus: unit and the default stochastic selection, listing the fine-tunes
+    the other way round gives the same bytes; with priority it does not."""
+    for rule, same in (("unit", True), ("priority", False)):
+        config = lrp_config(family, rule={"consensus": rule})
+        first = run(config, tmp_path / f"{rule}-ab", random_seed=3)
+        config["models"] = config["models"][::-1]
+        second = run(config, tmp_path / f"{rule}-ba", random_seed=3)
+        assert all(torch.equal(first[n], second[n]) for n in first) == same, rule

@@ -112,15 +112,15 @@ def merge_mask(
     selection: str = "stochastic",
     epsilon: float | None = None,
     seed: int = 0,
-    position: int = 0,
+    model: str = "",
     protect_special: bool = True,
     name: str = "tensor",
     quantity: str = "mean_abs_grad",
 ) -> torch.Tensor:
     """The boolean mask of the entries of ``finetuned - base`` that ``lrp`` keeps for the
-    tensor ``name`` of the model listed at ``position`` (0 = first) among the merged
-    models, in a merge run with ``mergekit-yaml --random-seed seed``: the same functions
-    as the merge kernel draw it.
+    tensor ``name`` of ``model`` (the model's path or reference as the merge config gives
+    it: its draw is seeded by it), in a merge run with ``mergekit-yaml --random-seed
+    seed``: the same functions as the merge kernel draw it.
 
     Importance: ``delta``: |finetuned - base| * scores, ``weight``: |finetuned| * scores
     (squares instead of absolute values when ``quantity`` is ``mean_sq_grad`` or
@@ -158,4 +158,4 @@ def merge_mask(
     else:
         located = TensorScores(name, name, _TensorReader(name, scores, quantity))
     delta = finetuned.float() - base.float()
-    return kept_mask(located, finetuned.float(), delta, settings, position)
+    return kept_mask(located, finetuned.float(), delta, settings, model)

@@ -68,8 +68,7 @@ from mergekit_lrp.merging.tensor_names import KINDS
     type=int,
     default=0,
     show_default=True,
-    help="The merge's --random-seed (selection stochastic). Score files are taken to be "
-    "listed in the merge config in the order given here.",
+    help="The merge's --random-seed (selection stochastic).",
 )
 @click.option(
     "--plots",
@@ -115,10 +114,7 @@ def inspect_files(score_files, models=(), base=None, settings=None, plot_dir=Non
     pairs = list(zip(readers, models or [None] * len(readers), strict=True))
     report: dict = {"files": [stats.summarize(r, m) for r, m in pairs], "plots": []}
     if base:
-        report["keep"] = [
-            stats.keep_by_layer(r, base, m, settings, position, check=False)
-            for position, (r, m) in enumerate(pairs)
-        ]
+        report["keep"] = [stats.keep_by_layer(r, base, m, settings, check=False) for r, m in pairs]
     if len(readers) > 1:
         if base:
             mask_of = stats.merge_masks(readers, base, models, settings)

@@ -121,11 +121,9 @@ def keep_by_layer(
     base_dir: str | os.PathLike,
     model_dir: str | os.PathLike,
     settings: MaskSettings,
-    position: int = 0,
     check: bool = True,
 ) -> dict:
-    """Per layer, how the ``lrp`` mask at ``settings`` (of the model listed at
-    ``position``) compares with magnitude top-k.
+    """Per layer, how the ``lrp`` mask at ``settings`` compares with magnitude top-k.
 
     For each scored tensor that ``protect_special`` does not keep whole: delta = model -
     base, the merge's mask, and the magnitude mask (top k of |delta|, k the number of
@@ -152,7 +150,8 @@ def keep_by_layer(
             protected.append(name)
             continue
         delta = theta - theta_base
-        lrp = kept_mask(_located(model_dir, name, reader), theta, delta, settings, position)
+        located = _located(model_dir, name, reader)
+        lrp = kept_mask(located, theta, delta, settings, str(model_dir))
         k = int(lrp.sum())
         magnitude = top_k_mask(delta.abs(), k)
         size = delta.abs().double()
@@ -181,7 +180,6 @@ def keep_by_layer(
         "path": str(reader.path),
         "base": str(base_dir),
         "model": str(model_dir),
-        "position": position,
         **_settings_report(settings),
         "protected": protected,
         "layers": layers,
@@ -326,14 +324,15 @@ def merge_masks(
     settings: MaskSettings,
 ) -> Callable[[int, str], torch.Tensor]:
     """``mask_of`` for :func:`compare_files`: the mask the merge applies to model i's
-    task vector (model i listed at position i), protected tensors whole."""
+    task vector, protected tensors whole."""
     base = Checkpoint(base_dir)
     models = [Checkpoint(m) for m in model_dirs]
 
     def mask_of(i: int, name: str) -> torch.Tensor:
         theta = models[i].get(name).float()
         delta = theta - base.get(name).float()
-        return kept_mask(_located(model_dirs[i], name, readers[i]), theta, delta, settings, i)
+        located = _located(model_dirs[i], name, readers[i])
+        return kept_mask(located, theta, delta, settings, str(model_dirs[i]))
 
     return mask_of
 

@@ -72,7 +72,7 @@ def circuit_merge(
         delta = torch.where(delta.abs() >= meaningful_change_threshold, delta, 0)
         keep = keep_rate(position, len(models), temperature, base_droprate)
         importance = _importance(entry.id, entry.tensor, delta, name, lrp_scores, drop_order)
-        pruned.append(_prune(delta, importance, keep, epsilon, rescale, name, position))
+        pruned.append(_prune(delta, importance, keep, epsilon, rescale, name, entry.id))
     return (base + accumulate(pruned, temperature)).to(base.dtype)
 
 
@@ -99,13 +99,13 @@ def _importance(model: Hashable, theta, delta, name, lrp_scores, drop_order) -> 
     return importance_of(scores, theta, delta, "delta")
 
 
-def _prune(delta, importance, keep, epsilon, rescale, name, position) -> torch.Tensor:
+def _prune(delta, importance, keep, epsilon, rescale, name, model) -> torch.Tensor:
     if keep >= 1:
         return delta
     if keep <= 0:
         return torch.zeros_like(delta)
     epsilon = min(epsilon, keep, 1 - keep)
     probability = keep_probabilities(importance, keep, epsilon)
-    generator = generator_for(name, position, delta.device)
+    generator = generator_for(name, model, delta.device)
     mask = torch.bernoulli(probability, generator=generator).bool()
     return delta * mask / probability if rescale else delta * mask

@@ -5,24 +5,38 @@ election (mergekit's helper); ``relevance`` elects the sign of the importance-we
 ``winner`` keeps, where kept entries disagree in sign, only the most important one;
 ``drop`` zeroes such entries; ``priority`` elects the sign of the first-listed model that
 kept the entry (Circuit-Merge's conflict rule: where kept entries disagree, the
-higher-priority model wins, and the models agreeing with it stay). With ``normalize``, an
-entry is divided by the summed weights of the models that contributed to it (TIES'
-disjoint mean): agreeing entries averaged, lone entries kept whole. Importance is
-compared across models after dividing each model's by its mean over the tensor (score
-files of different models need not share a scale).
+higher-priority model wins, and the models agreeing with it stay); ``unit`` does what
+``priority`` does with a priority per output unit instead of the list order: in each row
+of a weight matrix (an output unit), the models are ranked by their mass on that unit
+(``unit_mass``: their importance, or their kept |delta|), and an entry's sign is that of
+the highest-ranked model that kept it. No model wins because of where it is listed.
+
+With ``normalize``, an entry is divided by the summed weights of the models that
+contributed to it (TIES' disjoint mean): agreeing entries averaged, lone entries kept
+whole. Importance is compared across models after dividing each model's by its mean over
+the tensor (score files of different models need not share a scale).
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 from mergekit.merge_methods.generalized_task_arithmetic import get_mask as sign_consensus_mask
 
 
 def combine(
-    stacked: torch.Tensor, weights: torch.Tensor, importances: torch.Tensor, consensus: str
+    stacked: torch.Tensor,
+    weights: torch.Tensor,
+    importances: torch.Tensor,
+    consensus: str,
+    masses: torch.Tensor | None = None,
+    name: str = "<tensor>",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of the weighted kept deltas after ``consensus``, summed weights of the entries
-    that contributed) for ``stacked`` [models, ...] and ``importances`` of the same shape."""
+    that contributed) for ``stacked`` [models, ...] and ``importances`` of the same shape;
+    ``masses`` (same shape) rank the models per unit for ``unit`` (default: the
+    importances, each model's divided by its mean)."""
     if consensus == "none":
         divisor = weights.sum(dim=0).expand(stacked.shape[1:]).clone()
         divisor[divisor.abs() < 1e-8] = 1
@@ -31,6 +45,9 @@ def combine(
         agree = sign_consensus_mask(stacked, method=consensus, mask_dtype=stacked.dtype).bool()
     elif consensus == "priority":
         agree = _priority_agreement(stacked)
+    elif consensus == "unit":
+        masses = _comparable(importances) if masses is None else masses
+        agree = _unit_agreement(stacked, _unit_masses(masses, name))
     else:
         agree = _relevance_agreement(stacked, _comparable(importances), consensus)
     contributing = agree & (stacked != 0)
@@ -55,6 +72,43 @@ def _priority_agreement(stacked) -> torch.Tensor:
     for sign in signs[1:]:
         elected = torch.where(elected == 0, sign, elected)
     return (stacked != 0) & (signs == elected)
+
+
+#: reasons already reported in this process (one warning each, not one per tensor)
+_REPORTED: set[str] = set()
+
+
+def _unit_masses(masses: torch.Tensor, name: str) -> torch.Tensor:
+    """Each model's mass on each output unit (a row of a weight matrix: all dimensions but
+    the first summed), broadcast back to the entries. A 1-D tensor (a norm, a bias) or a
+    fused layout of more than two dimensions has no output units defined here: there each
+    entry is its own unit, said once per process."""
+    if masses.ndim == 3:  # [models, rows, columns]
+        return masses.sum(dim=2, keepdim=True).expand_as(masses)
+    reason = "1-D tensors (norms, biases)" if masses.ndim == 2 else "fused tensors of 3+ dims"
+    if reason not in _REPORTED:
+        _REPORTED.add(reason)
+        warnings.warn(
+            f"lrp: consensus: unit on {name!r}: {reason} have no output units; their sign "
+            "conflicts go, entry by entry, to the model of larger mass (as consensus: winner "
+            "ranks, keeping the models that agree with it)",
+            stacklevel=2,
+        )
+    return masses
+
+
+def _unit_agreement(stacked: torch.Tensor, unit_masses: torch.Tensor) -> torch.Tensor:
+    """Kept entries with the sign of the kept entry whose model has the largest mass on
+    the entry's unit (the first such model on ties)."""
+    kept = stacked != 0
+    key = torch.where(kept, unit_masses.float(), torch.full_like(unit_masses.float(), -1.0))
+    signs = torch.sign(stacked)
+    best, elected = key[0], signs[0]
+    for index in range(1, stacked.shape[0]):
+        better = key[index] > best
+        best = torch.where(better, key[index], best)
+        elected = torch.where(better, signs[index], elected)
+    return kept & (signs == elected)
 
 
 def _relevance_agreement(stacked, importances, consensus) -> torch.Tensor:

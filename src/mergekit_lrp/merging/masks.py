@@ -50,14 +50,15 @@ def kept_mask(
     theta: torch.Tensor,
     delta: torch.Tensor,
     settings: MaskSettings,
-    position: int = 0,
+    model: str = "",
 ) -> torch.Tensor:
-    """Entries of ``delta`` (model at ``position`` in the merge's list) the merge keeps."""
+    """Entries of ``delta`` the merge keeps for ``model`` (its reference in the merge
+    config: the draw is seeded by it)."""
     if settings.keeps_whole(scores.name, delta.ndim):
         return torch.ones_like(delta, dtype=torch.bool)
     importance = importance_of(scores, theta, delta, settings.importance)
     rule = settings.rule
     generator = None
     if rule.stochastic:
-        generator = generator_for(scores.name, position, delta.device, settings.seed)
+        generator = generator_for(scores.name, model, delta.device, settings.seed)
     return rule.mask(importance, settings.density, generator)[0]

@@ -50,14 +50,18 @@ def lrp_merge(
     selection: str = "stochastic",
     epsilon: float | None = None,
     budget: str = "tensor",
+    unit_mass: str = "importance",
 ) -> torch.Tensor:
-    check_shared_parameters(importance, consensus, missing_scores, selection, rescale, budget)
+    check_shared_parameters(
+        importance, consensus, missing_scores, selection, rescale, budget, unit_mass=unit_mass
+    )
     base = group.base.tensor
     name = group.metadata.name or "<unnamed tensor>"
     protected = protect_special and is_protected(name, base.ndim, group.metadata.vocabulary_axis)
     rule = Selection(selection, epsilon, rescale)
-    deltas, importances, weights = [], [], []
-    for position, entry in enumerate(group.non_base):
+    by_magnitude = consensus == "unit" and unit_mass == "magnitude"
+    deltas, importances, magnitudes, weights = [], [], [], []
+    for entry in group.non_base:
         check_model_parameters(
             entry.id, weight[entry.id], density[entry.id], epsilon if rule.stochastic else None
         )
@@ -72,8 +76,13 @@ def lrp_merge(
                 continue
             if path and scores.fallback is None:
                 keep = budget_density(path, name, keep, budget)
-            generator = generator_for(name, position, delta.device) if rule.stochastic else None
-            delta, imp = rule.select(delta, imp, keep, generator)
+            generator = generator_for(name, entry.id, delta.device) if rule.stochastic else None
+            kept, imp = rule.select(delta, imp, keep, generator)
+            if by_magnitude:  # the kept entries' own |delta|, before any rescale
+                magnitudes.append(delta.abs().float() * (kept != 0))
+            delta = kept
+        elif by_magnitude:
+            magnitudes.append(delta.abs().float())
         deltas.append(delta)
         importances.append(delta.abs().float() if imp is None else imp)
         weights.append(weight[entry.id])
@@ -85,7 +94,8 @@ def lrp_merge(
     w = torch.tensor(weights, dtype=stacked.dtype, device=stacked.device)
     w = w.reshape(-1, *([1] * base.ndim))
     stacked.mul_(w)
-    mixed, divisor = combine(stacked, w, torch.stack(importances), consensus)
+    masses = torch.stack(magnitudes) if by_magnitude else None
+    mixed, divisor = combine(stacked, w, torch.stack(importances), consensus, masses, name)
     if normalize:
         mixed = mixed / divisor
     return (base + mixed).to(base.dtype)

@@ -16,7 +16,9 @@ from mergekit_lrp.errors import LrpError
 #: what ranks a task vector's entries (docs/method.md, step 2)
 IMPORTANCE_MODES = ("delta", "weight", "scores")
 #: how the kept entries of several models combine (step 4)
-CONSENSUS_MODES = ("none", "sum", "count", "relevance", "winner", "drop", "priority")
+CONSENSUS_MODES = ("none", "sum", "count", "relevance", "winner", "drop", "priority", "unit")
+#: what ranks the models on a unit for ``consensus: unit``
+UNIT_MASSES = ("importance", "magnitude")
 #: how a tensor's kept entries are chosen (step 3)
 SELECTION_MODES = ("topk", "stochastic")
 RESCALE_MODES = (False, True, "mass")
@@ -43,9 +45,11 @@ def check_shared_parameters(
     rescale: bool | str = False,
     budget: str = "tensor",
     method: str = "lrp",
+    unit_mass: str = "importance",
 ) -> None:
     """The choices among lrp's global parameters."""
     values = {
+        "unit_mass": (unit_mass, UNIT_MASSES),
         "importance": (importance, IMPORTANCE_MODES),
         "consensus": (consensus, CONSENSUS_MODES),
         "missing_scores": (missing_scores, MISSING_SCORES_MODES),

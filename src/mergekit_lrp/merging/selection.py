@@ -6,9 +6,9 @@ mergekit, so that the merge, the notebook API and ``lrp-inspect`` draw the same 
 * ``stochastic`` (DELLA-style, by importance rank): entry i is kept with probability
   p_i = density - epsilon + 2 * epsilon * rank_i / (n - 1), rank 0 the least important,
   and divided by p_i, so the expected kept delta is the delta. The draw is seeded by
-  mergekit's ``--random-seed`` (torch's initial seed), the tensor's name and the model's
-  position in the list (:func:`generator_for`), so it does not depend on the order in
-  which tensors are merged.
+  mergekit's ``--random-seed`` (torch's initial seed), the tensor's name and the model
+  (:func:`generator_for`), so it depends neither on the order the models are listed in
+  nor on the order the tensors are merged in.
 
 Rescaling the top-k (``rescale``): ``true`` divides by density, as DARE does for random
 drops; ``mass`` divides by the kept share of importance mass, sum(kept importance) /
@@ -18,6 +18,7 @@ ones, so it overshoots less.
 
 from __future__ import annotations
 
+import os
 import zlib
 from dataclasses import dataclass
 
@@ -74,12 +75,21 @@ def keep_probabilities(importance: torch.Tensor, density: float, epsilon: float)
     return probability.reshape(importance.shape)
 
 
-def generator_for(name: str, position: int, device, seed: int | None = None) -> torch.Generator:
+def model_key(model) -> str:
+    """What identifies a model in the seeding of its draws: its reference as the merge
+    config writes it (a path, a hub id, ``base+adapter``), a local path made absolute so
+    that ``./ft`` and ``ft`` are the same model."""
+    text = str(model)
+    return os.path.realpath(text) if os.path.exists(text) else text
+
+
+def generator_for(name: str, model: str, device, seed: int | None = None) -> torch.Generator:
     """The generator of one model's draw for one tensor: seeded by ``seed`` (default:
     torch's initial seed, which mergekit's ``--random-seed`` sets), the tensor's name and
-    the model's ``position`` among the merged models."""
+    the model (:func:`model_key`), so a model's draw does not depend on where it is listed
+    or in which order the tensors are merged."""
     seed = torch.initial_seed() if seed is None else seed
-    seed = (seed + 1_000_003 * zlib.crc32(f"{name}\0{position}".encode())) % 2**63
+    seed = (seed + 1_000_003 * zlib.crc32(f"{name}\0{model_key(model)}".encode())) % 2**63
     return torch.Generator(device=device).manual_seed(seed)
 
 

@@ -24,7 +24,13 @@ from tiny_models import (
     make_tiny_qwen3_5_multimodal,
 )
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # one of several test processes (scripts/test.sh runs two, one a core): one thread
+    # each, and for the processes the tests start, or they would all contend for the cores
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+else:
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
 @pytest.fixture(scope="session")

@@ -12,10 +12,17 @@ import torch
 from tiny_models import AS_CHECKPOINT, make_tiny_model
 
 from harness.jobs import subsets_of
-from harness.methods import BY_NAME, PLAIN_LRP, Method, merge_config, method_parameters
+from harness.methods import (
+    BY_NAME,
+    PLAIN_LRP,
+    Method,
+    merge_config,
+    method_parameters,
+    orders_of,
+)
 from harness.perf_report import markdown as perf_markdown
 from harness.perf_workers import DiscardingAccumulator
-from harness.quality_report import summarize, validation_choice
+from harness.quality_report import objective, run_summary, summarize, validation_choice
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -83,20 +90,44 @@ def test_method_parameters_of_mergekit_methods():
     assert method_parameters(BY_NAME["circuit (no drops)"], None) == ({"base_droprate": 0.0}, {})
 
 
-def test_merge_config_lists_experts_in_priority_order_with_their_score_files(tmp_path):
+def test_merge_config_lists_experts_in_the_order_given_with_their_score_files(tmp_path):
     class Family:
         base = tmp_path / "base"
         experts = {"a": tmp_path / "a", "b": tmp_path / "b"}
 
-    method = Method("m", "lrp", scores="random-{seed}", seeds=(7,), reversed_order=True)
+    method = Method("m", "lrp", scores="random-{seed}", seeds=(7,))
     files = {("random-7", t): tmp_path / f"{t}.safetensors" for t in "ab"}
-    config = merge_config(Family, ("a", "b"), method, 0.5, 1.0, files, seed=7)
+    config = merge_config(Family, ("b", "a"), method, 0.5, 1.0, files, seed=7)
     assert [m["model"] for m in config["models"]] == [str(tmp_path / "b"), str(tmp_path / "a")]
     assert config["models"][0]["parameters"] == {
         "weight": 1.0,
         "density": 0.5,
         "lrp_scores": str(tmp_path / "b.safetensors"),
     }
+
+
+def test_order_dependent_rules_are_merged_in_every_rotation():
+    rotations = [("a", "b", "c"), ("b", "c", "a"), ("c", "a", "b")]
+    assert orders_of(("a", "b", "c"), BY_NAME["lrp (delta, topk, priority, normalize)"]) == rotations
+    assert orders_of(("a", "b", "c"), BY_NAME["circuit (no drops)"]) == rotations
+    assert orders_of(("a", "b", "c"), BY_NAME["ties"]) == [("a", "b", "c")]
+    assert orders_of(("a", "b", "c"), BY_NAME["lrp (delta)"]) == [("a", "b", "c")]  # none
+    unit = Method("u", "lrp", {"consensus": "unit"})
+    assert orders_of(("a", "b"), unit) == [("a", "b")]
+
+
+def test_run_summary_and_objective_by_hand():
+    runs = [
+        {"order": ["a", "b"], "kept": {"a": 0.9, "b": 0.5}, "mean": 0.7, "retention": 0.8},
+        {"order": ["b", "a"], "kept": {"a": 0.7, "b": 0.7}, "mean": 0.7, "retention": None},
+        {"order": ["b", "a"], "kept": {"a": 0.5, "b": 0.3}, "mean": 0.4, "retention": 1.4},
+    ]
+    summary = run_summary(runs)
+    assert summary["per_expert"] == pytest.approx({"a": 0.7, "b": 0.5})
+    assert (summary["mean"], summary["worst"]) == pytest.approx((0.6, 0.5))
+    assert summary["retention"] == pytest.approx(1.1)  # the runs that have one
+    assert summary["order_spread"] == pytest.approx(0.7 - 0.55)
+    assert objective(summary) == pytest.approx(0.4 * 0.6 + 0.4 * 0.5 + 0.2 * 1.0)  # clipped
 
 
 def test_subsets_list_all_experts_once():

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from harness.evaluation import evaluate, subset_mean
-from harness.methods import Method, merge_config, weights_for
+from harness.evaluation import evaluate, subset_mean, subset_worst
+from harness.methods import Method, merge_config, runs_of, weights_for
 from harness.score_sets import family_score_files
 
 PARTIAL = "rows.partial.json"
@@ -55,7 +55,8 @@ class Job:
     @property
     def merges(self) -> int:
         """Validation merges (the progress bar's unit)."""
-        return len(weights_for(self.subset, self.method)) * len(self.method.seeds)
+        runs = len(runs_of(self.subset, self.method))
+        return len(weights_for(self.subset, self.method)) * runs
 
 
 def row_key(row: dict) -> tuple:
@@ -78,33 +79,34 @@ def family_jobs(family, methods, densities, subsets: str, progress) -> list[Job]
 
 
 def merge_row(job: Job, exact: bool) -> dict:
-    """Choose the weight on the validation split, then score the test split at it."""
+    """Merge the cell at each weight, merge seed and list order (:func:`runs_of`);
+    choose the weight on the validation split (mean kept fraction of the merged tasks over
+    seeds and orders), then score the test split at it, every seed and order."""
     from harness.merge import configuration, run_merge
 
     family, subset, method, density = job.family, job.subset, job.method, job.density
+    runs = runs_of(subset, method)
 
-    def merged(weight, seed, out):
-        config = merge_config(family, subset, method, density, weight, job.score_files, seed)
+    def scored(weight, seed, order, split, exact_match) -> dict:
+        config = merge_config(family, order, method, density, weight, job.score_files, seed)
         run_merge(configuration(config), out, seed)
+        # the weight is chosen on the merged tasks only; the test split scores all
+        tasks = None if split == "test" else subset
+        try:
+            return evaluate(out, family, split, exact_match, tasks)
+        finally:
+            shutil.rmtree(out)
 
     scratch = Path(tempfile.mkdtemp(prefix="bench-quality-"))
     out = scratch / "merged"
     try:
-        val = {}
-        for weight in weights_for(subset, method):
-            per_seed = []
-            for seed in method.seeds:
-                merged(weight, seed, out)
-                # the weight is chosen on the merged tasks only; the test split scores all
-                per_seed.append(subset_mean(evaluate(out, family, "val", False, subset), subset))
-                shutil.rmtree(out)
-            val[weight] = statistics.mean(per_seed)
+        val_runs = {
+            weight: [run_record(scored(weight, s, o, "val", False), subset, s, o) for s, o in runs]
+            for weight in weights_for(subset, method)
+        }
+        val = {w: statistics.mean(r["mean"] for r in records) for w, records in val_runs.items()}
         chosen = max(val, key=lambda w: (val[w], -w))
-        tests = []
-        for seed in method.seeds:
-            merged(chosen, seed, out)
-            tests.append(evaluate(out, family, "test", exact=exact))
-            shutil.rmtree(out)
+        tests = [scored(chosen, s, o, "test", exact) for s, o in runs]
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return {
@@ -115,8 +117,23 @@ def merge_row(job: Job, exact: bool) -> dict:
         "density": density,
         "weight": chosen,
         "val_mean_kept": val,
+        "val_runs": val_runs,
         "test": tests,
+        "test_runs": [run_record(t, subset, s, o) for t, (s, o) in zip(tests, runs, strict=True)],
         "test_mean_kept": [subset_mean(t, subset) for t in tests],
+    }
+
+
+def run_record(metrics: dict, subset, seed, order) -> dict:
+    """One merge's summary: its seed and order, the merged tasks' kept fractions, their
+    mean and worst, and the text retention (None without text)."""
+    return {
+        "seed": seed,
+        "order": list(order),
+        "kept": {t: metrics[t]["kept"] for t in subset},
+        "mean": subset_mean(metrics, subset),
+        "worst": subset_worst(metrics, subset),
+        "retention": metrics.get("text", {}).get("retention"),
     }
 
 

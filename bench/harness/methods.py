@@ -23,11 +23,13 @@ class Method:
     scores: str | None = None
     uses_density: bool = True
     uses_weight: bool = True  # circuit takes no per-model weight (priority decides)
-    reversed_order: bool = False  # list the experts last task first (circuit's priority)
     #: lrp rows name their rule on top of PLAIN_LRP, so they keep their meaning when lrp's
     #: defaults change; "lrp (defaults)" alone runs whatever the defaults are
     pinned: bool = True
     role: str = REFERENCE
+    #: merge every rotation of the experts' list, not only the listed order: True for the
+    #: rules whose result depends on the order (None: decided by :func:`depends_on_order`)
+    rotations: bool | None = None
 
 
 def _rows(role: str, *methods: Method) -> list[Method]:
@@ -73,72 +75,56 @@ VARIANTS = _rows(  # the questions asked when lrp does not win, one row each
         scores=DEFAULT_SCORES,
     ),
 )
-#: lrp's selection and sign rules and Circuit-Merge, each a row beside METHODS
+#: earlier rules of lrp, each one change on top of plain top-k (--variants)
+OLDER_RULES = _rows(
+    LRP_VARIANT,
+    *(
+        Method(f"lrp (delta, consensus {c})", "lrp", {"consensus": c}, scores=DEFAULT_SCORES)
+        for c in ("relevance", "winner", "drop")
+    ),
+    Method("lrp (delta, rescale mass)", "lrp", {"rescale": "mass"}, scores=DEFAULT_SCORES),
+    *(
+        Method(f"lrp (delta, {b} budget)", "lrp", {"budget": b}, scores=DEFAULT_SCORES)
+        for b in ("layer", "model")
+    ),
+    Method("lrp (delta, priority)", "lrp", {"consensus": "priority"}, scores=DEFAULT_SCORES),
+    Method(
+        "lrp (delta, stochastic, priority)",
+        "lrp",
+        {"selection": "stochastic", "consensus": "priority"},
+        scores=DEFAULT_SCORES,
+        seeds=(0, 1, 2),
+    ),
+)
+
+
+def _rule(selection: str, consensus: str, **extra) -> Method:
+    """lrp with ``selection`` and ``consensus`` and the disjoint mean (``normalize``)."""
+    label = f"{consensus}, |delta| mass" if extra.get("unit_mass") == "magnitude" else consensus
+    return Method(
+        f"lrp (delta, {selection}, {label}, normalize)",
+        "lrp",
+        {"selection": selection, "consensus": consensus, "normalize": True, **extra},
+        scores=DEFAULT_SCORES,
+        seeds=(0, 1, 2) if selection == "stochastic" else (None,),
+    )
+
+
+#: the rules lrp's defaults are chosen among (docs/BENCHMARKS.md): selection by rank
+#: (stochastic) or top-k, and how sign conflicts between the experts are resolved: by the
+#: list order (priority), per output unit by relevance or |delta| mass (unit), by TIES'
+#: election (sum) or entry by entry to the most important (winner); and Circuit-Merge
 RULES = [
     *_rows(
         LRP_VARIANT,
-        *(
-            Method(f"lrp (delta, consensus {c})", "lrp", {"consensus": c}, scores=DEFAULT_SCORES)
-            for c in ("relevance", "winner", "drop")
-        ),
-        Method("lrp (delta, rescale mass)", "lrp", {"rescale": "mass"}, scores=DEFAULT_SCORES),
+        *(_rule("stochastic", c) for c in ("priority", "unit", "sum", "winner")),
+        _rule("stochastic", "unit", unit_mass="magnitude"),
+        *(_rule("topk", c) for c in ("priority", "unit", "sum")),
+        _rule("topk", "unit", unit_mass="magnitude"),
         Method(
             "lrp (delta, stochastic)",
             "lrp",
             {"selection": "stochastic"},
-            scores=DEFAULT_SCORES,
-            seeds=(0, 1, 2),
-        ),
-        *(
-            Method(f"lrp (delta, {b} budget)", "lrp", {"budget": b}, scores=DEFAULT_SCORES)
-            for b in ("layer", "model")
-        ),
-        *(  # TIES-style disjoint mean: agreeing kept entries averaged, lone ones kept whole
-            Method(
-                f"lrp (delta, {c}, normalize)",
-                "lrp",
-                {"consensus": c, "normalize": True},
-                scores=DEFAULT_SCORES,
-            )
-            for c in ("sum", "winner")
-        ),
-        *(
-            Method(
-                f"lrp (delta, stochastic, {c}, normalize)",
-                "lrp",
-                {"selection": "stochastic", "consensus": c, "normalize": True},
-                scores=DEFAULT_SCORES,
-                seeds=(0, 1, 2),
-            )
-            for c in ("sum", "relevance", "winner")
-        ),
-        # Circuit-Merge's conflict rule (the first-listed model wins) inside lrp
-        Method("lrp (delta, priority)", "lrp", {"consensus": "priority"}, scores=DEFAULT_SCORES),
-        Method(
-            "lrp (delta, priority, normalize)",
-            "lrp",
-            {"consensus": "priority", "normalize": True},
-            scores=DEFAULT_SCORES,
-        ),
-        Method(
-            "lrp (delta, stochastic, priority, normalize)",
-            "lrp",
-            {"selection": "stochastic", "consensus": "priority", "normalize": True},
-            scores=DEFAULT_SCORES,
-            seeds=(0, 1, 2),
-        ),
-        Method(
-            "lrp (delta, stochastic, priority, normalize, reversed priority)",
-            "lrp",
-            {"selection": "stochastic", "consensus": "priority", "normalize": True},
-            scores=DEFAULT_SCORES,
-            seeds=(0, 1, 2),
-            reversed_order=True,
-        ),
-        Method(
-            "lrp (delta, stochastic, priority)",
-            "lrp",
-            {"selection": "stochastic", "consensus": "priority"},
             scores=DEFAULT_SCORES,
             seeds=(0, 1, 2),
         ),
@@ -163,8 +149,9 @@ RULES = [
         ),
     ),
 ]
-#: where Circuit-Merge's lead comes from: its combination without any drops, and the
-#: other priority order
+#: where Circuit-Merge's results come from: its combination without any drops, drops
+#: without the 1/p rescale or at one rate for every model (temperature 1), and drops that
+#: differ by rank
 CIRCUIT_PARTS = _rows(
     CIRCUIT,
     Method(
@@ -175,20 +162,20 @@ CIRCUIT_PARTS = _rows(
         uses_weight=False,
     ),
     Method(
-        "circuit (reversed priority)",
+        "circuit (no rescale)",
         "circuit",
+        {"rescale": False},
         seeds=(0, 1, 2),
         uses_density=False,
         uses_weight=False,
-        reversed_order=True,
     ),
     Method(
-        "circuit (no drops, reversed priority)",
+        "circuit (temperature 1)",
         "circuit",
-        {"base_droprate": 0.0},
+        {"temperature": 1.0},
+        seeds=(0, 1, 2),
         uses_density=False,
         uses_weight=False,
-        reversed_order=True,
     ),
     *(  # drops ranked by |delta| or by relevance once the keep probabilities differ
         Method(
@@ -218,7 +205,9 @@ ABLATION = [
     Method("attnlrp next-token (delta)", "lrp", {"importance": "delta"}, scores="next-token-128"),
 ]
 #: every row by its table name
-BY_NAME = {m.name: m for m in METHODS + VARIANTS + RULES + CIRCUIT_PARTS + ABLATION}
+BY_NAME = {
+    m.name: m for m in METHODS + VARIANTS + OLDER_RULES + RULES + CIRCUIT_PARTS + ABLATION
+}
 DENSITIES = (0.1, 0.3, 0.5, 0.7, 0.9)
 
 QUICK_METHODS = {"lrp (defaults)", "task_arithmetic", "ties", "dare_ties"}
@@ -237,7 +226,7 @@ def select_methods(
     over the tables; ``quick`` keeps one merge seed and 32 calibration prompts)."""
     methods = [m for m in METHODS if not quick or m.name in QUICK_METHODS]
     if variants and not quick:
-        methods += VARIANTS
+        methods += VARIANTS + OLDER_RULES
     if rules and not quick:
         methods += RULES + CIRCUIT_PARTS
     if ablation:
@@ -259,12 +248,61 @@ def select_methods(
     return methods
 
 
+def depends_on_order(method: Method) -> bool:
+    """Whether a row's result depends on the order the experts are listed in: Circuit-Merge
+    (priority by position) and lrp with ``consensus: priority`` (lrp's own default where
+    the row does not set it)."""
+    if method.rotations is not None:
+        return method.rotations
+    if method.merge_method == "circuit":
+        return True
+    if method.merge_method != "lrp":
+        return False
+    shared, _ = method_parameters(method, None)
+    return shared.get("consensus", lrp_default("consensus")) == "priority"
+
+
+def lrp_default(name: str):
+    """The default of the lrp merge method's parameter ``name`` (as mergekit sees it)."""
+    from mergekit_lrp.merging.method import lrp_merge
+
+    return next(p.default for p in lrp_merge.spec.parameters if p.name == name)
+
+
+def orders_of(subset: tuple, method: Method) -> list[tuple]:
+    """The lists a row merges ``subset`` in: every rotation for an order-dependent rule
+    (:func:`depends_on_order`), else the listed order."""
+    listed = tuple(subset)
+    if not depends_on_order(method):
+        return [listed]
+    return [listed[i:] + listed[:i] for i in range(len(listed))]
+
+
 def weights_for(subset, method: Method) -> list[float]:
-    """The per-model weights swept on the validation split: {1/N, 0.5, 1} (one
-    placeholder for a method without weights)."""
-    if not method.uses_weight:
+    """The per-model weights swept on the validation split: {1/N, 0.5, 1}; one (1) for a
+    method without weights, and for lrp with ``normalize``, where equal weights cancel
+    (every entry is divided by the summed weights of the models that kept it)."""
+    if not method.uses_weight or normalizes(method):
         return [1.0]
     return sorted({round(1 / len(subset), 4), 0.5, 1.0})
+
+
+def normalizes(method: Method) -> bool:
+    if method.merge_method != "lrp":
+        return False
+    shared, _ = method_parameters(method, None)
+    return bool(shared.get("normalize", lrp_default("normalize")))
+
+
+def runs_of(subset: tuple, method: Method) -> list[tuple]:
+    """(merge seed, list order) of every merge of one cell at one weight: each seed in the
+    listed order for an order-free rule; each rotation at the first seed for an
+    order-dependent one, so that the spread over orders is the order's alone (a model's
+    draw does not depend on its place in the list)."""
+    orders = orders_of(subset, method)
+    if len(orders) == 1:
+        return [(seed, orders[0]) for seed in method.seeds]
+    return [(method.seeds[0], order) for order in orders]
 
 
 def method_parameters(method: Method, density: float | None) -> tuple[dict, dict]:
@@ -284,12 +322,12 @@ def method_parameters(method: Method, density: float | None) -> tuple[dict, dict
     return params, per_model
 
 
-def merge_config(family, subset, method: Method, density, weight, score_files, seed=None) -> dict:
-    """The mergekit configuration of one merge of ``subset``'s experts of ``family``;
-    ``score_files``: (score-set key, task) -> file."""
+def merge_config(family, order, method: Method, density, weight, score_files, seed=None) -> dict:
+    """The mergekit configuration of one merge of ``family``'s experts listed in ``order``
+    (:func:`orders_of`); ``score_files``: (score-set key, task) -> file."""
     shared, per_model = method_parameters(method, density)
     models = []
-    for task in reversed(subset) if method.reversed_order else subset:
+    for task in order:
         params = {"weight": weight, **per_model} if method.uses_weight else dict(per_model)
         if method.scores:
             params["lrp_scores"] = str(score_files[(method.scores.format(seed=seed), task)])

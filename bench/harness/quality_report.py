@@ -135,6 +135,153 @@ def validation_choice(results: dict) -> list[str]:
     return lines
 
 
+#: the objective lrp's defaults are chosen by, on the validation split at weight 1, fixed
+#: before any test number was looked at: per family 0.4 × the mean kept fraction + 0.4 ×
+#: the worst expert's + 0.2 × text retention (clipped to [-1, 1]; a family without
+#: retention counts its mean kept fraction there), then the mean over families
+OBJECTIVE = {"mean": 0.4, "worst": 0.4, "retention": 0.2}
+
+
+def run_summary(records: list[dict]) -> dict:
+    """Over a cell's merges (seeds and orders): each expert's mean kept fraction, their
+    mean, the worst expert (of the per-expert means), the mean retention, and the spread
+    over list orders (max - min of the per-order mean; 0 with one order)."""
+    experts = list(records[0]["kept"])
+    per_expert = {t: statistics.mean(r["kept"][t] for r in records) for t in experts}
+    by_order: dict = {}
+    for record in records:
+        by_order.setdefault(tuple(record["order"]), []).append(record["mean"])
+    order_means = [statistics.mean(v) for v in by_order.values()]
+    retentions = [r["retention"] for r in records if r["retention"] is not None]
+    return {
+        "per_expert": per_expert,
+        "mean": statistics.mean(per_expert.values()),
+        "worst": min(per_expert.values()),
+        "retention": statistics.mean(retentions) if retentions else None,
+        "order_spread": max(order_means) - min(order_means),
+        "orders": len(order_means),
+    }
+
+
+def objective(summary: dict) -> float:
+    retention = summary["retention"]
+    retention = summary["mean"] if retention is None else max(-1.0, min(1.0, retention))
+    return (
+        OBJECTIVE["mean"] * summary["mean"]
+        + OBJECTIVE["worst"] * summary["worst"]
+        + OBJECTIVE["retention"] * retention
+    )
+
+
+def all_experts_rows(results: dict) -> list[dict]:
+    everything = {f: set(t) for f, t in results["tasks"].items()}
+    return [r for r in results["rows"] if set(r["subset"]) == everything[r["family"]]]
+
+
+def expert_tables(results: dict) -> list[str]:
+    """Per family, each all-experts row on the test split: every expert's kept fraction,
+    the mean, the worst expert, text retention, the spread over list orders."""
+    lines = []
+    rows = all_experts_rows(results)
+    for family, tasks in results["tasks"].items():
+        mine = [r for r in rows if r["family"] == family and r.get("test_runs")]
+        if not mine:
+            continue
+        lines += [
+            "",
+            f"**{family}** ({results['architectures'][family]}, {len(tasks)} experts; test "
+            "split, mean over merge seeds and list orders)",
+            "",
+            "| method | density | weight | " + " | ".join(tasks)
+            + " | mean | worst | retention | order spread (orders) |",
+            "|---|---|---|" + "---|" * (len(tasks) + 4),
+        ]
+        for row in mine:
+            summary = run_summary(row["test_runs"])
+            cells = " | ".join(f"{summary['per_expert'][t]:.3f}" for t in tasks)
+            lines.append(
+                f"| {row['method']} | {row['density']} | {row['weight']} | {cells} | "
+                f"{summary['mean']:.3f} | {summary['worst']:.3f} | "
+                f"{_fmt(summary['retention'])} | {summary['order_spread']:.3f} "
+                f"({summary['orders']}) |"
+            )
+    return lines
+
+
+def overview_table(results: dict) -> list[str]:
+    """Each all-experts row and density over families (test split): the mean kept
+    fraction, the worst expert, retention (means over families, [min, max]) and the
+    largest order spread."""
+    cells: dict = {}
+    for row in all_experts_rows(results):
+        if not row.get("test_runs"):
+            continue
+        summary = run_summary(row["test_runs"])
+        cells.setdefault((row["method"], row["density"]), []).append(summary)
+    lines = [
+        "| method | density | mean kept | worst expert | retention | max order spread |",
+        "|---|---|---|---|---|---|",
+    ]
+    for (method, density), summaries in cells.items():
+        retentions = [s["retention"] for s in summaries if s["retention"] is not None]
+        lines.append(
+            f"| {method} | {density} | {_spread([s['mean'] for s in summaries])} | "
+            f"{_spread([s['worst'] for s in summaries])} | "
+            f"{_spread(retentions) if retentions else '-'} | "
+            f"{max(s['order_spread'] for s in summaries):.3f} |"
+        )
+    return lines
+
+
+def defaults_choice(results: dict) -> list[str]:
+    """lrp's settings (and every other row, for reference) ranked by :data:`OBJECTIVE` on
+    the validation split at weight 1 (lrp's default weight: a default is used without a
+    sweep; mergekit's rows at their best weight), all-experts merges, mean over families."""
+    scores: dict = {}
+    for row in all_experts_rows(results):
+        runs = row.get("val_runs")
+        if not runs:
+            continue
+        lrp = is_lrp(row["method"])
+        weights = {float(w): records for w, records in runs.items()}
+        if lrp and 1.0 in weights:
+            value, weight = objective(run_summary(weights[1.0])), 1.0
+        else:
+            value, weight = max((objective(run_summary(r)), w) for w, r in weights.items())
+        key = (row["method"], row["density"])
+        scores.setdefault(key, []).append((value, weight, run_summary(weights[weight])))
+    ranked = sorted(scores.items(), key=lambda item: -statistics.mean(v for v, _, _ in item[1]))
+    lines = [
+        "| method | density | objective | mean kept | worst expert | retention | order "
+        "spread | weight |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for (method, density), found in ranked:
+        summaries = [s for _, _, s in found]
+        retentions = [s["retention"] for s in summaries if s["retention"] is not None]
+        weights = sorted({w for _, w, _ in found})
+        lines.append(
+            f"| {method} | {density} | {statistics.mean(v for v, _, _ in found):.3f} | "
+            f"{statistics.mean(s['mean'] for s in summaries):.3f} | "
+            f"{statistics.mean(s['worst'] for s in summaries):.3f} | "
+            f"{_fmt(statistics.mean(retentions) if retentions else None)} | "
+            f"{max(s['order_spread'] for s in summaries):.3f} | "
+            f"{', '.join(f'{w:g}' for w in weights)} |"
+        )
+    return lines
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _spread(values: list[float]) -> str:
+    mean = statistics.mean(values)
+    if len(values) == 1 or max(values) == min(values):
+        return f"{mean:.3f}"
+    return f"{mean:.3f} [{min(values):.3f}, {max(values):.3f}]"
+
+
 def merge_table(rows: list[dict]) -> list[str]:
     """One line per merge: test kept fraction per merged task, exact match, the others."""
     lines = [
@@ -148,7 +295,7 @@ def merge_table(rows: list[dict]) -> list[str]:
             + (f" ({test[t]['exact_match']:.2f})" if test[t]["exact_match"] is not None else "")
             for t in row["subset"]
         )
-        others = [test[t]["kept"] for t in test if t not in row["subset"]]
+        others = [test[t]["kept"] for t in test if t not in row["subset"] and t != "text"]
         others = f"{statistics.mean(others):.2f}" if others else "-"
         mean = statistics.mean(row["test_mean_kept"])
         lines.append(
@@ -169,6 +316,22 @@ def markdown(results: dict) -> str:
     ]
     for name, rows in subset_kinds(results):
         lines += ["", f"**{name}**", "", *summary_table(rows, results["densities"])]
+    if any(r.get("test_runs") for r in results["rows"]):
+        lines += [
+            "",
+            "**All experts: the mean, the worst expert, text retention, list orders** (test "
+            "split; each cell the mean over families [min, max]; order spread: the largest "
+            "over families of max - min over list orders)",
+            "",
+            *overview_table(results),
+            *expert_tables(results),
+            "",
+            "**Every row ranked by the defaults objective on the validation split** "
+            f"({' + '.join(f'{w} x {k}' for k, w in OBJECTIVE.items())}; lrp's rows at "
+            "weight 1, the others at their best weight; mean over families)",
+            "",
+            *defaults_choice(results),
+        ]
     methods = {row["method"] for row in results["rows"]}
     if any(map(is_lrp, methods)) and any(BY_NAME[m].role == REFERENCE for m in methods):
         lines += [

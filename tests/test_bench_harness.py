@@ -108,7 +108,8 @@ def test_merge_config_lists_experts_in_the_order_given_with_their_score_files(tm
 
 def test_order_dependent_rules_are_merged_in_every_rotation():
     rotations = [("a", "b", "c"), ("b", "c", "a"), ("c", "a", "b")]
-    assert orders_of(("a", "b", "c"), BY_NAME["lrp (delta, topk, priority, normalize)"]) == rotations
+    topk_priority = BY_NAME["lrp (delta, topk, priority, normalize)"]
+    assert orders_of(("a", "b", "c"), topk_priority) == rotations
     assert orders_of(("a", "b", "c"), BY_NAME["circuit (no drops)"]) == rotations
     assert orders_of(("a", "b", "c"), BY_NAME["ties"]) == [("a", "b", "c")]
     assert orders_of(("a", "b", "c"), BY_NAME["lrp (delta)"]) == [("a", "b", "c")]  # none

@@ -12,6 +12,9 @@ import yaml
 from checkpoints import finetune_of, save, synthetic_scores
 from tiny_models import AS_CHECKPOINT, make_tiny_model
 
+from mergekit_lrp.scoring.options import ComputeOptions
+from mergekit_lrp.scoring.run import compute_scores
+
 BIN = Path(sys.executable).parent
 
 
@@ -21,23 +24,9 @@ def scoring_job(tmp_path_factory):
     model = save(make_tiny_model("llama", seed=2, **AS_CHECKPOINT), root / "model")
     prompts = root / "prompts.txt"
     prompts.write_text("\n".join(f"prompt {i}: " + "abc def " * 12 for i in range(40)) + "\n")
-    reference = root / "reference.safetensors"
-    subprocess.run(
-        [
-            str(BIN / "lrp-compute"),
-            str(model),
-            "--prompts",
-            str(prompts),
-            "-o",
-            str(reference),
-            "-q",
-            "--checkpoint-every",
-            "3",
-        ],
-        check=True,
-        capture_output=True,
-        timeout=600,
-    )
+    reference = root / "reference.safetensors"  # in this process: the same code as the CLI
+    options = ComputeOptions(progress=False, checkpoint_every=3)
+    compute_scores(str(model), str(prompts), str(reference), options)
     return model, prompts, reference
 
 

@@ -13,7 +13,7 @@ from checkpoints import VOCAB, finetune_of, save
 from tiny_models import AS_CHECKPOINT, make_tiny_model
 
 BIN = Path(sys.executable).parent
-SEEDS = (1, 2, 3, 4)
+SEEDS = (1, 2)  # two fresh interpreters: set order differs between them (see below)
 
 
 @pytest.fixture(scope="module")

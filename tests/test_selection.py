@@ -1,10 +1,12 @@
 """The stochastic selection's approximate ranks against exact ones: the stated bound on
-adversarial tensors, exact ranks below the threshold, the same mask for the same seed."""
+adversarial tensors, exact ranks below the threshold, the same mask for the same seed;
+and the priority combination against the stacked formulation it replaced, bit for bit."""
 
 import pytest
 import torch
 from mergekit.merge_methods.api import merge_state_dicts
 
+from mergekit_lrp.merging.combine import combine
 from mergekit_lrp.merging.selection import (
     EXACT_RANKS_BELOW,
     RANK_TOLERANCE,
@@ -201,3 +203,37 @@ def merge_once(tmp_path, seed: int) -> torch.Tensor:
 def test_a_default_merge_above_the_threshold_repeats_for_its_seed(tmp_path):
     first, second, other = (merge_once(tmp_path, seed) for seed in (7, 7, 8))
     assert torch.equal(first, second) and not torch.equal(first, other)
+
+
+def stacked_priority(deltas, weights):
+    """The priority rule as it was computed before, on the stacked deltas."""
+    stacked = torch.stack(deltas)
+    w = torch.tensor(weights, dtype=stacked.dtype).reshape(-1, *([1] * deltas[0].ndim))
+    signs = torch.sign(stacked)
+    elected = signs[0].clone()
+    for sign in signs[1:]:
+        elected = torch.where(elected == 0, sign, elected)
+    contributing = (stacked != 0) & (signs == elected)
+    mixed = (stacked * contributing).sum(dim=0)
+    divisor = (w * contributing).sum(dim=0)
+    divisor[divisor == 0] = 1
+    return mixed, mixed / divisor
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("count", [1, 2, 3, 5])
+def test_priority_gives_the_bits_of_the_stacked_formulation(dtype, count):
+    g = torch.Generator().manual_seed(count)
+    deltas = []
+    for _ in range(count):
+        delta = torch.randn(64, 48, generator=g)
+        delta[torch.rand(64, 48, generator=g) < 0.4] = 0.0
+        delta[:2] = -0.0 * delta[:2].sign()  # signed zeros where no model kept anything
+        deltas.append(delta.to(dtype))
+    weights = [0.3, 1.0, 0.7, 0.25, 2.0][:count]
+    weighted = [d * torch.tensor(w, dtype=dtype) for d, w in zip(deltas, weights, strict=True)]
+    expected_sum, expected = stacked_priority(weighted, weights)
+    mixed, divisor = combine([d.clone() for d in weighted], weights, None, "priority")
+    bits = torch.int16 if dtype == torch.bfloat16 else torch.int32
+    assert torch.equal(mixed.view(bits), expected_sum.view(bits))
+    assert torch.equal((mixed / divisor).view(bits), expected.view(bits))

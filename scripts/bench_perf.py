@@ -1,16 +1,19 @@
 """Cost of mergekit-lrp against its baselines, measured side by side in one run.
 
     python scripts/bench_perf.py [--quick] [--repeats N] [--only SECTION ...]
-        [--size SIZE] [--merges SETTING ...] [--device DEVICE] [--out DIR] [--cache DIR]
+        [--size SIZE] [--merges SETTING ...] [--fine-tunes N ...] [--device DEVICE]
+        [--out DIR] [--cache DIR]
 
 Sections (each a ratio against a baseline measured in the same run, alternating; every
 measurement in a fresh process; `--only` picks some):
   precompute:  relevance pass (AttnLRP rules + checkpointing + CPU accumulator) vs a plain
                forward+backward, per prompt, at two model sizes and two prompt lengths;
                peak RSS of each, against the fp32 weight size.
-  merge:       `lrp` (default and each merge rule) and `circuit` vs mergekit's `dare_ties`
-               on a ~100M Llama and two fine-tunes: wall time and peak RSS, median of
-               alternating runs (`--merges` picks the settings timed against dare_ties).
+  merge:       `lrp` and `circuit` at their defaults, and lrp's merge rules at density
+               0.5, vs mergekit's `dare_ties` on a ~100M Llama with two and with four
+               fine-tunes: wall time and peak RSS, median of alternating runs, the
+               1-minute load average seen (`--merges` picks the settings timed against
+               dare_ties, `--fine-tunes` the counts).
   score_dtype: float32 vs bfloat16 score files: size, and top-k mask entries that flip.
   profile:     where the relevance pass spends its time against plain, operator by
                operator (torch.profiler, self CPU time), on one model at 256 tokens.
@@ -77,6 +80,14 @@ def parse_args() -> argparse.Namespace:
         "'lrp top-k' circuit); default: all",
     )
     parser.add_argument(
+        "--fine-tunes",
+        nargs="+",
+        type=int,
+        default=None,
+        metavar="N",
+        help="the merge section's numbers of fine-tunes (default: 2 4)",
+    )
+    parser.add_argument(
         "--device", default="cpu", help="cpu or cuda[:N], for the placement section"
     )
     return parser.parse_args()
@@ -94,6 +105,7 @@ def main() -> None:
         device=args.device,
         size=args.size,
         merges=tuple(args.merges) if args.merges else None,
+        fine_tunes=tuple(args.fine_tunes) if args.fine_tunes else None,
     )
     results = {
         name: section(settings)

@@ -164,13 +164,17 @@ def test_discarding_accumulator_drops_each_gradient_until_detached():
 
 
 def test_perf_report_orders_sections_and_ends_like_before():
-    merge = {"size": "tiny", "rows": [{"setting": "dare_ties", "seconds": 1.0, "time_ratio": 1.0,
-                                        "peak_rss_mb": 400.0, "rss_ratio": 1.0}]}  # fmt: skip
+    row = {"fine_tunes": 2, "setting": "dare_ties", "seconds": 1.0, "time_ratio": 1.0,
+           "time_ratio_range": [1.0, 1.0], "peak_rss_mb": 400.0, "rss_ratio": 1.0}  # fmt: skip
+    merge = {"size": "tiny", "fine_tunes": [2, 4], "load_1min": [0.5, 1.25], "rows": [row]}
     dtype = [{"density": 0.3, "float32_mb": 2.0, "bfloat16_mb": 1.0, "flipped_fraction": 1e-4}]
     report = perf_markdown({"score_dtype": dtype, "merge": merge}, "10M")
-    assert report.index("## Merge cost (tiny Llama") < report.index("## Score files")
+    assert report.index("## Merge cost (tiny Llama, 2 and 4 fine-tunes; 1-minute load average "
+                        "0.50–1.25 during the run)") < report.index("## Score files")  # fmt: skip
     assert report.endswith("| 0.3 | 2 | 1 | 1.00e-04 |\n")
-    assert perf_markdown({"merge": merge}, "10M").endswith("| 1.00 |\n\n")
+    assert perf_markdown({"merge": merge}, "10M").endswith(
+        "| 2 | dare_ties | 1.00 | 1.00 (1.00–1.00) | 400 | 1.00 |\n\n"
+    )
 
 
 def run_script(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -223,15 +227,18 @@ def test_bench_quality_one_cell_on_the_tiny_family_then_resumes(tmp_path):
 @pytest.mark.bench
 def test_bench_perf_times_one_merge_against_dare_ties_on_a_tiny_model(tmp_path):
     out, cache = tmp_path / "out", tmp_path / "cache"
-    perf = ["bench_perf.py", "--only", "merge", "--size", "tiny", "--merges", "lrp top-k"]
-    run_script(*perf, "--repeats", "1", "--out", str(out), "--cache", str(cache), cwd=tmp_path)
+    perf = ["bench_perf.py", "--only", "merge", "--size", "tiny", "--merges", "lrp (defaults)"]
+    perf += ["--fine-tunes", "2", "4", "--repeats", "1"]
+    run_script(*perf, "--out", str(out), "--cache", str(cache), cwd=tmp_path)
     merge = json.loads((out / "perf.json").read_text())["merge"]
-    assert merge["size"] == "tiny"
-    assert [r["setting"] for r in merge["rows"]] == ["dare_ties", "lrp top-k"]
-    assert [len(runs) for runs in merge["runs"].values()] == [1, 1]
+    assert merge["size"] == "tiny" and merge["fine_tunes"] == [2, 4]
+    assert [(r["fine_tunes"], r["setting"]) for r in merge["rows"]] == [
+        (2, "dare_ties"), (2, "lrp (defaults)"), (4, "dare_ties"), (4, "lrp (defaults)")
+    ]  # fmt: skip
+    assert [len(runs) for runs in merge["runs"]["4"].values()] == [1, 1]
     assert merge["rows"][0]["time_ratio"] == 1.0
     assert all(r["time_ratio"] > 0 and r["peak_rss_mb"] > 0 for r in merge["rows"])
     report = (out / "perf.md").read_text()
-    assert "## Merge cost (tiny Llama, two fine-tunes, density 0.5)" in report
-    assert "| lrp top-k | " in report
+    assert "## Merge cost (tiny Llama, 2 and 4 fine-tunes; 1-minute load average" in report
+    assert "| 4 | lrp (defaults) | " in report
     assert not list(cache.glob("out-*"))  # each merge's output is removed after timing

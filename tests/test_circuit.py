@@ -140,3 +140,33 @@ def test_circuit_is_checked_before_anything_is_written(family, tmp_path, change,
     with pytest.raises(LrpError, match=fragment):
         run(config, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def reference_accumulate(pruned, temperature):
+    """The accumulation written out entry-rule by entry-rule, as it was first computed."""
+    accumulated = torch.zeros_like(pruned[0])
+    contributions = torch.zeros_like(pruned[0], dtype=torch.int32)
+    for delta in pruned:
+        present = delta != 0
+        first = present & (contributions == 0)
+        conflict = present & ~first & (torch.sign(delta) != torch.sign(accumulated))
+        agree = present & ~first & ~conflict
+        alpha = (1 - temperature) * 0.5 + temperature / (contributions.float() + 1)
+        accumulated = torch.where(first | conflict, delta, accumulated)
+        accumulated = torch.where(agree, accumulated + alpha * (delta - accumulated), accumulated)
+        contributions = torch.where(conflict, 1, contributions + present.int())
+    return accumulated
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("count", [1, 2, 4])
+def test_accumulate_gives_the_bits_of_the_rule_by_rule_formulation(temperature, count):
+    g = torch.Generator().manual_seed(count)
+    pruned = []
+    for _ in range(count):
+        delta = torch.randn(40, 30, generator=g)
+        delta = delta * (torch.rand(40, 30, generator=g) < 0.6)  # dropped entries: +-0.0
+        pruned.append(delta)
+    expected = reference_accumulate(pruned, temperature)
+    found = accumulate([d.clone() for d in pruned], temperature)
+    assert torch.equal(found.view(torch.int32), expected.view(torch.int32))

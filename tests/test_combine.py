@@ -175,10 +175,9 @@ def test_stochastic_without_epsilon_narrows_it_near_0_and_1(tmp_path, density):
 
 
 def test_consensus_none_and_normalize_match_the_plain_sum():
-    stacked = torch.stack(DELTAS) * torch.tensor([0.5, 2.0]).reshape(2, 1, 1)
-    weights = torch.tensor([0.5, 2.0]).reshape(2, 1, 1)
-    mixed, divisor = combine(stacked, weights, torch.ones_like(stacked), "none")
-    torch.testing.assert_close(mixed, stacked.sum(dim=0))
+    weighted = [DELTAS[0] * 0.5, DELTAS[1] * 2.0]
+    mixed, divisor = combine(weighted, [0.5, 2.0], None, "none")
+    torch.testing.assert_close(mixed, weighted[0] + weighted[1])
     torch.testing.assert_close(divisor, torch.full((1, 4), 2.5))
 
 

@@ -94,6 +94,34 @@ def test_other_methods_unchanged_by_plugin(family, tmp_path):
         assert all(torch.equal(reference[n], active[n]) for n in reference), method
 
 
+def test_objects_frozen_out_of_the_collector_only_during_the_merge(family, tmp_path, monkeypatch):
+    """The guard freezes the objects alive before mergekit's merge (gc.freeze) and
+    unfreezes them after it, also when the merge fails."""
+    import gc
+
+    from mergekit_lrp.merging import method
+
+    frozen_during = []
+    select = method.Selection.select
+
+    def counting(self, *args, **kwargs):
+        frozen_during.append(gc.get_freeze_count())
+        return select(self, *args, **kwargs)
+
+    monkeypatch.setattr(method.Selection, "select", counting)
+    assert gc.get_freeze_count() == 0
+    run(lrp_config(family), tmp_path / "merged")
+    assert frozen_during and min(frozen_during) > 0 and gc.get_freeze_count() == 0
+
+    def failing(self, *args, **kwargs):
+        raise RuntimeError("merge failed")
+
+    monkeypatch.setattr(method.Selection, "select", failing)
+    with pytest.raises(RuntimeError, match="merge failed"):
+        run(lrp_config(family), tmp_path / "failed")
+    assert gc.get_freeze_count() == 0
+
+
 @pytest.mark.parametrize("first", ["mergekit_lrp.merging.method", "mergekit_lrp.merging.preflight"])
 def test_registered_whatever_is_imported_first(first):
     """Importing the plugin's modules before mergekit's registry must still register lrp."""

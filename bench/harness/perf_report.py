@@ -57,15 +57,25 @@ def signals_table(rows: list[dict]) -> list[str]:
 
 def merge_table(merge: dict) -> list[str]:
     return [
-        "| merge | wall time s (median) | time / dare_ties | peak RSS MB (median) | "
-        "RSS / dare_ties |",
-        "|---|---|---|---|---|",
+        "| fine-tunes | merge | wall time s (median) | time / dare_ties (range over repeats) "
+        "| peak RSS MB (median) | RSS / dare_ties |",
+        "|---|---|---|---|---|---|",
         *[
-            f"| {r['setting']} | {r['seconds']:.2f} | {r['time_ratio']:.2f} | "
-            f"{r['peak_rss_mb']:.0f} | {r['rss_ratio']:.2f} |"
+            f"| {r['fine_tunes']} | {r['setting']} | {r['seconds']:.2f} | "
+            f"{r['time_ratio']:.2f} ({r['time_ratio_range'][0]:.2f}–"
+            f"{r['time_ratio_range'][1]:.2f}) | {r['peak_rss_mb']:.0f} | {r['rss_ratio']:.2f} |"
             for r in merge["rows"]
         ],
     ]
+
+
+def merge_title(merge: dict) -> str:
+    counts = " and ".join(str(c) for c in merge["fine_tunes"])
+    low, high = merge["load_1min"]
+    return (
+        f"Merge cost ({merge['size']} Llama, {counts} fine-tunes; 1-minute load average "
+        f"{low:.2f}–{high:.2f} during the run)"
+    )
 
 
 def profile_table(rows: list[dict]) -> list[str]:
@@ -97,10 +107,7 @@ def markdown(results: dict, profile_size: str) -> str:
         "precompute": lambda rows: ("Precompute cost", precompute_table(rows)),
         "placement": lambda rows: ("Scoring placement", placement_table(rows)),
         "signals": lambda rows: ("Cost of each importance signal", signals_table(rows)),
-        "merge": lambda merge: (
-            f"Merge cost ({merge['size']} Llama, two fine-tunes, density 0.5)",
-            merge_table(merge),
-        ),
+        "merge": lambda merge: (merge_title(merge), merge_table(merge)),
         "profile": lambda rows: (
             "Where the time goes (torch.profiler, self CPU ms per prompt, "
             f"{profile_size} Llama, {PROFILE_LENGTH} tokens; top operators)",

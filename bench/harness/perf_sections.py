@@ -5,6 +5,7 @@ both, each measurement in a fresh process (harness.perf_workers)."""
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import sys
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ class Settings:
     device: str = "cpu"  # where the placement section runs
     size: str | None = None  # one model size for every section instead of its own
     merges: tuple[str, ...] | None = None  # the merge section's settings (default: all)
+    fine_tunes: tuple[int, ...] | None = None  # the merge section's counts (default: 2, 4)
 
 
 def sizes(settings: Settings, quick: list[str], full: list[str]) -> list[str]:
@@ -82,39 +84,58 @@ def precompute(settings: Settings) -> list[dict]:
     return rows
 
 
-#: the merges timed against dare_ties: name -> (merge_method, global parameters, scores?);
-#: lrp rows name their whole rule, so they keep their meaning when the defaults change
+#: the merges timed against dare_ties: name -> (merge_method, global parameters, scores?,
+#: per-model parameters). dare_ties runs at lrp's default density with weight 1 (DARE's
+#: cost does not depend on either); the defaults rows give nothing but the score files;
+#: lrp's rule rows name their whole rule at density 0.5, weight 0.5, so they keep their
+#: meaning when the defaults change
+AT_HALF = {"weight": 0.5, "density": 0.5}
 TOPK = {"selection": "topk", "consensus": "none", "normalize": False}
 MERGE_SETTINGS = {
-    "dare_ties": ("dare_ties", {}, False),
-    "lrp (defaults: stochastic, priority, normalize)": ("lrp", {}, True),
-    "lrp top-k": ("lrp", TOPK, True),
-    "lrp top-k, priority, normalize": (
+    "dare_ties": ("dare_ties", {}, False, {"weight": 1.0, "density": 0.9}),
+    "lrp (defaults)": ("lrp", {}, True, {}),
+    "circuit (defaults)": ("circuit", {}, False, {}),
+    "circuit, score order": ("circuit", {"drop_order": "scores"}, True, {}),
+    "lrp stochastic, priority, normalize (d 0.5)": (
+        "lrp",
+        {"selection": "stochastic", "consensus": "priority", "normalize": True},
+        True,
+        AT_HALF,
+    ),
+    "lrp top-k (d 0.5)": ("lrp", TOPK, True, AT_HALF),
+    "lrp top-k, priority, normalize (d 0.5)": (
         "lrp",
         {**TOPK, "consensus": "priority", "normalize": True},
         True,
+        AT_HALF,
     ),
-    "lrp stochastic": ("lrp", {**TOPK, "selection": "stochastic"}, True),
-    "lrp top-k, consensus relevance": ("lrp", {**TOPK, "consensus": "relevance"}, True),
-    "lrp top-k, winner, normalize": (
+    "lrp stochastic (d 0.5)": ("lrp", {**TOPK, "selection": "stochastic"}, True, AT_HALF),
+    "lrp top-k, consensus relevance (d 0.5)": (
+        "lrp",
+        {**TOPK, "consensus": "relevance"},
+        True,
+        AT_HALF,
+    ),
+    "lrp top-k, winner, normalize (d 0.5)": (
         "lrp",
         {**TOPK, "consensus": "winner", "normalize": True},
         True,
+        AT_HALF,
     ),
-    "lrp top-k, layer budget": ("lrp", {**TOPK, "budget": "layer"}, True),
-    "lrp top-k, model budget": ("lrp", {**TOPK, "budget": "model"}, True),
-    "circuit": ("circuit", {}, False),
-    "circuit, score order": ("circuit", {"drop_order": "scores"}, True),
+    "lrp top-k, layer budget (d 0.5)": ("lrp", {**TOPK, "budget": "layer"}, True, AT_HALF),
+    "lrp top-k, model budget (d 0.5)": ("lrp", {**TOPK, "budget": "model"}, True, AT_HALF),
 }
 BASELINE = "dare_ties"
+#: how many fine-tunes the merge section merges, each count against its own dare_ties
+FINE_TUNE_COUNTS = (2, 4)
 
 
 def merge_config(setting: str, base: Path, fts: list[Path], scores: list[Path]) -> dict:
-    """The two fine-tunes merged at density 0.5, weight 0.5 (circuit takes neither)."""
-    method, shared, uses_scores = MERGE_SETTINGS[setting]
+    """The fine-tunes merged with ``setting`` (its parameters: :data:`MERGE_SETTINGS`)."""
+    method, shared, uses_scores, per_model = MERGE_SETTINGS[setting]
     models = []
     for ft, scores_path in zip(fts, scores, strict=True):
-        params = {} if method == "circuit" else {"weight": 0.5, "density": 0.5}
+        params = dict(per_model)
         if uses_scores:
             params["lrp_scores"] = str(scores_path)
         models.append({"model": str(ft), "parameters": params})
@@ -128,38 +149,50 @@ def merge_config(setting: str, base: Path, fts: list[Path], scores: list[Path]) 
 
 
 def merge(settings: Settings) -> dict:
-    """Wall time and peak RSS of each merge setting against dare_ties."""
+    """Wall time and peak RSS of each merge setting against dare_ties, for each number of
+    fine-tunes; the machine's 1-minute load average before each merge."""
     (size,) = sizes(settings, ["10M"], ["100M"])
-    base, fts = fine_tunes(size, settings.cache)
+    counts = settings.fine_tunes or FINE_TUNE_COUNTS
+    base, fts = fine_tunes(size, settings.cache, count=max(counts))
     scores = [
         score_file(ft, settings.cache / f"llama-{size}-ft{i}.float32.safetensors", "float32")
         for i, ft in enumerate(fts, start=1)
     ]
     chosen = settings.merges or tuple(MERGE_SETTINGS)
-    runs = {s: [] for s in MERGE_SETTINGS if s == BASELINE or s in chosen}
+    names = [s for s in MERGE_SETTINGS if s == BASELINE or s in chosen]
+    runs = {count: {s: [] for s in names} for count in counts}
+    loads = []
     for _ in range(settings.repeats):
-        for index, setting in enumerate(runs):
-            config = merge_config(setting, base, fts, scores)
-            out = str(settings.cache / f"out-{index}")
-            runs[setting].append(run_worker("merge", config=config, out=out))
-    med = {
-        m: {k: statistics.median(r[k] for r in rs) for k in ("seconds", "peak_rss")}
-        for m, rs in runs.items()
-    }
-    baseline = med[BASELINE]
+        for count in counts:
+            for index, setting in enumerate(names):
+                config = merge_config(setting, base, fts[:count], scores[:count])
+                out = str(settings.cache / f"out-{index}")
+                loads.append(os.getloadavg()[0])
+                runs[count][setting].append(run_worker("merge", config=config, out=out))
+    rows = []
+    for count in counts:
+        baseline = runs[count][BASELINE]
+        for setting, rs in runs[count].items():
+            seconds = statistics.median(r["seconds"] for r in rs)
+            rss = statistics.median(r["peak_rss"] for r in rs)
+            ratios = [r["seconds"] / b["seconds"] for r, b in zip(rs, baseline, strict=True)]
+            rows.append(
+                {
+                    "fine_tunes": count,
+                    "setting": setting,
+                    "seconds": seconds,
+                    "time_ratio": seconds / statistics.median(r["seconds"] for r in baseline),
+                    "time_ratio_range": [min(ratios), max(ratios)],
+                    "peak_rss_mb": rss / 2**20,
+                    "rss_ratio": rss / statistics.median(r["peak_rss"] for r in baseline),
+                }
+            )
     return {
         "size": size,
-        "runs": runs,
-        "rows": [
-            {
-                "setting": setting,
-                "seconds": m["seconds"],
-                "time_ratio": m["seconds"] / baseline["seconds"],
-                "peak_rss_mb": m["peak_rss"] / 2**20,
-                "rss_ratio": m["peak_rss"] / baseline["peak_rss"],
-            }
-            for setting, m in med.items()
-        ],
+        "fine_tunes": list(counts),
+        "load_1min": [min(loads), max(loads)],
+        "runs": {str(count): r for count, r in runs.items()},
+        "rows": rows,
     }
 
 

@@ -32,7 +32,7 @@ from mergekit.merge_methods.base import BasePolicy, InputContract, PerNonBase, T
 from mergekit.merge_methods.easy_define import merge_method
 
 from mergekit_lrp.merging.parameters import check_circuit_parameters, score_path
-from mergekit_lrp.merging.selection import generator_for, keep_probabilities
+from mergekit_lrp.merging.selection import draw, generator_for, keep_probabilities
 from mergekit_lrp.merging.tensor_scores import importance_of, locate_scores
 
 
@@ -71,23 +71,34 @@ def circuit_merge(
         delta = (entry.tensor - base).float()
         delta = torch.where(delta.abs() >= meaningful_change_threshold, delta, 0)
         keep = keep_rate(position, len(models), temperature, base_droprate)
-        importance = _importance(entry.id, entry.tensor, delta, name, lrp_scores, drop_order)
-        pruned.append(_prune(delta, importance, keep, epsilon, rescale, name, entry.id))
+        spread = min(epsilon, keep, 1 - keep)
+        importance = None  # |delta| ranks nothing at spread 0; score files are always read
+        if drop_order == "scores" or (0 < keep < 1 and spread > 0):
+            importance = _importance(entry.id, entry.tensor, delta, name, lrp_scores, drop_order)
+        pruned.append(_prune(delta, importance, keep, spread, rescale, name, entry.id))
     return (base + accumulate(pruned, temperature)).to(base.dtype)
 
 
 def accumulate(pruned: list[torch.Tensor], temperature: float) -> torch.Tensor:
-    """Combine pruned deltas given lowest priority first (see the module doc)."""
-    accumulated = torch.zeros_like(pruned[0])
-    contributions = torch.zeros_like(pruned[0], dtype=torch.int32)
-    for delta in pruned:
+    """Combine pruned deltas given lowest priority first (see the module doc); the
+    tensors in ``pruned`` are overwritten."""
+    # the first model's entries are all first contributions: kept as they are (+ 0.0
+    # turns a dropped entry's -0.0 into 0.0)
+    accumulated = pruned[0].add_(0.0)
+    contributions = (accumulated != 0).int()
+    for delta in pruned[1:]:
         present = delta != 0
-        first = present & (contributions == 0)
-        conflict = present & ~first & (torch.sign(delta) != torch.sign(accumulated))
-        agree = present & ~first & ~conflict
-        alpha = (1 - temperature) * 0.5 + temperature / (contributions.float() + 1)
-        accumulated = torch.where(first | conflict, delta, accumulated)
-        accumulated = torch.where(agree, accumulated + alpha * (delta - accumulated), accumulated)
+        fresh = contributions == 0
+        opposite = torch.sign(delta) != torch.sign(accumulated)
+        take = present & (fresh | opposite)  # a first contribution, or a conflict
+        agree = present & ~fresh & ~opposite
+        conflict = present & ~fresh & opposite
+        if temperature == 0:  # one alpha for every entry
+            alpha = 0.5
+        else:
+            alpha = (1 - temperature) * 0.5 + temperature / (contributions.float() + 1)
+        moved = delta.sub(accumulated).mul_(alpha).add_(accumulated)
+        accumulated = torch.where(agree, moved, torch.where(take, delta, accumulated))
         contributions = torch.where(conflict, 1, contributions + present.int())
     return accumulated
 
@@ -100,12 +111,16 @@ def _importance(model: Hashable, theta, delta, name, lrp_scores, drop_order) -> 
 
 
 def _prune(delta, importance, keep, epsilon, rescale, name, model) -> torch.Tensor:
+    """``delta`` (overwritten) pruned at ``keep`` with spread ``epsilon``."""
     if keep >= 1:
         return delta
     if keep <= 0:
         return torch.zeros_like(delta)
-    epsilon = min(epsilon, keep, 1 - keep)
-    probability = keep_probabilities(importance, keep, epsilon)
+    if epsilon > 0:
+        probability = keep_probabilities(importance, keep, epsilon)
+    else:  # one probability: a scalar, as a float32 tensor of it would be
+        probability = torch.tensor(keep, dtype=torch.float32, device=delta.device)
     generator = generator_for(name, model, delta.device)
-    mask = torch.bernoulli(probability, generator=generator).bool()
-    return delta * mask / probability if rescale else delta * mask
+    mask = draw(probability.expand(delta.shape), generator)
+    delta.mul_(mask)
+    return delta.div_(probability) if rescale else delta

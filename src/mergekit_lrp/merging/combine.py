@@ -24,37 +24,75 @@ import warnings
 import torch
 from mergekit.merge_methods.generalized_task_arithmetic import get_mask as sign_consensus_mask
 
+#: the rules that compare the models' kept importances (the others read signs only)
+RANKED_CONSENSUS = ("relevance", "winner", "drop", "unit")
+
 
 def combine(
-    stacked: torch.Tensor,
-    weights: torch.Tensor,
-    importances: torch.Tensor,
+    deltas: list[torch.Tensor],
+    weights: list[float],
+    importances: list[torch.Tensor] | None,
     consensus: str,
-    masses: torch.Tensor | None = None,
+    masses: list[torch.Tensor] | None = None,
     name: str = "<tensor>",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of the weighted kept deltas after ``consensus``, summed weights of the entries
-    that contributed) for ``stacked`` [models, ...] and ``importances`` of the same shape;
-    ``masses`` (same shape) rank the models per unit for ``unit`` (default: the
-    importances, each model's divided by its mean)."""
+    that contributed) for the models' weighted kept ``deltas`` (entries not kept are 0),
+    their ``weights`` and, for ``relevance``, ``winner``, ``drop`` and ``unit``, their kept
+    ``importances`` (not read otherwise); ``masses`` rank the models per unit for ``unit``
+    (default: the importances, each model's divided by its mean). ``priority`` runs model
+    by model on the list (no stacked copy); the others on the stacked deltas."""
+    if consensus == "priority":
+        return _priority(deltas, weights)
+    stacked = torch.stack(deltas)
+    w = torch.tensor(weights, dtype=stacked.dtype, device=stacked.device)
+    w = w.reshape(-1, *([1] * (stacked.ndim - 1)))
     if consensus == "none":
-        divisor = weights.sum(dim=0).expand(stacked.shape[1:]).clone()
+        divisor = w.sum(dim=0).expand(stacked.shape[1:]).clone()
         divisor[divisor.abs() < 1e-8] = 1
         return stacked.sum(dim=0), divisor
     if consensus in ("sum", "count"):
         agree = sign_consensus_mask(stacked, method=consensus, mask_dtype=stacked.dtype).bool()
-    elif consensus == "priority":
-        agree = _priority_agreement(stacked)
     elif consensus == "unit":
-        masses = _comparable(importances) if masses is None else masses
-        agree = _unit_agreement(stacked, _unit_masses(masses, name))
+        ranking = _comparable(torch.stack(importances)) if masses is None else torch.stack(masses)
+        agree = _unit_agreement(stacked, _unit_masses(ranking, name))
     else:
-        agree = _relevance_agreement(stacked, _comparable(importances), consensus)
+        stacked_importances = torch.stack(importances)
+        agree = _relevance_agreement(stacked, _comparable(stacked_importances), consensus)
     contributing = agree & (stacked != 0)
     mixed = (stacked * contributing).sum(dim=0)
-    divisor = (weights * contributing).sum(dim=0)
+    divisor = (w * contributing).sum(dim=0)
     divisor[divisor == 0] = 1
     return mixed, divisor
+
+
+def _priority(
+    deltas: list[torch.Tensor], weights: list[float]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``priority``: the elected sign is that of the first model that kept the entry;
+    models agreeing with it contribute. Elementwise passes over the models, summed in
+    model order from 0 as a sum along the model axis would (the same bits), without
+    stacking the models (a reduction along the model axis is much slower on CPU); the
+    deltas are overwritten.
+
+    An entry no model kept (all 0) elects no sign (0), and every model "agrees": it adds
+    its 0 to the sum and its weight to the divisor, which changes no bit of the merge
+    (0 divided by any divisor) and saves checking that each delta is nonzero."""
+    signs = [torch.sign(delta) for delta in deltas]
+    elected = signs[0]
+    for sign in signs[1:]:
+        elected = torch.where(elected == 0, sign, elected)
+    dtype = deltas[0].dtype
+    # a sum along an axis accumulates 16-bit floats in float32 and rounds once: so here
+    accumulate = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+    mixed = torch.zeros_like(deltas[0], dtype=accumulate)
+    divisor = torch.zeros_like(deltas[0], dtype=accumulate)
+    for delta, sign, weight in zip(deltas, signs, weights, strict=True):
+        contributing = sign.eq_(elected) if sign is not elected else sign == elected
+        mixed.add_(delta.mul_(contributing))
+        divisor.add_(contributing, alpha=float(torch.tensor(weight, dtype=dtype)))
+    divisor[divisor == 0] = 1
+    return mixed.to(dtype), divisor.to(dtype)
 
 
 def _comparable(importances: torch.Tensor) -> torch.Tensor:
@@ -62,16 +100,6 @@ def _comparable(importances: torch.Tensor) -> torch.Tensor:
     dims = tuple(range(1, importances.ndim))
     mean = importances.float().mean(dim=dims, keepdim=True)
     return importances.float() / torch.where(mean > 0, mean, torch.ones_like(mean))
-
-
-def _priority_agreement(stacked) -> torch.Tensor:
-    """Kept entries with the sign of the first model that kept the entry (elementwise
-    passes over the models: a reduction along the model axis is much slower on CPU)."""
-    signs = torch.sign(stacked)
-    elected = signs[0].clone()
-    for sign in signs[1:]:
-        elected = torch.where(elected == 0, sign, elected)
-    return (stacked != 0) & (signs == elected)
 
 
 #: reasons already reported in this process (one warning each, not one per tensor)

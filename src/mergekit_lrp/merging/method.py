@@ -13,12 +13,14 @@ disjoint mean, density 0.9) were chosen on the benchmark's validation split at w
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from mergekit.merge_methods.base import BasePolicy, InputContract, PerNonBase, TensorGroup
 from mergekit.merge_methods.easy_define import merge_method
 
 from mergekit_lrp.merging.budgets import budget_density
-from mergekit_lrp.merging.combine import combine
+from mergekit_lrp.merging.combine import RANKED_CONSENSUS, combine
 from mergekit_lrp.merging.parameters import (
     DEFAULT_DENSITY,
     check_model_parameters,
@@ -59,6 +61,7 @@ def lrp_merge(
     name = group.metadata.name or "<unnamed tensor>"
     protected = protect_special and is_protected(name, base.ndim, group.metadata.vocabulary_axis)
     rule = Selection(selection, epsilon, rescale)
+    ranked = consensus in RANKED_CONSENSUS  # the combination reads the kept importances
     by_magnitude = consensus == "unit" and unit_mass == "magnitude"
     deltas, importances, magnitudes, weights = [], [], [], []
     for entry in group.non_base:
@@ -77,25 +80,39 @@ def lrp_merge(
             if path and scores.fallback is None:
                 keep = budget_density(path, name, keep, budget)
             generator = generator_for(name, entry.id, delta.device) if rule.stochastic else None
-            kept, imp = rule.select(delta, imp, keep, generator)
-            if by_magnitude:  # the kept entries' own |delta|, before any rescale
-                magnitudes.append(delta.abs().float() * (kept != 0))
-            delta = kept
+            magnitude = delta.abs().float() if by_magnitude else None  # before any rescale
+            delta, imp = rule.select(
+                delta, imp, keep, generator, kept_importance=ranked, overwrite=True
+            )
+            if by_magnitude:  # the kept entries' own |delta|
+                magnitudes.append(magnitude.mul_(delta != 0))
         elif by_magnitude:
             magnitudes.append(delta.abs().float())
+        if ranked:
+            importances.append(delta.abs().float() if imp is None else imp)
+        del imp
         deltas.append(delta)
-        importances.append(delta.abs().float() if imp is None else imp)
         weights.append(weight[entry.id])
     if not deltas:
         return base
 
-    stacked = torch.stack(deltas)
-    del deltas
-    w = torch.tensor(weights, dtype=stacked.dtype, device=stacked.device)
-    w = w.reshape(-1, *([1] * base.ndim))
-    stacked.mul_(w)
-    masses = torch.stack(magnitudes) if by_magnitude else None
-    mixed, divisor = combine(stacked, w, torch.stack(importances), consensus, masses, name)
+    # weighted in place (each delta is this function's own tensor), in the dtype that
+    # stacking them would give; a weight of 1 changes no bit
+    dtype = functools.reduce(torch.promote_types, (delta.dtype for delta in deltas))
+    for index, (delta, w) in enumerate(zip(deltas, weights, strict=True)):
+        delta = delta.to(dtype)
+        if w != 1:
+            delta.mul_(torch.tensor(w, dtype=dtype, device=delta.device))
+        deltas[index] = delta
+    mixed, divisor = combine(
+        deltas,
+        weights,
+        importances if ranked else None,
+        consensus,
+        magnitudes if by_magnitude else None,
+        name,
+    )
+    del deltas, importances, magnitudes
     if normalize:
-        mixed = mixed / divisor
-    return (base + mixed).to(base.dtype)
+        mixed = mixed.div_(divisor)
+    return mixed.add_(base).to(base.dtype)

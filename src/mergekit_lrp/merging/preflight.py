@@ -43,9 +43,17 @@ class _ModelFiles:
     #: for ``base+adapter``: the (base, adapter) folders, fingerprinted together
     adapter_parts: tuple[str, str] | None = None
 
+    #: file -> {tensor name: shape}, each file's header read once
+    _shapes: dict[str, dict[str, tuple[int, ...]]] = field(default_factory=dict)
+
     def shape(self, name: str) -> tuple[int, ...]:
-        with safe_open(self.tensor_files[name], framework="pt") as handle:
-            return tuple(handle.get_slice(name).get_shape())
+        file = self.tensor_files[name]
+        if file not in self._shapes:
+            with safe_open(file, framework="pt") as handle:
+                self._shapes[file] = {
+                    key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()
+                }
+        return self._shapes[file][name]
 
 
 def index_tensor_files(index) -> dict[str, str]:

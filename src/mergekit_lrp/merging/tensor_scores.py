@@ -75,7 +75,7 @@ class TensorScores:
             return self.reader.get(self.name, shape=shape)
         assembled = _assemble(self.reader, self.name, self.reader.get)
         _check_shape(self.reader, self.name, tuple(assembled.shape), tuple(shape))
-        return assembled.float()
+        return assembled.float().contiguous()  # owned: importance_of writes into it
 
 
 def locate_scores(
@@ -166,7 +166,7 @@ def importance_of(
     if fallback is None:
         check_mode(scores.reader, mode, scores.model)
         values = scores.read(delta.shape).to(delta.device)
-        if values.numel() > 1 and bool(values.min() == values.max()):
+        if values.numel() > 1 and _constant(values):
             if scores.missing_scores == "error":
                 raise ScoreFileError(
                     f"{scores.reader.path}: scores for {scores.name!r} are the same for every "
@@ -181,6 +181,12 @@ def importance_of(
     if mode == "scores":
         return values
     source = (theta if mode == "weight" else delta).float()
+    # in place on the scores just read (a fresh tensor this function owns)
     if scores.reader.metadata.quantity == "mean_abs_grad":
-        return source.abs() * values
-    return source.square() * values
+        return values.mul_(source).abs_()  # |x| * s, as |x * s| (s >= 0): the same bits
+    return values.mul_(source.square())
+
+
+def _constant(values: torch.Tensor) -> bool:
+    low, high = torch.aminmax(values)
+    return bool(low == high)

@@ -5,7 +5,8 @@ Other merge methods go straight to mergekit's own ``run_merge``, untouched. For 
 
 1. every check that can fail before the merge runs (:func:`.preflight.check_merge`);
 2. a seed is drawn when none was given, so the output can be reproduced;
-3. mergekit merges into a hidden staging folder, without its model card;
+3. mergekit merges into a hidden staging folder, without its model card (the objects
+   alive before it frozen out of the garbage collector's full scans);
 4. the card and the saved config (every resolved parameter, versions, seed, score files)
    are written from what is known locally: no step after the weights can lose them;
 5. the staging folder replaces the output folder as a whole.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 from pathlib import Path
 from types import ModuleType
 
@@ -34,6 +36,21 @@ def one_line_errors():
         if click.get_current_context(silent=True) is None:
             raise
         raise click.ClickException(str(error)) from None
+
+
+@contextlib.contextmanager
+def long_lived_objects_frozen():
+    """The objects alive before the merge (imported modules, the checks' planner) left
+    out of Python's cyclic garbage collection until it ends (``gc.freeze``). A full
+    collection scans them all, and with mergekit's and transformers' pydantic validators
+    among them one scan costs seconds; the checks' allocations made one happen during a
+    100M-parameter merge, 5-10 % of its time. Garbage made during the merge is
+    collected as usual; the frozen objects return to the collector afterwards."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def guard_run_merge(merge_module: ModuleType) -> None:
@@ -69,7 +86,7 @@ def guarded_merge(original, merge_config, out_path, options, config_source=None)
         method_spec = get(merge_config.merge_method).spec
         provenance = record(merge_config, method_spec, seed, seed_drawn)
         inner = options.model_copy(update={"write_model_card": False})
-        with staged_directory(out_path) as staging:
+        with staged_directory(out_path) as staging, long_lived_objects_frozen():
             result = original(merge_config, staging, inner, config_source=config_source)
             if options.write_model_card:
                 write_card_and_config(

@@ -14,6 +14,7 @@ and written atomically: a temporary file in the target directory, then a rename.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 import tempfile
@@ -181,18 +182,19 @@ class ScoreReader:
                 f"the weight has {tuple(shape)}"
             )
         start, end = entry["data_offsets"]
-        buffer = bytearray(end - start)
+        buffer = torch.empty(end - start, dtype=torch.uint8)  # not zero-filled first
         with open(self.path, "rb") as handle:
             handle.seek(self._data_start + start)
-            if handle.readinto(buffer) != len(buffer):
+            if handle.readinto(buffer.numpy()) != end - start:
                 raise ScoreFileError(f"{self.path}: truncated while reading {stored!r}")
-        dtype = SCORE_DTYPES[entry["dtype"]]
-        tensor = torch.frombuffer(buffer, dtype=dtype) if buffer else torch.empty(0, dtype=dtype)
-        tensor = tensor.reshape(entry["shape"]).float()
-        if not torch.isfinite(tensor).all():
-            raise ScoreFileError(f"{self.path}: scores for {name!r} contain NaN or Inf")
-        if (tensor < 0).any():
-            raise ScoreFileError(f"{self.path}: scores for {name!r} are negative")
+        tensor = buffer.view(SCORE_DTYPES[entry["dtype"]]).reshape(entry["shape"]).float()
+        if tensor.numel():
+            # one pass for both checks: NaN makes both ends NaN, an infinity is an end
+            low, high = (float(v) for v in torch.aminmax(tensor))
+            if not (math.isfinite(low) and math.isfinite(high)):
+                raise ScoreFileError(f"{self.path}: scores for {name!r} contain NaN or Inf")
+            if low < 0:
+                raise ScoreFileError(f"{self.path}: scores for {name!r} are negative")
         return tensor
 
     def _stored(self, name: str) -> str:

@@ -67,6 +67,9 @@ class DiscardingAccumulator:
         for parameter in self.parameters.values():
             parameter.grad = None
 
+    def start_prompt(self, tokens: int, answer_start: int | None) -> None:
+        pass
+
     @staticmethod
     def _discard(parameter: torch.Tensor) -> None:
         parameter.grad = None

@@ -231,13 +231,15 @@ class GramAccumulator:
         self._add(leader, flat)
 
     def _add(self, leader: str, flat: torch.Tensor, weights: torch.Tensor | None = None) -> None:
-        """Add sum_t w_t x_t x_t^T (``flat``: one float32 row per position) to the sum."""
+        """Add sum_t w_t x_t x_t^T (``flat``: one float32 row per position) to the sum.
+
+        The prompt's matrix is computed on its own, then added: the sum is then a plain
+        sequence of float32 additions of per-prompt matrices, whatever it held before
+        (two processes of one prompt each write the bytes one process writes).
+        """
         total = self.sums[self.group_name[leader]]
         weighted = flat if weights is None else flat * weights[:, None]
-        if total.device == flat.device:
-            total.addmm_(weighted.T, flat)
-        else:
-            total.add_((weighted.T @ flat).to(total.device))
+        total.add_((weighted.T @ flat).to(total.device))
 
     def _prompt_tokens(self) -> int:
         if self._tokens is None:
@@ -286,10 +288,13 @@ def linear_layers(
     """
     name_of = {id(p): name for name, p in parameters.items()}
     users: dict[int, list[str]] = defaultdict(list)
+    owner: dict[int, str] = {}  # parameter -> the class of the module holding it
     for module_name, module in net.named_modules():
         weight = getattr(module, "weight", None)
         if isinstance(weight, nn.Parameter):
             users[id(weight)].append(module_name)
+        for parameter in module.parameters(recurse=False):
+            owner.setdefault(id(parameter), type(module).__name__)
     layers: dict[str, nn.Linear] = {}
     unhooked: dict[str, str] = {}
     for module in net.modules():
@@ -302,9 +307,7 @@ def linear_layers(
             layers[name] = module
     for name, parameter in parameters.items():
         if parameter.dim() >= 2 and name not in layers and name not in unhooked:
-            unhooked[name] = (
-                "fused experts (3-D), not nn.Linear" if parameter.dim() == 3 else "not nn.Linear"
-            )
+            unhooked[name] = f"not nn.Linear ({owner.get(id(parameter), 'a parameter')})"
     return layers, unhooked
 
 

@@ -143,7 +143,7 @@ def compute_scores(model: str, prompts_path: str, output: str, options: ComputeO
     options = decide_max_length(options, config)
     tokenizer_source = options.tokenizer or model_source.tokenizer_source
     tokenizer = load_tokenizer(tokenizer_source, options.revision, model)
-    prompts = tokenize_records(records, tokenizer, options.target)
+    prompts = tokenize_records(records, tokenizer, options.signal.chat_target or options.target)
     device = pick_device(options.device)
     source = Source(model_source, options.revision, str(prompts_path), model_type)
     with joined_workers(use_cuda=device.type == "cuda") as workers, _cpu_threads(

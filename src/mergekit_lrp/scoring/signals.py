@@ -42,6 +42,9 @@ class Signal:
     token_weighting: str | None = None
     #: the backward pass computes parameter gradients (False: activation gradients only)
     parameter_grads: bool = True
+    #: how chats are tokenized when the signal decides it (else as ``--target`` says):
+    #: ``next-token`` keeps a chat's answer and where it starts
+    chat_target: str | None = None
 
     def target(self, chosen: str) -> str:
         """The backward target this signal uses when the user chose ``chosen``."""
@@ -73,6 +76,9 @@ SIGNALS: dict[str, Signal] = {
 
 
 def _gram(weighting: str, backward: bool = False, rules: bool = False) -> Signal:
+    """A forward weighting reads whole conversations (the answer's tokens are the data a
+    fine-tune was trained on; ``answer`` keeps only them); a backward one explains
+    ``--target``, which decides how chats are tokenized."""
     return Signal(
         "gram",
         "input_gram",
@@ -81,6 +87,7 @@ def _gram(weighting: str, backward: bool = False, rules: bool = False) -> Signal
         fixed_target=None if backward else "inputs",
         token_weighting=weighting,
         parameter_grads=False,
+        chat_target=None if backward else "next-token",
     )
 
 

@@ -414,3 +414,31 @@ def test_answer_weighting_without_answer_tokens_is_refused(checkpoint, tmp_path)
     message = error_line(result.output)
     assert "is zero: no token of these prompts" in message and "answer" in message
     assert not out.exists()
+
+
+class Switching(nn.Module):
+    """Two linear layers that read one tensor in the first forward, two copies later."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.a, self.b = nn.Embedding(8, 4), nn.Linear(4, 4), nn.Linear(4, 4)
+        self.calls = 0
+
+    def get_input_embeddings(self):
+        return self.embed
+
+    def forward(self, input_ids, use_cache=None, logits_to_keep=None):
+        x = self.embed(input_ids)
+        self.calls += 1
+        return self.a(x) + self.b(x if self.calls == 1 else x.clone())
+
+
+def test_layers_that_stop_sharing_their_input_are_named():
+    net = Switching()
+    accumulator = gram.GramAccumulator(net, dict(net.named_parameters()), "none")
+    assert accumulator.gram_of == {"a.weight": "a.input_gram", "b.weight": "a.input_gram"}
+    accumulator.attach()
+    accumulator.start_prompt(3, None)
+    with pytest.raises(ComputeError, match="linear layer b.weight read an input of its own"):
+        net(torch.tensor([[1, 2, 3]]))
+    accumulator.detach()

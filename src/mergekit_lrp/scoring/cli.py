@@ -53,8 +53,8 @@ from mergekit_lrp.scoring.signals import SIGNALS, TOKEN_WEIGHTINGS
     "backward pass. gram: not scores but RegMean statistics, for merges that solve for the "
     "weights: the Gram matrix X^T X of every linear layer's inputs (one [in, in] float32 "
     "matrix per distinct input: q/k/v share one, gate/up another; 3 d^2 + d_ff^2 values a "
-    "layer, ~22 GB for a 7B model), tokens weighted by --token-weighting. Costs are "
-    "measured side by side in docs/BENCHMARKS.md.",
+    "layer: 22 GB for Llama-2-7B, docs/scaling.md), tokens weighted by --token-weighting. "
+    "Costs are measured side by side in docs/BENCHMARKS.md.",
 )
 @click.option(
     "--token-weighting",

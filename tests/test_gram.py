@@ -214,6 +214,27 @@ def test_renamed_parameters_get_checkpoint_names(qwen3_5_family, tmp_path):
     assert prefix + "0.linear_attn.conv1d.weight" in without
 
 
+def test_fused_moe_experts_and_routers_are_listed_not_hooked(qwen3_next_family, tmp_path):
+    """Qwen3-Next's experts are one 3-D parameter per layer in transformers 5 (several
+    checkpoint tensors each) and its router is no nn.Linear: no Gram matrix, each named
+    with its reason; the shared expert's linear layers have theirs."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    out = tmp_path / "gram.safetensors"
+    options = ComputeOptions(method="gram", token_weighting="relevance", progress=False)
+    summary = compute_scores(str(qwen3_next_family["base"]), str(prompts), str(out), options)
+    gram_of = ScoreReader(out).metadata.gram_of
+    experts = summary.without_gram["fused on load (experts), not nn.Linear"]
+    assert "model.layers.0.mlp.experts.0.gate_proj.weight" in experts
+    assert not any(".experts." in w for w in gram_of)
+    routers = summary.without_gram["not nn.Linear (Qwen3NextTopKRouter)"]
+    assert "model.layers.0.mlp.gate.weight" in routers
+    shared = "model.layers.0.mlp.shared_expert"
+    group = {gram_of[f"{shared}.{x}_proj.weight"] for x in ("gate", "up")}
+    assert group == {gram_of[f"{shared}_gate.weight"]}  # one input, three readers
+    assert any("fused on load" in line for line in summary.lines())
+
+
 def test_checkpointing_gives_the_same_matrices():
     """Under checkpointing the layers run again in the backward pass (their hooks too);
     only the model's own forward counts, and the matrices are the same bits."""

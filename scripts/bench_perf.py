@@ -19,6 +19,10 @@ measurement in a fresh process; `--only` picks some):
                operator (torch.profiler, self CPU time), on one model at 256 tokens.
   signals:     each `lrp-compute --method` (attnlrp, gradient, fisher, activation) through
                the real prompt loop, against a plain forward+backward: time and peak RSS.
+  gram:        `lrp-compute --method gram` with each --token-weighting through the real
+               prompt loop, against a plain forward (none, answer) or a plain
+               forward+backward (relevance, gradient): time, peak RSS, the Gram matrices'
+               size (the file), at two model sizes.
   placement:   the scoring loop on --device (cpu or cuda) with sums on the device or the
                host, checkpointing on or off, against a plain forward+backward and against
                the same pass with gradients discarded (the accumulator's share); per prompt:

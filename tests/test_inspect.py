@@ -278,3 +278,67 @@ def test_a_model_folder_that_does_not_exist_is_named(family, tmp_path):
     )
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert f"model directory {tmp_path / 'no-such-model'} does not exist" in result.output
+
+
+def gram_file(path: Path, grams: dict, gram_of: dict) -> Path:
+    """A Gram file (lrp-compute --method gram's format) holding ``grams``."""
+    metadata = ScoreMetadata(
+        model_fingerprint="0" * 64,
+        num_prompts=2,
+        num_tokens=20,
+        target="inputs",
+        model_type="llama",
+        method="gram",
+        quantity="input_gram",
+        gram_of=gram_of,
+        extra={"token_weighting": "answer"},
+    )
+    write_scores(path, {k: torch.as_tensor(v, dtype=torch.float32) for k, v in grams.items()},
+                 metadata)  # fmt: skip
+    return path
+
+
+def test_a_gram_file_summary_matches_hand_computation(tmp_path):
+    attention = "model.layers.0.self_attn.k_proj.input_gram"
+    mlp = "model.layers.0.mlp.down_proj.input_gram"
+    head = "lm_head.input_gram"
+    grams = {
+        attention: [[4.0, -1.0], [-1.0, 4.0]],  # eigenvalues 3 and 5
+        mlp: [[2.0, 0.0, 0.0], [0.0, 1e-7, 0.0], [0.0, 0.0, 1.0]],  # condition 2e7
+        head: [[1.0, 1.0], [1.0, 1.0]],  # rank 1: singular
+    }
+    gram_of = {f"model.layers.0.self_attn.{x}_proj.weight": attention for x in "qkv"}
+    gram_of |= {"model.layers.0.mlp.down_proj.weight": mlp, "lm_head.weight": head}
+    path = gram_file(tmp_path / "gram.safetensors", grams, gram_of)
+    summary = stats.summarize_gram(ScoreReader(path))
+    assert summary["matrices"] == 3 and summary["weights"] == 5
+    assert summary["bytes"] == 4 * (4 + 9 + 4)
+    assert summary["token_weighting"] == "answer"
+    rows = {row["name"]: row for row in summary["grams"]}
+    assert [row["name"] for row in summary["grams"]] == [mlp, attention, head]  # by layer
+    assert rows[attention]["trace"] == pytest.approx(8.0)
+    assert rows[attention]["condition"] == pytest.approx(5 / 3)
+    assert rows[mlp]["condition"] == pytest.approx(2e7, rel=1e-3)
+    assert rows[head]["condition"] is None  # smallest eigenvalue 0
+    assert {n for n, r in rows.items() if r["ill_conditioned"]} == {mlp, head}
+    assert summary["ill_conditioned"] == [mlp, head]
+    assert rows[attention]["shared_by"] == sorted(w for w in gram_of if "self_attn" in w)
+    result = CliRunner().invoke(main, [str(path)])
+    assert result.exit_code == 0, result.output
+    assert "tokens weighted  answer" in result.output
+    assert "k_proj, q_proj, v_proj" in result.output and "singular" in result.output
+    as_json = json.loads(CliRunner().invoke(main, [str(path), "--json"]).output)
+    assert as_json["files"][0]["grams"] == summary["grams"]
+
+
+def test_gram_files_are_summarised_alone(family, tmp_path):
+    path = gram_file(tmp_path / "gram.safetensors", {"lm_head.input_gram": [[1.0]]},
+                     {"lm_head.weight": "lm_head.input_gram"})  # fmt: skip
+    result = CliRunner().invoke(main, [str(path), str(family["ft_a_scores"])])
+    assert result.exit_code == 0, result.output
+    assert "no comparison: Gram files" in result.output
+    result = CliRunner().invoke(
+        main, [str(path), "--model", str(family["ft_a"]), "--base", str(family["base"])]
+    )
+    assert result.exit_code == 1
+    assert "holds Gram matrices" in result.output and "without --base" in result.output

@@ -134,9 +134,9 @@ def test_the_python_api_decides_auto_checkpointing_as_the_cli_does(monkeypatch, 
     used = []
     real = loop.backward_ready
 
-    def spy(net, checkpointing=True):
+    def spy(net, checkpointing=True, **options):
         used.append(checkpointing)
-        return real(net, checkpointing)
+        return real(net, checkpointing, **options)
 
     monkeypatch.setattr(loop, "backward_ready", spy)
     model = make_tiny_model("llama", seed=0, **AS_CHECKPOINT)

@@ -55,6 +55,23 @@ def signals_table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def gram_table(rows: list[dict]) -> list[str]:
+    lines = [
+        "| model | prompt tokens | token weighting | s/prompt | baseline | baseline s/prompt "
+        "| time / baseline | (peak RSS - runtime) / fp32 weights (baseline) "
+        "| Gram matrices | float32 file MB (fp32 weights MB) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['size']} | {r['length']} | {r['weighting']} | {r['s_per_prompt']:.3f} | "
+            f"{r['baseline']} | {r['baseline_s_per_prompt']:.3f} | {r['time_ratio']:.2f} | "
+            f"{r['rss_over_weights']:.2f} ({r['baseline_rss_over_weights']:.2f}) | "
+            f"{r['gram_matrices']} | {r['gram_float32_mb']:.0f} ({r['weights_fp32_mb']:.0f}) |"
+        )
+    return lines
+
+
 def merge_table(merge: dict) -> list[str]:
     return [
         "| fine-tunes | merge | wall time s (median) | time / dare_ties (range over repeats) "
@@ -107,6 +124,10 @@ def markdown(results: dict, profile_size: str) -> str:
         "precompute": lambda rows: ("Precompute cost", precompute_table(rows)),
         "placement": lambda rows: ("Scoring placement", placement_table(rows)),
         "signals": lambda rows: ("Cost of each importance signal", signals_table(rows)),
+        "gram": lambda rows: (
+            "Gram statistics (--method gram) against a plain forward / forward+backward",
+            gram_table(rows),
+        ),
         "merge": lambda merge: (merge_title(merge), merge_table(merge)),
         "profile": lambda rows: (
             "Where the time goes (torch.profiler, self CPU ms per prompt, "

@@ -293,6 +293,58 @@ def signals(settings: Settings) -> list[dict]:
     return rows
 
 
+#: --token-weighting -> the plain pass it is timed against
+GRAM_MODES = {
+    "none": "plain-forward",
+    "answer": "plain-forward",
+    "relevance": "plain-backward",
+    "gradient": "plain-backward",
+}
+
+
+def gram(settings: Settings) -> list[dict]:
+    """``lrp-compute --method gram`` with each token weighting through the real prompt
+    loop, against a plain forward (none, answer) or a plain forward+backward (relevance,
+    gradient): time, peak RSS, and the size of the Gram matrices (the file)."""
+    rows = []
+    length, count = (256, 3) if settings.quick else (512, 4)
+    modes = ("plain-forward", "plain-backward", *GRAM_MODES)
+    for size in sizes(settings, ["10M"], ["10M", "100M"]):
+        model_dir = build_model(size, settings.cache)
+        runs = {mode: [] for mode in modes}
+        for _ in range(settings.repeats):
+            for mode in modes:
+                runs[mode].append(
+                    run_worker("gram", model_dir=str(model_dir), mode=mode, length=length,
+                               count=count)  # fmt: skip
+                )
+        seconds = {m: statistics.median(r["seconds_per_prompt"] for r in runs[m]) for m in modes}
+        weights = runs["plain-forward"][0]["weights_fp32"]
+        rss = {
+            m: max(r["peak_rss"] - r["rss_before_model"] for r in runs[m]) / weights
+            for m in modes
+        }
+        for mode, baseline in GRAM_MODES.items():
+            rows.append(
+                {
+                    "size": size,
+                    "length": length,
+                    "weighting": mode,
+                    "baseline": baseline,
+                    "s_per_prompt": seconds[mode],
+                    "baseline_s_per_prompt": seconds[baseline],
+                    "time_ratio": seconds[mode] / seconds[baseline],
+                    "rss_over_weights": rss[mode],
+                    "baseline_rss_over_weights": rss[baseline],
+                    "weights_fp32_mb": weights / 2**20,
+                    "gram_matrices": runs[mode][0]["gram_matrices"],
+                    "gram_float32_mb": runs[mode][0]["gram_bytes"] / 2**20,
+                }
+            )
+            print(json.dumps(rows[-1]), file=sys.stderr)
+    return rows
+
+
 PLACEMENT_MODES = (
     "plain",
     "discard",  # the same pass, gradients dropped: what the sums cost is the rest
@@ -356,5 +408,6 @@ SECTIONS = {
     "score_dtype": score_dtype,
     "profile": profile,
     "signals": signals,
+    "gram": gram,
     "placement": placement,
 }

@@ -67,6 +67,9 @@ class DiscardingAccumulator:
         for parameter in self.parameters.values():
             parameter.grad = None
 
+    def start_prompt(self, tokens: int, answer_start: int | None) -> None:
+        pass
+
     @staticmethod
     def _discard(parameter: torch.Tensor) -> None:
         parameter.grad = None
@@ -174,6 +177,49 @@ def signal(model_dir: str, mode: str, length: int, count: int) -> dict:
     }
 
 
+def gram(model_dir: str, mode: str, length: int, count: int) -> dict:
+    """``lrp-compute --method gram --token-weighting MODE`` through lrp-compute's loop, or
+    its baseline: "plain-forward" (the model's forward, every position's logits, as the
+    forward weightings run it) or "plain-backward" (a plain forward+backward: argmax logit
+    at the last token, parameter gradients)."""
+    from mergekit_lrp.scoring.accumulator import new_accumulator
+    from mergekit_lrp.scoring.loop import run_prompts
+    from mergekit_lrp.scoring.options import ComputeOptions
+    from mergekit_lrp.scoring.prompts import Prompt
+    from mergekit_lrp.scoring.resume import LoopState
+
+    model, prompts, rss_before_model, weights = load_model(model_dir, length, count)
+    times, sizes = [], {}
+    if mode == "plain-backward":
+        times = plain_seconds(model, prompts)
+    elif mode == "plain-forward":
+        with torch.no_grad():
+            for ids in prompts:
+                start = time.perf_counter()
+                model(input_ids=ids[None], use_cache=False, logits_to_keep=0)
+                times.append(time.perf_counter() - start)
+    else:
+        options = ComputeOptions(method="gram", token_weighting=mode, progress=False)
+        parameters = dict(model.named_parameters())
+        accumulator = new_accumulator(model, parameters, options.signal, probe=prompts[0])
+        for ids in prompts:  # one prompt a call, so each is timed alone
+            start = time.perf_counter()
+            run_prompts(model, [Prompt(tuple(ids.tolist()))], options, accumulator, LoopState())
+            times.append(time.perf_counter() - start)
+        sizes = {
+            "gram_matrices": len(accumulator.sums),
+            "gram_bytes": sum(t.numel() * 4 for t in accumulator.sums.values()),
+        }
+    per_prompt = statistics.median(times[1:])  # the first prompt warms up
+    return {
+        "seconds_per_prompt": per_prompt,
+        "peak_rss": peak_rss_bytes(),
+        "rss_before_model": rss_before_model,
+        "weights_fp32": weights,
+        **sizes,
+    }
+
+
 def placement(model_dir: str, mode: str, length: int, count: int, device: str) -> dict:
     """One placement mode (harness.perf_sections.PLACEMENT_MODES) through lrp-compute's
     loop on ``device``."""
@@ -270,7 +316,7 @@ def merge(config: dict, out: str) -> dict:
     return {"seconds": seconds, "peak_rss": peak_rss_bytes(), "rss_before": rss_before}
 
 
-WORKERS = {f.__name__: f for f in (precompute, signal, placement, profile, merge)}
+WORKERS = {f.__name__: f for f in (precompute, signal, gram, placement, profile, merge)}
 
 
 if __name__ == "__main__":

@@ -112,7 +112,26 @@ def inspect_files(score_files, models=(), base=None, settings=None, plot_dir=Non
         raise stats.InspectError("--base needs --model (one per score file)")
     readers = [ScoreReader(path) for path in score_files]
     pairs = list(zip(readers, models or [None] * len(readers), strict=True))
-    report: dict = {"files": [stats.summarize(r, m) for r, m in pairs], "plots": []}
+    grams = [r.path for r in readers if stats.is_gram_file(r)]
+    if grams and base:
+        raise stats.InspectError(
+            f"{grams[0]} holds Gram matrices (lrp-compute --method gram), not scores: --base "
+            "shows what lrp keeps of a task vector by its scores; inspect it without --base"
+        )
+    report: dict = {
+        "files": [
+            stats.summarize_gram(r, m) if stats.is_gram_file(r) else stats.summarize(r, m)
+            for r, m in pairs
+        ],
+        "plots": [],
+        "notes": [],
+    }
+    if grams and len(readers) > 1:
+        report["notes"].append(
+            "no comparison: Gram files (" + ", ".join(map(str, grams)) + ") hold no scores "
+            "to rank; each is summarised alone"
+        )
+        readers = []
     if base:
         report["keep"] = [stats.keep_by_layer(r, base, m, settings, check=False) for r, m in pairs]
     if len(readers) > 1:
@@ -134,7 +153,10 @@ def write_plots(report: dict, plot_dir: Path) -> list[Path]:
     written = []
     for summary in report["files"]:
         stem = Path(summary["path"]).stem
-        written.append(plots.relevance_plot(summary, plot_dir / f"{stem}-relevance.png"))
+        if summary.get("kind") == "gram":
+            written.append(plots.gram_plot(summary, plot_dir / f"{stem}-gram.png"))
+        else:
+            written.append(plots.relevance_plot(summary, plot_dir / f"{stem}-relevance.png"))
     for keep in report.get("keep", []):
         stem = Path(keep["path"]).stem
         written.append(plots.keep_plot(keep, plot_dir / f"{stem}-keep.png"))
@@ -165,6 +187,9 @@ def render(report: dict) -> str:
     """The terminal view of :func:`inspect_files`' report."""
     out = []
     for s in report["files"]:
+        if s.get("kind") == "gram":
+            out += _render_gram(s)
+            continue
         out.append(f"== {s['path']}")
         fields = [
             ("quantity", s["quantity"]),
@@ -218,9 +243,63 @@ def render(report: dict) -> str:
             rows = [[_layer(r["layer"]), r["jaccard"], r["spearman"]] for r in pair["layers"]]
             rows.append(["all", pair["overall"]["jaccard"], pair["overall"]["spearman_mean"]])
             out += [_table(["layer", "Jaccard", "Spearman (all: mean)"], rows), ""]
+    out += report.get("notes", [])
     for path in report["plots"]:
         out.append(f"wrote {path}")
     return "\n".join(out).rstrip()
+
+
+def _render_gram(s: dict) -> list[str]:
+    """A Gram file: metadata, size, one row per matrix (trace, condition, sharing)."""
+    from mergekit_lrp.inspect.stats import ILL_CONDITIONED
+
+    fields = [
+        ("quantity", f"{s['quantity']} (Gram matrices of linear layers' inputs)"),
+        ("tokens weighted", s["token_weighting"]),
+        ("target", s["target"]),
+        ("prompts", s["prompts"]),
+        ("tokens", s["tokens"]),
+        ("model type", s["model_type"]),
+        ("model", s["model"] or "(not given)"),
+        ("fingerprint", s["fingerprint"][:16] + ("  (matches)" if s["model"] else "")),
+        ("matrices", f"{s['matrices']} for {s['weights']} linear weights"),
+        ("size", f"{s['bytes'] / 2**20:.1f} MiB"),
+        (
+            "ill-conditioned",
+            f"{len(s['ill_conditioned'])} (condition number above {ILL_CONDITIONED:.0e} or "
+            "singular)",
+        ),
+    ]
+    width = max(len(k) for k, _ in fields)
+    out = [f"== {s['path']}", *(f"{k.ljust(width)}  {v}" for k, v in fields)]
+    rows = [
+        [
+            row["name"],
+            _layer(row["layer"]),
+            row["size"],
+            row["trace"],
+            "singular" if row["condition"] is None else f"{row['condition']:.3g}",
+            "yes" if row["ill_conditioned"] else "",
+            ", ".join(_short(w) for w in row["shared_by"]),
+        ]
+        for row in s["grams"]
+    ]
+    header = ["Gram matrix", "layer", "size", "trace", "condition", "ill-cond.", "shared by"]
+    out += ["", _table(header, rows)]
+    if s["unscored"] is not None:
+        shown = ", ".join(s["unscored"][:8]) + (" …" if len(s["unscored"]) > 8 else "")
+        out.append(
+            f"\ncheckpoint tensors without a Gram matrix: {len(s['unscored'])}"
+            + (f" ({shown})" if shown else "")
+        )
+    out.append("")
+    return out
+
+
+def _short(weight: str) -> str:
+    """``model.layers.0.self_attn.q_proj.weight`` -> ``q_proj``."""
+    parts = weight.removesuffix(".weight").split(".")
+    return parts[-1] if parts else weight
 
 
 def _layer(layer) -> str:

@@ -154,3 +154,24 @@ def compare_plot(compare: dict, path: str | os.PathLike) -> Path:
 
 def _num(value):
     return float("nan") if value is None else value
+
+
+def gram_plot(summary: dict, path: str | os.PathLike) -> Path:
+    """A Gram file: log10 of each matrix's condition number (singular ones at the top of
+    the axis, marked), in the file's order (by layer)."""
+    import math
+
+    plt = _pyplot()
+    rows = summary["grams"]
+    finite = [math.log10(r["condition"]) for r in rows if r["condition"] is not None]
+    ceiling = max(finite, default=1.0) + 1.0
+    heights = [ceiling if r["condition"] is None else math.log10(r["condition"]) for r in rows]
+    colours = ["#c44e52" if r["ill_conditioned"] else "#4c72b0" for r in rows]
+    fig, ax = plt.subplots(figsize=(max(8, 0.3 * len(rows) + 4), 4.5))
+    ax.bar(range(len(rows)), heights, color=colours)
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels([r["name"].removesuffix(".input_gram") for r in rows], rotation=90,
+                       fontsize=6)  # fmt: skip
+    ax.set_ylabel("log10 condition number (singular: top bar)")
+    ax.set_title(f"Gram matrices of {Path(summary['path']).name} (red: ill-conditioned)")
+    return _save(fig, path)

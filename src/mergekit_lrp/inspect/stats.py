@@ -22,7 +22,7 @@ from mergekit_lrp.merging.masks import MaskSettings, kept_mask
 from mergekit_lrp.merging.selection import kept_count, top_k_mask
 from mergekit_lrp.merging.tensor_names import KINDS, layer_index, module_kind
 from mergekit_lrp.merging.tensor_scores import TensorScores
-from mergekit_lrp.scores.file import ScoreReader
+from mergekit_lrp.scores.file import GRAM_QUANTITIES, ScoreReader
 from mergekit_lrp.scores.fingerprint import checkpoint_tensor_files, model_fingerprint
 
 
@@ -110,6 +110,91 @@ def summarize(reader: ScoreReader, model_dir: str | os.PathLike | None = None) -
     if model_dir is not None:
         checkpoint = Checkpoint(model_dir)
         summary["unscored"] = sorted(n for n in checkpoint.names() if reader.resolve(n) is None)
+    return summary
+
+
+# ---------------------------------------------------------------- a Gram file
+
+#: a Gram matrix whose condition number exceeds this is called ill-conditioned: a float32
+#: solve with it keeps about 7 - log10(condition) significant digits, none past 1e7
+ILL_CONDITIONED = 1e6
+
+
+def is_gram_file(reader: ScoreReader) -> bool:
+    """True for a file of Gram matrices (``lrp-compute --method gram``), not scores."""
+    return reader.metadata.quantity in GRAM_QUANTITIES
+
+
+def summarize_gram(reader: ScoreReader, model_dir: str | os.PathLike | None = None) -> dict:
+    """Metadata, size and one row per Gram matrix of a Gram file: its layer, width, trace,
+    extreme eigenvalues (``eigvalsh`` in float64), condition number (None when the
+    smallest eigenvalue is not positive: the matrix is singular) and the weights sharing
+    it; with ``model_dir`` the pairing is checked and the checkpoint's matrices without a
+    Gram matrix are listed.
+
+    The matrices are read with ``safe_open``: :meth:`ScoreReader.get` checks scores,
+    which are never negative, and a Gram matrix's off-diagonal entries are.
+    """
+    meta = reader.metadata
+    summary = {
+        "path": str(reader.path),
+        "kind": "gram",
+        "quantity": meta.quantity,
+        "token_weighting": meta.extra.get("token_weighting"),
+        "target": meta.target,
+        "prompts": meta.num_prompts,
+        "tokens": meta.num_tokens,
+        "model_type": meta.model_type,
+        "method": meta.method,
+        "generator": meta.generator,
+        "fingerprint": meta.model_fingerprint,
+        "model": None,
+        "unscored": None,
+    }
+    if model_dir is not None:
+        check_pairing(reader, model_dir)
+        summary["model"] = str(model_dir)
+    readers_of: dict[str, list[str]] = defaultdict(list)
+    for weight, stored in meta.gram_of.items():
+        readers_of[stored].append(weight)
+    rows, size = [], 0
+    names = sorted(reader.names(), key=lambda n: (layer_index(n) is None, layer_index(n) or 0, n))
+    with safe_open(str(reader.path), framework="pt") as handle:
+        for name in names:
+            stored = handle.get_tensor(name)
+            size += stored.numel() * stored.element_size()
+            gram = stored.double()
+            if gram.ndim != 2 or gram.shape[0] != gram.shape[1]:
+                raise InspectError(
+                    f"{reader.path}: {name!r} has shape {tuple(gram.shape)}, not a square "
+                    "Gram matrix; recompute the file with lrp-compute --method gram"
+                )
+            if not torch.isfinite(gram).all():
+                raise InspectError(f"{reader.path}: the Gram matrix {name!r} contains NaN or Inf")
+            eigenvalues = torch.linalg.eigvalsh(gram)
+            low, high = float(eigenvalues[0]), float(eigenvalues[-1])
+            condition = high / low if low > 0 else None
+            rows.append(
+                {
+                    "name": name,
+                    "layer": layer_index(name),
+                    "size": gram.shape[0],
+                    "trace": float(gram.trace()),
+                    "min_eigenvalue": low,
+                    "max_eigenvalue": high,
+                    "condition": condition,
+                    "ill_conditioned": condition is None or condition > ILL_CONDITIONED,
+                    "shared_by": sorted(readers_of.get(name, [])),
+                }
+            )
+    summary["matrices"] = len(rows)
+    summary["bytes"] = size
+    summary["weights"] = len(meta.gram_of)
+    summary["grams"] = rows
+    summary["ill_conditioned"] = [row["name"] for row in rows if row["ill_conditioned"]]
+    if model_dir is not None:
+        checkpoint = Checkpoint(model_dir)
+        summary["unscored"] = sorted(n for n in checkpoint.names() if n not in meta.gram_of)
     return summary
 
 

@@ -51,6 +51,9 @@ class ActivationAccumulator:
             handle.remove()
         self._handles.clear()
 
+    def start_prompt(self, tokens: int, answer_start: int | None) -> None:
+        pass
+
     def _hook(self, name: str):
         total, module = self.sums[name], self.modules[name]
 

@@ -18,7 +18,7 @@ from mergekit_lrp.scoring.options import (
     default,
 )
 from mergekit_lrp.scoring.resume import resume_path
-from mergekit_lrp.scoring.signals import SIGNALS
+from mergekit_lrp.scoring.signals import SIGNALS, TOKEN_WEIGHTINGS
 
 
 @click.command(
@@ -50,7 +50,23 @@ from mergekit_lrp.scoring.signals import SIGNALS
     "the same without the rules (what they add). fisher: squared gradient of the observed "
     "next tokens' log-likelihood (diagonal empirical Fisher). activation: forward only, "
     "squared inputs of each linear layer's columns (OBS/SparseGPT-style); cheapest, no "
-    "backward pass. Costs are measured side by side in docs/BENCHMARKS.md.",
+    "backward pass. gram: not scores but RegMean statistics, for merges that solve for the "
+    "weights: the Gram matrix X^T X of every linear layer's inputs (one [in, in] float32 "
+    "matrix per distinct input: q/k/v share one, gate/up another; 3 d^2 + d_ff^2 values a "
+    "layer: 22 GB for Llama-2-7B, docs/scaling.md), tokens weighted by --token-weighting. "
+    "Costs are measured side by side in docs/BENCHMARKS.md.",
+)
+@click.option(
+    "--token-weighting",
+    type=click.Choice(TOKEN_WEIGHTINGS),
+    default=None,
+    help="With --method gram only: each token's weight w_t in the Gram matrix sum_t w_t x_t "
+    "x_t^T. none: 1 (plain RegMean; a forward pass). answer: 1 at the tokens the next-token "
+    "target scores (a chat's answer), 0 elsewhere (a forward pass). relevance: T |R_t| / "
+    "sum_s |R_s|, R_t the AttnLRP relevance of --target reaching the layer's input at "
+    "token t (T tokens: each prompt keeps its total weight; a forward and a backward pass). "
+    "gradient: the same with gradient x input, no rules. The file records it.  "
+    "[default: none]",
 )
 @click.option("--split", default=None, help="Dataset split, when the source has several.")
 @click.option(
@@ -118,10 +134,12 @@ from mergekit_lrp.scoring.signals import SIGNALS
 @click.option(
     "--score-dtype",
     type=click.Choice(SCORE_DTYPES),
-    default=default("score_dtype"),
-    show_default=True,
+    default=None,
     help="dtype of the stored scores. Accumulation is float32 either way; bfloat16 halves "
-    "the file and moves about 3 in 10,000 entries across the top-k threshold.",
+    "the file and moves about 3 in 10,000 entries across the top-k threshold. Gram "
+    "matrices (--method gram) are stored float32 unless bfloat16 is asked for: rounding "
+    "them changes the merge's solve, most where a matrix is ill-conditioned.  "
+    "[default: bfloat16; float32 for --method gram]",
 )
 @click.option(
     "--resume",
@@ -168,6 +186,7 @@ def main(
     prompts,
     output,
     method,
+    token_weighting,
     max_length,
     num_prompts,
     split,
@@ -199,9 +218,11 @@ def main(
     and one backward pass (under lxt's AttnLRP rules for attnlrp; gradient checkpointing
     when activations would not fit) and the mean over prompts of |d target / d weight|
     (fisher: of the squared log-likelihood gradient) is written; with --method activation,
-    one forward pass and the squared inputs of each linear layer. Every checkpoint tensor
-    is scored under the checkpoint's own name, with a fingerprint of the checkpoint. The
-    lrp merge method reads the file:
+    one forward pass and the squared inputs of each linear layer; with --method gram, the
+    token-weighted Gram matrices of the linear layers' inputs (RegMean statistics; one
+    forward pass, and one backward pass for --token-weighting relevance or gradient).
+    Every checkpoint tensor is scored under the checkpoint's own name, with a fingerprint
+    of the checkpoint. The lrp merge method reads the file:
 
     \b
       models:
@@ -221,6 +242,7 @@ def main(
     try:
         options = ComputeOptions(
             method=method,
+            token_weighting=token_weighting,
             max_length=max_length,
             num_prompts=num_prompts,
             split=split,

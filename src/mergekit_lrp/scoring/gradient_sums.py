@@ -63,6 +63,9 @@ class GradientAccumulator:
             adder, self._adder = self._adder, None
             adder.close()
 
+    def start_prompt(self, tokens: int, answer_start: int | None) -> None:
+        pass
+
     def _hook(self, name: str):
         total, square = self.sums[name], self.square
 

@@ -1,9 +1,10 @@
 """The prompt loop: one pass of the chosen signal per prompt, summed into an accumulator.
 
-A backward signal (attnlrp, gradient, fisher) runs one forward and one backward pass per
-prompt (:func:`.relevance.relevance_pass`), under the AttnLRP rules for ``attnlrp``; a
-forward-only signal (activation) runs the forward pass alone. The accumulator's hooks
-collect what the signal sums while the pass runs.
+A backward signal (attnlrp, gradient, fisher; gram weighted by relevance or gradient) runs
+one forward and one backward pass per prompt (:func:`.relevance.relevance_pass`), under
+the AttnLRP rules for ``attnlrp`` (and gram's ``relevance``); a forward-only signal
+(activation; gram unweighted or weighted by the answer) runs the forward pass alone. The
+accumulator's hooks collect what the signal sums while the pass runs.
 """
 
 from __future__ import annotations
@@ -76,13 +77,15 @@ def run_prompts(
                         answer_start = max(answer_start - cut, 1)
                     state.truncated += 1
                 mask = torch.ones_like(ids)
+                accumulator.start_prompt(ids.numel(), answer_start)
                 if signal.backward:
                     target = signal.target(options.target)
                     state.last = relevance_pass(
                         net, ids.to(device), mask.to(device), target, answer_start
                     )
-                else:
-                    net(input_ids=ids.to(device).unsqueeze(0), use_cache=False, logits_to_keep=1)
+                else:  # the output head's Gram matrix is over every position
+                    keep = 0 if signal.token_weighting else 1
+                    net(input_ids=ids.to(device).unsqueeze(0), use_cache=False, logits_to_keep=keep)
                     state.last = None
                 state.tokens += ids.numel()
                 state.done = index + 1
@@ -107,7 +110,8 @@ def _pass_context(net, options: ComputeOptions):
     from mergekit_lrp.scoring.attnlrp import attnlrp_rules
 
     rules = attnlrp_rules(net) if signal.rules else contextlib.nullcontext()
-    with rules, backward_ready(net, options.gradient_checkpointing):
+    checkpointing = options.gradient_checkpointing
+    with rules, backward_ready(net, checkpointing, parameter_grads=signal.parameter_grads):
         yield
 
 
@@ -122,7 +126,10 @@ def relevance_scores(
     dtype = next(iter(parameters.values())).dtype
     placement = plan(options, net, parameters, dtype)
     options = replace(options, gradient_checkpointing=placement.checkpointing)
-    accumulator = new_accumulator(net, parameters, options.signal, placement.sums_on_device)
     tokenized = [Prompt(tuple(tokenizer(text)["input_ids"])) for text in prompts]
+    probe = torch.tensor(tokenized[0].ids[-options.max_length :])
+    accumulator = new_accumulator(
+        net, parameters, options.signal, placement.sums_on_device, probe=probe
+    )
     run_prompts(net, tokenized, options, accumulator, LoopState())
     return accumulator.scores(len(prompts))

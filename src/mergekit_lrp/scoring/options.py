@@ -12,7 +12,7 @@ from dataclasses import dataclass, fields, replace
 
 from mergekit_lrp.errors import LrpError
 from mergekit_lrp.scoring.relevance import TARGETS
-from mergekit_lrp.scoring.signals import SIGNALS, Signal
+from mergekit_lrp.scoring.signals import SIGNALS, TOKEN_WEIGHTINGS, Signal, signal_of
 
 #: tokens per prompt when --max-length is not given (capped at the model's positions)
 DEFAULT_MAX_LENGTH = 512
@@ -20,6 +20,10 @@ DEFAULT_MAX_LENGTH = 512
 WEIGHT_DTYPES = ("auto", "float32", "bfloat16", "float16")
 #: dtype of the stored scores (accumulation is float32 either way)
 SCORE_DTYPES = ("float32", "bfloat16")
+#: the stored dtype when --score-dtype is not given: bfloat16 halves a score file; Gram
+#: matrices stay float32 (rounding them changes the merge's solve)
+DEFAULT_SCORE_DTYPE = "bfloat16"
+GRAM_SCORE_DTYPE = "float32"
 ACCUMULATE_ON = ("auto", "device", "cpu")
 #: also ``cuda:N`` for one GPU of several
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -33,6 +37,9 @@ class ComputeError(LrpError):
 class ComputeOptions:
     #: the importance signal (:mod:`.signals`)
     method: str = "attnlrp"
+    #: --method gram: how each prompt's tokens are weighted (None: ``none``); refused with
+    #: another method
+    token_weighting: str | None = None
     #: tokens per prompt; None: :data:`DEFAULT_MAX_LENGTH`, or the model's
     #: ``max_position_embeddings`` when smaller (:func:`decide_max_length`)
     max_length: int | None = None
@@ -47,8 +54,9 @@ class ComputeOptions:
     dtype: str = "auto"
     device: str = "auto"
     target: str = "predicted"
-    #: bfloat16 halves the file; 3 in 10,000 top-k entries flip (docs/BENCHMARKS.md)
-    score_dtype: str = "bfloat16"
+    #: bfloat16 halves the file; 3 in 10,000 top-k entries flip (docs/BENCHMARKS.md).
+    #: None: :data:`DEFAULT_SCORE_DTYPE`, or :data:`GRAM_SCORE_DTYPE` for --method gram
+    score_dtype: str | None = None
     resume: bool = False
     overwrite: bool = False
     #: prompts between two resume checkpoints (``--checkpoint-every``)
@@ -66,6 +74,9 @@ class ComputeOptions:
     device_map: str | dict | None = None
 
     def __post_init__(self):
+        if self.score_dtype is None:
+            chosen = GRAM_SCORE_DTYPE if self.method == "gram" else DEFAULT_SCORE_DTYPE
+            object.__setattr__(self, "score_dtype", chosen)
         if not re.fullmatch(r"cuda:\d+", str(self.device)) and self.device not in DEVICES:
             raise ComputeError(f"--device must be one of {', '.join(DEVICES)} or cuda:N")
         for name, allowed in (
@@ -77,6 +88,17 @@ class ComputeOptions:
             value = getattr(self, name)
             if value not in allowed:
                 raise ComputeError(f"--{_flag(name)} must be one of {', '.join(allowed)}")
+        if self.token_weighting is not None:
+            if self.method != "gram":
+                raise ComputeError(
+                    f"--token-weighting weights the tokens of --method gram's Gram matrices; "
+                    f"--method {self.method} has no token weights: drop --token-weighting or "
+                    "pass --method gram"
+                )
+            if self.token_weighting not in TOKEN_WEIGHTINGS:
+                raise ComputeError(
+                    f"--token-weighting must be one of {', '.join(TOKEN_WEIGHTINGS)}"
+                )
         minimums = (("max_length", 2), ("checkpoint_every", 1), ("num_prompts", 1), ("threads", 1))
         for name, minimum in minimums:
             value = getattr(self, name)
@@ -90,11 +112,11 @@ class ComputeOptions:
             if not isinstance(self.device_map, dict):
                 raise ComputeError("--device-map must be 'auto' (or, from Python, a dict)")
 
-
     @property
     def signal(self) -> Signal:
-        """The importance signal ``method`` names (validated on construction)."""
-        return SIGNALS[self.method]
+        """The importance signal ``method`` (and ``token_weighting``) name (validated on
+        construction)."""
+        return signal_of(self.method, self.token_weighting)
 
 
 def decide_max_length(options: ComputeOptions, config) -> ComputeOptions:

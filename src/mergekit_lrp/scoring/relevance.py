@@ -23,13 +23,18 @@ class PassResult:
 
 
 @contextlib.contextmanager
-def backward_ready(model: torch.nn.Module, checkpointing: bool = True):
+def backward_ready(
+    model: torch.nn.Module, checkpointing: bool = True, parameter_grads: bool = True
+):
     """Checkpointing on (unless told), KV cache and dropout off, every parameter requiring grad.
 
     Everything is restored on exit, so the model behaves as before afterwards. With
     ``checkpointing=False`` a model that already checkpoints keeps doing so.
     Train mode is needed because transformers only checkpoints while training;
-    dropout modules are set to p=0 for the duration.
+    dropout modules are set to p=0 for the duration. With ``parameter_grads=False`` no
+    parameter requires grad and the input embeddings' output does instead: the backward
+    pass computes the gradients of activations only (what the Gram signals weight tokens
+    with), none of the weights'.
     """
     was_training = model.training
     enable, disable, was_checkpointing = _checkpointing_api(model)
@@ -37,6 +42,7 @@ def backward_ready(model: torch.nn.Module, checkpointing: bool = True):
     use_cache = [getattr(c, "use_cache", None) for c in configs]
     requires_grad = [(p, p.requires_grad) for p in model.parameters()]
     dropouts = [(m, m.p) for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    restore = []
     try:
         for config in configs:
             config.use_cache = False
@@ -46,9 +52,15 @@ def backward_ready(model: torch.nn.Module, checkpointing: bool = True):
         if checkpointing and not was_checkpointing:
             enable({"use_reentrant": False})
         for parameter, _ in requires_grad:
-            parameter.requires_grad_(True)
+            parameter.requires_grad_(parameter_grads)
+        if not parameter_grads:
+            embeddings = model.get_input_embeddings()
+            handle = embeddings.register_forward_hook(lambda _m, _i, out: out.requires_grad_())
+            restore.append(handle.remove)
         yield
     finally:
+        for undo in restore:
+            undo()
         for parameter, flag in requires_grad:
             parameter.requires_grad_(flag)
         if checkpointing and not was_checkpointing:

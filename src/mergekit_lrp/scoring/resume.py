@@ -60,7 +60,7 @@ def run_signature(
 ) -> dict:
     """What a resume file must agree on to be continued."""
     digest = hashlib.sha256(json.dumps([p.key() for p in prompts]).encode()).hexdigest()
-    return {
+    signature = {
         "model_fingerprint": fingerprint,
         "prompts_sha256": digest,
         "max_length": options.max_length,
@@ -69,6 +69,9 @@ def run_signature(
         "dtype": str(dtype),
         "process": f"{workers.rank} of {workers.world_size}",
     }
+    if options.signal.token_weighting is not None:  # gram: the weights are in the sums
+        signature["token_weighting"] = options.signal.token_weighting
+    return signature
 
 
 @dataclass

@@ -11,7 +11,7 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from importlib.metadata import version
 from pathlib import Path
 
@@ -143,7 +143,7 @@ def compute_scores(model: str, prompts_path: str, output: str, options: ComputeO
     options = decide_max_length(options, config)
     tokenizer_source = options.tokenizer or model_source.tokenizer_source
     tokenizer = load_tokenizer(tokenizer_source, options.revision, model)
-    prompts = tokenize_records(records, tokenizer, options.target)
+    prompts = tokenize_records(records, tokenizer, options.signal.chat_target or options.target)
     device = pick_device(options.device)
     source = Source(model_source, options.revision, str(prompts_path), model_type)
     with joined_workers(use_cuda=device.type == "cuda") as workers, _cpu_threads(
@@ -216,8 +216,14 @@ def _score_checkpoint(
         for note in placement.notes:
             print(note, file=sys.stderr)
     options = replace(options, gradient_checkpointing=placement.checkpointing)
+    signal = options.signal
+    # Gram matrices are named after checkpoint tensors: layers fused on load have none
+    scored = loaded.scored
+    if signal.token_weighting is not None:
+        scored = {name: p for name, p in scored.items() if name not in loaded.converted}
+    probe = torch.tensor(prompts[0].ids[-options.max_length :])
     accumulator = new_accumulator(
-        loaded.net, loaded.scored, options.signal, placement.sums_on_device
+        loaded.net, scored, signal, placement.sums_on_device, probe=probe
     )
     signature = run_signature(loaded.fingerprint, prompts, options, loaded.dtype, workers)
     resume_file = resume_path(output_path, workers)
@@ -242,7 +248,8 @@ def _score_checkpoint(
     written = None
     if workers.is_main:
         metadata = _metadata(source, loaded, options, len(prompts), tokens)
-        written = _write(output_path, accumulator, loaded, metadata, options, len(prompts))
+        write = _write_gram if signal.token_weighting is not None else _write
+        written = write(output_path, accumulator, loaded, metadata, options, len(prompts))
     workers.barrier()  # every resume file stays until the score file is written
     resume_file.unlink(missing_ok=True)
     return ComputeSummary(
@@ -257,6 +264,8 @@ def _score_checkpoint(
         unscored_tensors=written.unscored if written else [],
         unscored_matrices=written.unscored_matrices if written else [],
         no_relevance=written.no_relevance if written else [],
+        without_gram=written.without_gram if written else {},
+        gram=written.gram if written else None,
         signal=options.signal,
         notes=[] if options.progress else list(placement.notes),
         processes=workers.world_size,
@@ -296,6 +305,7 @@ def _load(model_dir: Path, options: ComputeOptions, device: torch.device, dtype)
 
 def _metadata(source: Source, loaded, options, count: int, tokens: int) -> ScoreMetadata:
     signal = options.signal
+    extra = {"token_weighting": signal.token_weighting} if signal.token_weighting else {}
     return ScoreMetadata(
         model_fingerprint=loaded.fingerprint,
         num_prompts=count,
@@ -312,6 +322,7 @@ def _metadata(source: Source, loaded, options, count: int, tokens: int) -> Score
             "model": source.model.given,
             "revision": source.revision or "",
             "prompts": source.prompts,
+            **extra,
         },
     )
 
@@ -325,6 +336,10 @@ class Written:
     unscored_matrices: list[str]
     #: tensors whose scores were zero everywhere, left out of the file
     no_relevance: list[str]
+    #: gram: checkpoint matrices without a Gram matrix, by reason
+    without_gram: dict[str, list[str]] = field(default_factory=dict)
+    #: gram: (number of Gram matrices, bytes written for them)
+    gram: tuple[int, int] | None = None
 
 
 def _write(output_path: Path, accumulator, loaded, metadata, options, count: int) -> Written:
@@ -339,6 +354,54 @@ def _write(output_path: Path, accumulator, loaded, metadata, options, count: int
     unscored = sorted(set(loaded.tensor_files) - set(scores) - set(aliases))
     matrices = [name for name in unscored if len(_stored_shape(loaded.tensor_files, name)) > 1]
     return Written(unscored, matrices, no_relevance)
+
+
+def _write_gram(output_path: Path, accumulator, loaded, metadata, options, count: int) -> Written:
+    """Check the Gram matrices, record which weight reads which, write the file atomically."""
+    grams = accumulator.scores(count)
+    weighting = options.signal.token_weighting
+    for name, value in grams.items():
+        if not torch.isfinite(value).all():
+            raise ComputeError(
+                f"the Gram matrix {name!r} is not finite (NaN or Inf); {output_path} was not "
+                "written. Try --dtype float32"
+            )
+        if not value.any():
+            hint = (
+                " (--token-weighting answer weights only the tokens the next-token target "
+                "scores: prompts of one token, or chats whose answer is cut off, have none)"
+                if weighting == "answer"
+                else ""
+            )
+            raise ComputeError(
+                f"the Gram matrix {name!r} is zero: no token of these prompts gave that "
+                f"layer an input{hint}; {output_path} was not written. Check the prompts"
+            )
+    metadata = replace(metadata, gram_of=dict(accumulator.gram_of), aliases={})
+    dtype = DTYPES[options.score_dtype]
+    write_scores(output_path, grams, metadata, dtype=dtype)
+    size = sum(value.numel() for value in grams.values()) * dtype.itemsize
+    reasons = dict(accumulator.unhooked)
+    for name in loaded.converted:
+        reasons[name] = "fused on load (experts), not nn.Linear"
+    without: dict[str, list[str]] = {}
+    for name in sorted(set(loaded.tensor_files) - set(accumulator.gram_of)):
+        if len(_stored_shape(loaded.tensor_files, name)) < 2:
+            continue
+        reason = reasons.get(_owner(name, loaded), "not used by the model class")
+        without.setdefault(reason, []).append(name)
+    unscored = sorted(set(loaded.tensor_files) - set(accumulator.gram_of))
+    matrices = [n for reason_names in without.values() for n in reason_names]
+    return Written(unscored, sorted(matrices), [], without, (len(grams), size))
+
+
+def _owner(name: str, loaded) -> str:
+    """The score name holding checkpoint tensor ``name`` (a fused parameter's, an alias's
+    storage, or its own)."""
+    for fused, parts in loaded.converted.items():
+        if name in parts:
+            return fused
+    return loaded.aliases.get(name, name)
 
 
 def _stored_shape(tensor_files: dict[str, str], name: str) -> tuple[int, ...]:

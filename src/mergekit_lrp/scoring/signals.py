@@ -11,7 +11,12 @@ and records its ``quantity``, so the merge knows how to combine it with a task v
 * ``activation``: forward only; for every linear layer the mean over prompts of the
   summed squared inputs per input column (the diagonal of X^T X, OBS/SparseGPT-style),
   broadcast over the weight's rows; for embedding matrices the number of times each row
-  was looked up. Other tensors (norms, convolutions, fused MoE experts) get no scores.
+  was looked up. Other tensors (norms, convolutions, fused MoE experts) get no scores;
+* ``gram``: RegMean statistics, not scores: for every distinct input of linear layers the
+  mean over prompts of its Gram matrix sum_t w_t x_t x_t^T (:mod:`.gram`), the tokens
+  weighted by ``--token-weighting`` (:data:`GRAM_SIGNALS`: ``none`` and ``answer`` are a
+  forward pass, ``relevance`` and ``gradient`` a forward and a backward pass, under the
+  AttnLRP rules for ``relevance`` only, computing no parameter gradients).
 """
 
 from __future__ import annotations
@@ -33,6 +38,13 @@ class Signal:
     #: what the backward pass starts from when the signal fixes it (else ``--target``);
     #: for a forward-only signal, what it records instead of a target
     fixed_target: str | None = None
+    #: gram: how the tokens of each prompt are weighted (None: not a Gram signal)
+    token_weighting: str | None = None
+    #: the backward pass computes parameter gradients (False: activation gradients only)
+    parameter_grads: bool = True
+    #: how chats are tokenized when the signal decides it (else as ``--target`` says):
+    #: ``next-token`` keeps a chat's answer and where it starts
+    chat_target: str | None = None
 
     def target(self, chosen: str) -> str:
         """The backward target this signal uses when the user chose ``chosen``."""
@@ -61,3 +73,37 @@ SIGNALS: dict[str, Signal] = {
         "activation", "mean_sq_input", rules=False, backward=False, fixed_target="inputs"
     ),
 }
+
+
+def _gram(weighting: str, backward: bool = False, rules: bool = False) -> Signal:
+    """A forward weighting reads whole conversations (the answer's tokens are the data a
+    fine-tune was trained on; ``answer`` keeps only them); a backward one explains
+    ``--target``, which decides how chats are tokenized."""
+    return Signal(
+        "gram",
+        "input_gram",
+        rules=rules,
+        backward=backward,
+        fixed_target=None if backward else "inputs",
+        token_weighting=weighting,
+        parameter_grads=False,
+        chat_target=None if backward else "next-token",
+    )
+
+
+#: ``--method gram``'s signal for each ``--token-weighting`` (the first is the default)
+GRAM_SIGNALS: dict[str, Signal] = {
+    "none": _gram("none"),
+    "answer": _gram("answer"),
+    "relevance": _gram("relevance", backward=True, rules=True),
+    "gradient": _gram("gradient", backward=True),
+}
+TOKEN_WEIGHTINGS = tuple(GRAM_SIGNALS)
+SIGNALS["gram"] = GRAM_SIGNALS["none"]
+
+
+def signal_of(method: str, token_weighting: str | None = None) -> Signal:
+    """The signal of ``--method`` (and, for ``gram``, ``--token-weighting``)."""
+    if method == "gram":
+        return GRAM_SIGNALS[token_weighting or TOKEN_WEIGHTINGS[0]]
+    return SIGNALS[method]

@@ -31,6 +31,10 @@ class ComputeSummary:
     unscored_matrices: list[str] = field(default_factory=list)
     #: tensors whose scores were zero everywhere, left out of the file
     no_relevance: list[str] = field(default_factory=list)
+    #: gram: checkpoint matrices without a Gram matrix, by reason
+    without_gram: dict[str, list[str]] = field(default_factory=dict)
+    #: gram: (number of Gram matrices, bytes written)
+    gram: tuple[int, int] | None = None
     signal: Signal = SIGNALS["attnlrp"]
     #: the choices ``auto`` options made, when not printed as they were made
     notes: list[str] = field(default_factory=list)
@@ -67,7 +71,9 @@ class ComputeSummary:
                 "less on an untrained one; see docs/attnlrp.md, Conservation)"
             )
         needed = [n for n in self.unscored_matrices if n not in self.no_relevance]
-        if needed and self.signal.backward:
+        if self.signal.token_weighting is not None:
+            lines += self.gram_lines()
+        elif needed and self.signal.backward:
             lines.append(
                 f"{len(needed)} checkpoint matrix/matrices are not used by the model class and "
                 f"have no scores ({', '.join(needed[:3])}, ...): merge them with "
@@ -86,6 +92,28 @@ class ComputeSummary:
                 "missing_scores: magnitude or base"
             )
         return lines + self.warnings()
+
+    def gram_lines(self) -> list[str]:
+        """What a Gram file holds, and which matrices it has no Gram matrix for."""
+        lines = []
+        if self.gram is not None:
+            count, size = self.gram
+            lines.append(
+                f"Gram matrices: {count} ({size / 2**20:.1f} MiB), tokens weighted: "
+                f"{self.signal.token_weighting}"
+            )
+        missing = sum(len(names) for names in self.without_gram.values())
+        if missing:
+            reasons = "; ".join(
+                f"{reason}: {len(names)} ({', '.join(names[:2])}"
+                + (", ...)" if len(names) > 2 else ")")
+                for reason, names in self.without_gram.items()
+            )
+            lines.append(
+                f"{missing} checkpoint matrix/matrices have no Gram matrix ({reasons}): a merge "
+                "reading the file handles them by its own rule"
+            )
+        return lines
 
     def warnings(self) -> list[str]:
         """Signs that the prompts did not exercise the model as intended."""

@@ -8,9 +8,12 @@ measurement in a fresh process; `--only` picks some):
   precompute:  relevance pass (AttnLRP rules + checkpointing + CPU accumulator) vs a plain
                forward+backward, per prompt, at two model sizes and two prompt lengths;
                peak RSS of each, against the fp32 weight size.
-  merge:       `lrp` (default and each merge rule) and `circuit` vs mergekit's `dare_ties`
+  merge:       `lrp` (default and each merge rule), `circuit` and `regmean` vs `dare_ties`
                on a ~100M Llama and two fine-tunes: wall time and peak RSS, median of
                alternating runs (`--merges` picks the settings timed against dare_ties).
+  regmean_solve: where a `regmean` merge spends its time (cProfile: reading Gram matrices,
+               factorizations, applying the inverse, the other tensors), and one layer's
+               solve at growing hidden sizes (the scaling behind the 7B estimate).
   score_dtype: float32 vs bfloat16 score files: size, and top-k mask entries that flip.
   profile:     where the relevance pass spends its time against plain, operator by
                operator (torch.profiler, self CPU time), on one model at 256 tokens.

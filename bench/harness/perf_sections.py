@@ -10,7 +10,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness.perf_models import build_model, fine_tunes, score_file
+from harness.perf_models import build_model, fine_tunes, gram_file, score_file
 from harness.perf_workers import run_worker
 
 
@@ -82,8 +82,9 @@ def precompute(settings: Settings) -> list[dict]:
     return rows
 
 
-#: the merges timed against dare_ties: name -> (merge_method, global parameters, scores?);
-#: lrp rows name their whole rule, so they keep their meaning when the defaults change
+#: the merges timed against dare_ties: name -> (merge_method, global parameters, the
+#: files it reads: False (none), True (score files) or "gram" (Gram files)); lrp rows name
+#: their whole rule, so they keep their meaning when the defaults change
 TOPK = {"selection": "topk", "consensus": "none", "normalize": False}
 MERGE_SETTINGS = {
     "dare_ties": ("dare_ties", {}, False),
@@ -105,18 +106,24 @@ MERGE_SETTINGS = {
     "lrp top-k, model budget": ("lrp", {**TOPK, "budget": "model"}, True),
     "circuit": ("circuit", {}, False),
     "circuit, score order": ("circuit", {"drop_order": "scores"}, True),
+    "regmean (defaults)": ("regmean", {}, "gram"),
 }
 BASELINE = "dare_ties"
 
 
-def merge_config(setting: str, base: Path, fts: list[Path], scores: list[Path]) -> dict:
-    """The two fine-tunes merged at density 0.5, weight 0.5 (circuit takes neither)."""
-    method, shared, uses_scores = MERGE_SETTINGS[setting]
+def merge_config(
+    setting: str, base: Path, fts: list[Path], scores: list[Path], grams: list[Path] = ()
+) -> dict:
+    """The two fine-tunes merged at density 0.5, weight 0.5 (circuit takes neither,
+    regmean no density)."""
+    method, shared, reads = MERGE_SETTINGS[setting]
     models = []
-    for ft, scores_path in zip(fts, scores, strict=True):
+    for index, ft in enumerate(fts):
         params = {} if method == "circuit" else {"weight": 0.5, "density": 0.5}
-        if uses_scores:
-            params["lrp_scores"] = str(scores_path)
+        if method == "regmean":
+            del params["density"]
+        if reads:
+            params["lrp_scores"] = str((grams if reads == "gram" else scores)[index])
         models.append({"model": str(ft), "parameters": params})
     return {
         "merge_method": method,
@@ -137,9 +144,15 @@ def merge(settings: Settings) -> dict:
     ]
     chosen = settings.merges or tuple(MERGE_SETTINGS)
     runs = {s: [] for s in MERGE_SETTINGS if s == BASELINE or s in chosen}
+    grams = []
+    if any(MERGE_SETTINGS[s][2] == "gram" for s in runs):
+        grams = [
+            gram_file(ft, settings.cache / f"llama-{size}-ft{i}.gram.safetensors")
+            for i, ft in enumerate(fts, start=1)
+        ]
     for _ in range(settings.repeats):
         for index, setting in enumerate(runs):
-            config = merge_config(setting, base, fts, scores)
+            config = merge_config(setting, base, fts, scores, grams)
             out = str(settings.cache / f"out-{index}")
             runs[setting].append(run_worker("merge", config=config, out=out))
     med = {
@@ -316,10 +329,49 @@ def placement(settings: Settings) -> list[dict]:
     return rows
 
 
+REGMEAN_SETTING = "regmean (defaults)"
+#: one layer of a Llama of hidden size h (intermediate 2.6875 h, Llama 2 7B's ratio)
+SOLVE_HIDDEN = {"tiny": (64,), "quick": (256, 512), "full": (768, 1536, 3072)}
+
+
+def regmean_solve(settings: Settings) -> dict:
+    """Where a regmean merge spends its time (cProfile of one merge at the merge section's
+    size: reading Gram matrices, the numerator, factorizations, applying the inverse), and
+    the solve of one whole layer (7 linear weights, 4 distinct inputs, two models, float64)
+    at growing hidden sizes, each in a fresh process: seconds, GFLOP/s, peak RSS."""
+    (size,) = sizes(settings, ["10M"], ["100M"])
+    base, fts = fine_tunes(size, settings.cache)
+    grams = [
+        gram_file(ft, settings.cache / f"llama-{size}-ft{i}.gram.safetensors")
+        for i, ft in enumerate(fts, start=1)
+    ]
+    config = merge_config(REGMEAN_SETTING, base, fts, [], grams)
+    profiled = run_worker("merge_profile", config=config, out=str(settings.cache / "out-prof"))
+    layers = []
+    kind = "tiny" if settings.size == "tiny" else "quick" if settings.quick else "full"
+    for hidden in SOLVE_HIDDEN[kind]:
+        runs = [run_worker("solve_layer", hidden=hidden) for _ in range(settings.repeats)]
+        seconds = statistics.median(r["seconds"] for r in runs)
+        layers.append(
+            {
+                "hidden": hidden,
+                "intermediate": runs[0]["intermediate"],
+                "seconds": seconds,
+                "gflop": runs[0]["flop"] / 1e9,
+                "gflop_per_s": runs[0]["flop"] / seconds / 1e9,
+                "peak_rss_mb": max(r["peak_rss"] for r in runs) / 2**20,
+                "rss_before_mb": runs[0]["rss_before"] / 2**20,
+            }
+        )
+        print(json.dumps(layers[-1]), file=sys.stderr)
+    return {"size": size, "profile": profiled, "layers": layers}
+
+
 #: name -> section, in the order a full run measures them
 SECTIONS = {
     "precompute": precompute,
     "merge": merge,
+    "regmean_solve": regmean_solve,
     "score_dtype": score_dtype,
     "profile": profile,
     "signals": signals,

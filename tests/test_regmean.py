@@ -64,6 +64,17 @@ def test_the_solve_is_least_squares_on_the_stacked_inputs():
     torch.testing.assert_close(other_base, expected, rtol=1e-10, atol=1e-10)
 
 
+def test_gram_matrices_converted_a_block_of_rows_at_a_time(monkeypatch):
+    """The solve converts each Gram matrix in blocks of rows: blocks of one row give the
+    same weight as one block."""
+    base, w1, w2, x1, x2 = least_squares_pair(seed=7)
+    grams = [x1.T @ x1, x2.T @ x2]
+    whole = solve_pair(base, [w1, w2], grams, weights=(2.0, 1.0), alpha=0.7, ridge=0.1)
+    monkeypatch.setattr(gram_module, "BLOCK_ENTRIES", 4)  # 4 features: one row a block
+    rows = solve_pair(base, [w1, w2], grams, weights=(2.0, 1.0), alpha=0.7, ridge=0.1)
+    torch.testing.assert_close(rows, whole, rtol=1e-12, atol=1e-12)
+
+
 def test_a_weight_scales_the_models_gram_matrix():
     """weight 2 for model 1 is model 1's inputs counted twice."""
     base, w1, w2, x1, x2 = least_squares_pair(seed=1)

@@ -169,20 +169,44 @@ class Factor:
     scale: torch.Tensor
 
 
-def regularized(gram: torch.Tensor, alpha: float, weight: float = 1.0) -> torch.Tensor:
-    """weight * (alpha * G + (1 - alpha) * diag(G)), in place."""
-    diagonal = gram.diagonal().clone()
-    gram.mul_(alpha * weight)
-    gram.diagonal().copy_(diagonal * weight)
-    return gram
+#: rows of a Gram matrix converted to the solve's dtype at a time (about 64 MB in float64)
+BLOCK_ENTRIES = 2**23
 
 
-def factorize(summed: torch.Tensor, ridge: float, where: str, hint: str) -> Factor:
+def accumulate(
+    numerator: torch.Tensor,
+    summed: torch.Tensor | None,
+    delta: torch.Tensor,
+    gram: torch.Tensor,
+    alpha: float,
+    weight: float,
+) -> None:
+    """numerator += delta G~ and summed += G~ for G~ = weight * (alpha * G + (1 - alpha) *
+    diag(G)), converting ``gram`` (as read, float32) to the solve's dtype and device a
+    block of rows at a time, so that no full-size converted copy exists."""
+    n = gram.shape[0]
+    rows = max(1, BLOCK_ENTRIES // max(n, 1))
+    diagonal = gram.diagonal()
+    for start in range(0, n, rows):
+        stop = min(n, start + rows)
+        block = gram[start:stop].to(device=numerator.device, dtype=numerator.dtype, copy=True)
+        block.mul_(alpha * weight)
+        index = torch.arange(stop - start, device=block.device)
+        block[index, index + start] = diagonal[start:stop].to(block) * weight
+        numerator.addmm_(delta[:, start:stop], block)
+        if summed is not None:
+            summed[start:stop].add_(block)
+
+
+def factorize(
+    summed: torch.Tensor, ridge: float, where: str, hint: str, dead_hint: str | None = None
+) -> Factor:
     """Factor A = ``summed`` + ridge * mean(diag) * I (``summed`` is overwritten).
 
     Raises :class:`GramSolveError` naming ``where`` when A is singular or its scaled
     condition number (bounded below by 1 / the smallest squared pivot of S A S, whose
-    diagonal is 1) exceeds :func:`condition_limit`; ``hint`` says what to change.
+    diagonal is 1) exceeds :func:`condition_limit`; ``hint`` says what to change
+    (``dead_hint`` when input features are zero in every matrix, default ``hint``).
     """
     dtype = summed.dtype
     diagonal = summed.diagonal()
@@ -191,14 +215,14 @@ def factorize(summed: torch.Tensor, ridge: float, where: str, hint: str) -> Fact
     if not (mean > 0 and bool((diagonal > 0).all())):
         dead = int((diagonal <= 0).sum())
         raise GramSolveError(
-            f"regmean: the Gram matrices of {where} are singular: {dead} input feature(s) "
-            f"are zero in every model's Gram matrix (no calibration token reached them); "
-            f"{hint}"
+            f"regmean: the Gram matrices {where} are singular: {dead} input feature(s) are "
+            f"zero in every model's Gram matrix (no calibration token reached them); "
+            f"{dead_hint or hint}"
         )
     scale = diagonal.rsqrt()
     summed.mul_(scale[:, None]).mul_(scale[None, :])
-    cholesky, info = torch.linalg.cholesky_ex(summed)
-    del summed
+    info = torch.empty((), dtype=torch.int32, device=summed.device)
+    cholesky, info = torch.linalg.cholesky_ex(summed, out=(summed, info))  # in place
     limit = condition_limit(dtype)
     if int(info) == 0:
         pivot = float(cholesky.diagonal().min())
@@ -208,7 +232,7 @@ def factorize(summed: torch.Tensor, ridge: float, where: str, hint: str) -> Fact
     if not estimate <= limit:
         found = "not positive definite" if int(info) else f"condition estimate {estimate:.2g}"
         raise GramSolveError(
-            f"regmean: the Gram matrices of {where} are singular or too ill-conditioned to "
+            f"regmean: the Gram matrices {where} are singular or too ill-conditioned to "
             f"solve in {str(dtype).removeprefix('torch.')} ({found}, limit {limit:.2g}); "
             f"{hint}"
         )
@@ -291,27 +315,30 @@ def solve(
 ) -> torch.Tensor:
     """The RegMean weight of one linear layer (module doc), in ``base``'s dtype.
 
-    ``grams[i]()`` reads model i's Gram matrix (float32, any device); it is read once per
-    call and dropped after use. ``key`` names the layer input's factorization (the files,
-    the Gram name, the weights and settings) and ``users`` the weights ``name`` shares it
-    with: the factorization is kept for them, and dropped after the last one.
+    ``grams[i]()`` reads model i's Gram matrix (float32, on the CPU); it is read once per
+    call, converted a block of rows at a time (:func:`accumulate`) and dropped after use,
+    so memory holds the summed matrix (then, in place, its factor) and one Gram matrix.
+    ``key`` names the layer input's factorization (the files, the Gram name, the weights
+    and settings) and ``users`` the weights ``name`` shares it with: the factorization is
+    kept for them, and dropped after the last one.
     """
     device = base.device
-    hint = (
-        f"raise ridge (now {ridge:g}; e.g. {max(ridge * 100, 1e-3):g}) or lower alpha (now "
-        f"{alpha:g})" + (", or set solve_dtype: float64" if dtype != torch.float64 else "")
+    raise_ridge = f"raise ridge (now {ridge:g}; e.g. {max(ridge * 100, 1e-3):g})"
+    hint = f"{raise_ridge} or lower alpha (now {alpha:g})" + (
+        ", or set solve_dtype: float64" if dtype != torch.float64 else ""
     )
     factor = _FACTORS.take(key, name) if key is not None else None
     numerator = torch.zeros(base.shape, dtype=dtype, device=device)
     summed = None
-    for theta, read, weight in zip(thetas, grams, weights, strict=True):
-        gram = regularized(read().to(device=device, dtype=dtype), alpha, weight)
-        numerator.addmm_((theta.to(dtype) - base.to(dtype)), gram)
-        if factor is None:
-            summed = gram if summed is None else summed.add_(gram)
-        del gram
     if factor is None:
-        factor = factorize(summed, ridge, where, hint)
+        n = base.shape[1]
+        summed = torch.zeros((n, n), dtype=dtype, device=device)
+    for theta, read, weight in zip(thetas, grams, weights, strict=True):
+        delta = theta.to(dtype) - base.to(dtype)
+        accumulate(numerator, summed, delta, read(), alpha, weight)
+        del delta
+    if factor is None:
+        factor = factorize(summed, ridge, where, hint, raise_ridge)
         del summed
         if key is not None:
             _FACTORS.keep(key, name, factor, users)
@@ -355,7 +382,7 @@ _OBS_FACTORS: dict[tuple, torch.Tensor] = {}
 
 def _obs_factor(reader: ScoreReader, name: str, ridge: float, device: str) -> torch.Tensor:
     gram = reader.gram(name).to(device=device, dtype=torch.float64)
-    where = f"{name} ({reader.path})"
+    where = f"{reader.gram_name(name)!r} of {name!r} ({reader.path})"
     hint = (
         "the lrp merge's OBS saliency uses a fixed ridge; recompute the Gram file on more "
         "calibration prompts, or give lrp a score file of another signal"
@@ -364,8 +391,6 @@ def _obs_factor(reader: ScoreReader, name: str, ridge: float, device: str) -> to
         factor = factorize(gram, ridge, where, hint)
     except GramSolveError as error:
         raise GramSolveError(str(error).replace("regmean: ", "lrp: ", 1)) from None
-    identity = torch.eye(factor.cholesky.shape[0], dtype=torch.float64, device=device)
-    inverse_factor = torch.linalg.solve_triangular(factor.cholesky, identity, upper=False)
-    scaled_diagonal = inverse_factor.square().sum(dim=0)  # diag((S A S)^-1)
+    scaled_diagonal = torch.cholesky_inverse(factor.cholesky).diagonal()  # diag((S A S)^-1)
     inverse_diagonal = scaled_diagonal * factor.scale.square()  # diag(A^-1)
     return (1 / inverse_diagonal).float()

@@ -92,7 +92,8 @@ def regmean_merge(
             alpha,
             ridge,
             dtype,
-            where=f"{name} ({', '.join(str(r.path) for r in readers)})",
+            where=f"{readers[0].gram_name(name)!r} of {name!r} "
+            f"({', '.join(str(r.path) for r in readers)})",
             key=key,
             name=name,
             users=sharing_weights(readers, name),

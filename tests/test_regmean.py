@@ -438,3 +438,13 @@ def test_a_bad_input_is_one_line_under_mergekit_yaml(family, grams, tmp_path):
     assert len(errors) == 1 and "different checkpoint" in errors[0], result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_merge_mask_takes_per_entry_scores_not_a_gram_matrix():
+    from mergekit_lrp import merge_mask
+
+    with pytest.raises(LrpError, match="Gram matrix per layer input"):
+        merge_mask(torch.zeros(2, 2), torch.ones(2, 2), torch.eye(2), quantity="input_gram")
+    scores = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    kept = merge_mask(torch.zeros(2, 2), torch.ones(2, 2), scores, 0.5, selection="topk")
+    assert kept.tolist() == [[False, False], [True, True]]

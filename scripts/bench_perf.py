@@ -9,11 +9,14 @@ measurement in a fresh process; `--only` picks some):
   precompute:  relevance pass (AttnLRP rules + checkpointing + CPU accumulator) vs a plain
                forward+backward, per prompt, at two model sizes and two prompt lengths;
                peak RSS of each, against the fp32 weight size.
-  merge:       `lrp` and `circuit` at their defaults, and lrp's merge rules at density
+  merge:       `lrp`, `circuit` and `regmean` at their defaults, and lrp's merge rules at density
                0.5, vs mergekit's `dare_ties` on a ~100M Llama with two and with four
                fine-tunes: wall time and peak RSS, median of alternating runs, the
                1-minute load average seen (`--merges` picks the settings timed against
                dare_ties, `--fine-tunes` the counts).
+  regmean_solve: where a `regmean` merge spends its time (cProfile: reading Gram matrices,
+               factorizations, applying the inverse, the other tensors), and one layer's
+               solve at growing hidden sizes (the scaling behind the 7B estimate).
   score_dtype: float32 vs bfloat16 score files: size, and top-k mask entries that flip.
   profile:     where the relevance pass spends its time against plain, operator by
                operator (torch.profiler, self CPU time), on one model at 256 tokens.

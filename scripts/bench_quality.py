@@ -1,7 +1,8 @@
 """Merge-quality benchmark: `lrp` against mergekit's methods on the locally built toy families.
 
     python scripts/bench_quality.py [--quick] [--families NAME[:SEED] ...]
-        [--variants] [--rules] [--ablation] [--methods NAME ...] [--densities D ...]
+        [--variants] [--rules] [--ablation] [--regmean] [--methods NAME ...]
+        [--densities D ...]
         [--subsets {both,pairs,all}] [--no-exact] [--out DIR] [--cache DIR]
         [--threads N] [--workers N]
 
@@ -68,6 +69,12 @@ def parse_args() -> argparse.Namespace:
         help="the importance-signal ablation instead: the same lrp selection with random, "
         "|delta|, gradient, fisher, activation and attnlrp scores (docs/BENCHMARKS.md)",
     )
+    parser.add_argument(
+        "--regmean",
+        action="store_true",
+        help="RegMean's settings instead (alpha, the other tensors' rule, ridge) beside "
+        "task_arithmetic, from Gram files of the experts' calibration texts",
+    )
     parser.add_argument("--no-exact", action="store_true", help="skip exact-match decoding")
     parser.add_argument(
         "--methods",
@@ -109,7 +116,9 @@ def main() -> None:
     default_densities = QUICK_DENSITIES if args.quick else DENSITIES
     settings = quality.Settings(
         families=quality.parse_families(args.families),
-        methods=select_methods(args.quick, args.variants, args.rules, args.ablation, args.methods),
+        methods=select_methods(
+            args.quick, args.variants, args.rules, args.ablation, args.methods, args.regmean
+        ),
         densities=tuple(args.densities or default_densities),
         out=out,
         cache=Path(args.cache),

@@ -8,7 +8,7 @@ mergekit), adds the ``tests/common.py`` the sdist lacks (scripts/mergekit_tests_
 then runs pytest twice: plainly and with ``MERGEKIT_LRP_DISABLE=1``. A pytest plugin
 added to both runs checks that ``lrp`` is registered exactly when the plugin is active.
 Exits 1 if the plugin run fails or errors on a test that the run without it does not.
-One parametrisation that only exists with the plugin is deselected (see DESELECTED).
+Two parametrisations that only exist with the plugin are deselected (see DESELECTED).
 """
 
 import argparse
@@ -31,12 +31,18 @@ REPORT_ENV = "MERGEKIT_LRP_SUITE_REPORT"
 # mergekit's conformance test runs every registered method with only generic parameters
 # (weight, t, density). For lrp that means no score file, which lrp refuses by design (no
 # silent magnitude fallback). tests/test_method.py runs the same strided-input check on
-# lrp with score files.
+# lrp with score files; the same holds for regmean and its Gram files
+# (tests/test_regmean.py).
 DESELECTED = {
     "tests/test_merge_method_regressions.py::"
     "test_state_dict_methods_accept_strided_weights_without_mutation[lrp]": (
         "runs lrp without lrp_scores, which lrp refuses by design; the same check with "
         "score files is tests/test_method.py::test_strided_inputs_are_not_mutated"
+    ),
+    "tests/test_merge_method_regressions.py::"
+    "test_state_dict_methods_accept_strided_weights_without_mutation[regmean]": (
+        "runs regmean without Gram files, which regmean refuses by design; the same check "
+        "with Gram files is tests/test_regmean.py::test_strided_inputs_are_not_mutated"
     ),
 }
 PLUGIN_SOURCE = f'''\

@@ -242,3 +242,20 @@ def test_bench_perf_times_one_merge_against_dare_ties_on_a_tiny_model(tmp_path):
     assert "## Merge cost (tiny Llama, 2 and 4 fine-tunes; 1-minute load average" in report
     assert "| 4 | lrp (defaults) | " in report
     assert not list(cache.glob("out-*"))  # each merge's output is removed after timing
+
+
+@pytest.mark.bench
+def test_bench_perf_times_regmean_and_its_solve_on_a_tiny_model(tmp_path):
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    perf = ["bench_perf.py", "--only", "merge", "regmean_solve", "--size", "tiny"]
+    perf += ["--merges", "regmean (defaults)", "--repeats", "1"]
+    run_script(*perf, "--out", str(out), "--cache", str(cache), cwd=tmp_path)
+    results = json.loads((out / "perf.json").read_text())
+    assert [r["setting"] for r in results["merge"]["rows"]] == ["dare_ties", "regmean (defaults)"]
+    parts = results["regmean_solve"]["profile"]["parts"]
+    assert 0 < parts["factorizations"] <= parts["solve (all of it)"]
+    assert parts["solve (all of it)"] < results["regmean_solve"]["profile"]["seconds"]
+    (layer,) = results["regmean_solve"]["layers"]
+    assert layer["hidden"] == 64 and layer["gflop_per_s"] > 0
+    report = (out / "perf.md").read_text()
+    assert "| regmean (defaults) | " in report and "## Where a regmean merge spends" in report

@@ -37,6 +37,8 @@ def _rows(role: str, *methods: Method) -> list[Method]:
 
 
 DEFAULT_SCORES = "predicted-128"
+#: Gram files (RegMean statistics) on the experts' 128 calibration texts
+GRAM_SCORES = "inputs-128"
 #: lrp's rules before the merge-rules issue chose new defaults: per-tensor top-k, the
 #: weighted kept deltas added
 PLAIN_LRP = {"selection": "topk", "consensus": "none", "normalize": False}
@@ -203,10 +205,37 @@ ABLATION = [
     Method("attnlrp (delta)", "lrp", {"importance": "delta"}, scores=DEFAULT_SCORES),
     Method("attnlrp (weight)", "lrp", {"importance": "weight"}, scores=DEFAULT_SCORES),
     Method("attnlrp next-token (delta)", "lrp", {"importance": "delta"}, scores="next-token-128"),
+    # the exact OBS saliency delta^2 / [(G + lambda I)^-1]_jj from the full Gram matrix
+    # (activation uses its diagonal only)
+    Method("gram OBS (delta)", "lrp", {"importance": "delta"}, scores=f"gram:{GRAM_SCORES}"),
+]
+#: RegMean from Gram files: alpha (the off-diagonal scale), the rule for the tensors it
+#: does not solve, the ridge; a model's weight scales its Gram matrices, which changes
+#: nothing when all are equal, so it is swept only where task arithmetic uses it
+REGMEAN = [
+    Method(
+        f"regmean (alpha {alpha}, {other.replace('_', ' ')}"
+        + (f", ridge {ridge:g})" if ridge is not None else ")"),
+        "regmean",
+        {
+            "alpha": alpha,
+            "other_tensors": other,
+            **({"ridge": ridge} if ridge is not None else {}),
+        },
+        scores=f"gram:{GRAM_SCORES}",
+        uses_density=False,
+        uses_weight=other == "task_arithmetic",
+    )
+    for alpha, other, ridge in [
+        *((a, o, None) for o in ("average", "task_arithmetic") for a in (0.0, 0.5, 0.9, 1.0)),
+        (0.9, "average", 0.0),
+        (0.9, "average", 0.01),
+        (1.0, "average", 0.01),
+    ]
 ]
 #: every row by its table name
 BY_NAME = {
-    m.name: m for m in METHODS + VARIANTS + OLDER_RULES + RULES + CIRCUIT_PARTS + ABLATION
+    m.name: m for m in METHODS + VARIANTS + OLDER_RULES + RULES + CIRCUIT_PARTS + ABLATION + REGMEAN
 }
 DENSITIES = (0.1, 0.3, 0.5, 0.7, 0.9)
 
@@ -221,6 +250,7 @@ def select_methods(
     rules: bool = False,
     ablation: bool = False,
     names: list[str] | None = None,
+    regmean: bool = False,
 ) -> list[Method]:
     """The rows a run merges, as the command line's options choose them (``names`` wins
     over the tables; ``quick`` keeps one merge seed and 32 calibration prompts)."""
@@ -231,6 +261,8 @@ def select_methods(
         methods += RULES + CIRCUIT_PARTS
     if ablation:
         methods = list(ABLATION)
+    if regmean:
+        methods = list(REGMEAN) + [BY_NAME["task_arithmetic"]]
     if names:
         unknown = [name for name in names if name not in BY_NAME]
         if unknown:

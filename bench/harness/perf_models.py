@@ -106,6 +106,37 @@ def score_file(model_dir: Path, out: Path, dtype: str, prompts: int = 4) -> Path
     return out
 
 
+def gram_file(model_dir: Path, out: Path, prompts: int = 4, length: int = 64) -> Path:
+    """A Gram file (RegMean statistics) of ``model_dir``: the exact Gram matrices of every
+    linear layer's input on a few random-token prompts, saved once (enough for measuring
+    cost: the solve's work does not depend on the values)."""
+    from transformers import AutoModelForCausalLM
+
+    from harness.grams import linear_input_grams
+    from mergekit_lrp.scores.file import ScoreMetadata, write_scores
+    from mergekit_lrp.scores.fingerprint import SCHEME, model_fingerprint
+
+    if out.exists():
+        return out
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    batches = [ids[None] for ids in random_prompts(model.config.vocab_size, length, prompts)]
+    tensors, gram_of = linear_input_grams(model, batches)
+    metadata = ScoreMetadata(
+        model_fingerprint=model_fingerprint(model_dir),
+        num_prompts=prompts,
+        num_tokens=length * prompts,
+        target="inputs",
+        model_type="llama",
+        method="gram",
+        quantity="input_gram",
+        fingerprint_scheme=SCHEME,
+        gram_of=gram_of,
+        extra={"token_weighting": "none"},
+    )
+    write_scores(out, tensors, metadata)
+    return out
+
+
 def fine_tunes(size: str, root: Path, count: int = 2) -> tuple[Path, list[Path]]:
     """The base of ``size`` and ``count`` stand-in fine-tunes of it."""
     base = build_model(size, root)

@@ -118,6 +118,33 @@ def score_dtype_table(rows: list[dict]) -> list[str]:
     ]
 
 
+def regmean_solve_tables(result: dict) -> list[str]:
+    profile = result["profile"]
+    total = profile["seconds"]
+    lines = [
+        f"regmean merge, {result['size']} Llama, two fine-tunes (cProfile, cumulative):",
+        "",
+        "| part | seconds | share of the merge |",
+        "|---|---|---|",
+        f"| the whole merge (run_merge) | {total:.2f} | 1.00 |",
+        *[
+            f"| {label} | {seconds:.2f} | {seconds / total:.2f} |"
+            for label, seconds in profile["parts"].items()
+        ],
+        "",
+        "One layer's solve (7 linear weights, two models, float64):",
+        "",
+        "| hidden | intermediate | seconds | GFLOP | GFLOP/s | peak RSS MB (before) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in result["layers"]:
+        lines.append(
+            f"| {r['hidden']} | {r['intermediate']} | {r['seconds']:.2f} | {r['gflop']:.1f} | "
+            f"{r['gflop_per_s']:.1f} | {r['peak_rss_mb']:.0f} ({r['rss_before_mb']:.0f}) |"
+        )
+    return lines
+
+
 def markdown(results: dict, profile_size: str) -> str:
     """The tables of the sections in ``results``, in this order whatever the run's."""
     sections = {  # name -> result -> (title, table)
@@ -129,6 +156,10 @@ def markdown(results: dict, profile_size: str) -> str:
             gram_table(rows),
         ),
         "merge": lambda merge: (merge_title(merge), merge_table(merge)),
+        "regmean_solve": lambda result: (
+            "Where a regmean merge spends its time",
+            regmean_solve_tables(result),
+        ),
         "profile": lambda rows: (
             "Where the time goes (torch.profiler, self CPU ms per prompt, "
             f"{profile_size} Llama, {PROFILE_LENGTH} tokens; top operators)",

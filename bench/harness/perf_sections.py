@@ -11,7 +11,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness.perf_models import build_model, fine_tunes, score_file
+from harness.perf_models import build_model, fine_tunes, gram_file, score_file
 from harness.perf_workers import run_worker
 
 
@@ -84,8 +84,9 @@ def precompute(settings: Settings) -> list[dict]:
     return rows
 
 
-#: the merges timed against dare_ties: name -> (merge_method, global parameters, scores?,
-#: per-model parameters). dare_ties runs at lrp's default density with weight 1 (DARE's
+#: the merges timed against dare_ties: name -> (merge_method, global parameters, the
+#: files it reads: False (none), True (score files) or "gram" (Gram files), per-model
+#: parameters). dare_ties runs at lrp's default density with weight 1 (DARE's
 #: cost does not depend on either); the defaults rows give nothing but the score files;
 #: lrp's rule rows name their whole rule at density 0.5, weight 0.5, so they keep their
 #: meaning when the defaults change
@@ -124,20 +125,23 @@ MERGE_SETTINGS = {
     ),
     "lrp top-k, layer budget (d 0.5)": ("lrp", {**TOPK, "budget": "layer"}, True, AT_HALF),
     "lrp top-k, model budget (d 0.5)": ("lrp", {**TOPK, "budget": "model"}, True, AT_HALF),
+    "regmean (defaults)": ("regmean", {}, "gram", {}),
 }
 BASELINE = "dare_ties"
 #: how many fine-tunes the merge section merges, each count against its own dare_ties
 FINE_TUNE_COUNTS = (2, 4)
 
 
-def merge_config(setting: str, base: Path, fts: list[Path], scores: list[Path]) -> dict:
+def merge_config(
+    setting: str, base: Path, fts: list[Path], scores: list[Path], grams: list[Path] = ()
+) -> dict:
     """The fine-tunes merged with ``setting`` (its parameters: :data:`MERGE_SETTINGS`)."""
-    method, shared, uses_scores, per_model = MERGE_SETTINGS[setting]
+    method, shared, reads, per_model = MERGE_SETTINGS[setting]
     models = []
-    for ft, scores_path in zip(fts, scores, strict=True):
+    for index, ft in enumerate(fts):
         params = dict(per_model)
-        if uses_scores:
-            params["lrp_scores"] = str(scores_path)
+        if reads:
+            params["lrp_scores"] = str((grams if reads == "gram" else scores)[index])
         models.append({"model": str(ft), "parameters": params})
     return {
         "merge_method": method,
@@ -162,10 +166,16 @@ def merge(settings: Settings) -> dict:
     names = [s for s in MERGE_SETTINGS if s == BASELINE or s in chosen]
     runs = {count: {s: [] for s in names} for count in counts}
     loads = []
+    grams = []
+    if any(MERGE_SETTINGS[s][2] == "gram" for s in names):
+        grams = [
+            gram_file(ft, settings.cache / f"llama-{size}-ft{i}.gram.safetensors")
+            for i, ft in enumerate(fts, start=1)
+        ]
     for _ in range(settings.repeats):
         for count in counts:
             for index, setting in enumerate(names):
-                config = merge_config(setting, base, fts[:count], scores[:count])
+                config = merge_config(setting, base, fts[:count], scores[:count], grams[:count])
                 out = str(settings.cache / f"out-{index}")
                 loads.append(os.getloadavg()[0])
                 runs[count][setting].append(run_worker("merge", config=config, out=out))
@@ -315,14 +325,14 @@ def gram(settings: Settings) -> list[dict]:
         for _ in range(settings.repeats):
             for mode in modes:
                 runs[mode].append(
-                    run_worker("gram", model_dir=str(model_dir), mode=mode, length=length,
-                               count=count)  # fmt: skip
+                    run_worker(
+                        "gram", model_dir=str(model_dir), mode=mode, length=length, count=count
+                    )  # fmt: skip
                 )
         seconds = {m: statistics.median(r["seconds_per_prompt"] for r in runs[m]) for m in modes}
         weights = runs["plain-forward"][0]["weights_fp32"]
         rss = {
-            m: max(r["peak_rss"] - r["rss_before_model"] for r in runs[m]) / weights
-            for m in modes
+            m: max(r["peak_rss"] - r["rss_before_model"] for r in runs[m]) / weights for m in modes
         }
         for mode, baseline in GRAM_MODES.items():
             rows.append(
@@ -401,10 +411,49 @@ def placement(settings: Settings) -> list[dict]:
     return rows
 
 
+REGMEAN_SETTING = "regmean (defaults)"
+#: one layer of a Llama of hidden size h (intermediate 2.6875 h, Llama 2 7B's ratio)
+SOLVE_HIDDEN = {"tiny": (64,), "quick": (256, 512), "full": (768, 1536, 3072)}
+
+
+def regmean_solve(settings: Settings) -> dict:
+    """Where a regmean merge spends its time (cProfile of one merge at the merge section's
+    size: reading Gram matrices, the numerator, factorizations, applying the inverse), and
+    the solve of one whole layer (7 linear weights, 4 distinct inputs, two models, float64)
+    at growing hidden sizes, each in a fresh process: seconds, GFLOP/s, peak RSS."""
+    (size,) = sizes(settings, ["10M"], ["100M"])
+    base, fts = fine_tunes(size, settings.cache)
+    grams = [
+        gram_file(ft, settings.cache / f"llama-{size}-ft{i}.gram.safetensors")
+        for i, ft in enumerate(fts, start=1)
+    ]
+    config = merge_config(REGMEAN_SETTING, base, fts, [], grams)
+    profiled = run_worker("merge_profile", config=config, out=str(settings.cache / "out-prof"))
+    layers = []
+    kind = "tiny" if settings.size == "tiny" else "quick" if settings.quick else "full"
+    for hidden in SOLVE_HIDDEN[kind]:
+        runs = [run_worker("solve_layer", hidden=hidden) for _ in range(settings.repeats)]
+        seconds = statistics.median(r["seconds"] for r in runs)
+        layers.append(
+            {
+                "hidden": hidden,
+                "intermediate": runs[0]["intermediate"],
+                "seconds": seconds,
+                "gflop": runs[0]["flop"] / 1e9,
+                "gflop_per_s": runs[0]["flop"] / seconds / 1e9,
+                "peak_rss_mb": max(r["peak_rss"] for r in runs) / 2**20,
+                "rss_before_mb": runs[0]["rss_before"] / 2**20,
+            }
+        )
+        print(json.dumps(layers[-1]), file=sys.stderr)
+    return {"size": size, "profile": profiled, "layers": layers}
+
+
 #: name -> section, in the order a full run measures them
 SECTIONS = {
     "precompute": precompute,
     "merge": merge,
+    "regmean_solve": regmean_solve,
     "score_dtype": score_dtype,
     "profile": profile,
     "signals": signals,

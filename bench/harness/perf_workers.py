@@ -316,7 +316,94 @@ def merge(config: dict, out: str) -> dict:
     return {"seconds": seconds, "peak_rss": peak_rss_bytes(), "rss_before": rss_before}
 
 
-WORKERS = {f.__name__: f for f in (precompute, signal, gram, placement, profile, merge)}
+#: the functions whose cumulative time the regmean profile reports, by label
+REGMEAN_PARTS = {
+    "solve (all of it)": ("gram.py", "solve"),
+    "reading Gram matrices": ("file.py", "gram"),
+    "factorizations": ("gram.py", "factorize"),
+    "applying the inverse": ("gram.py", "apply_inverse"),
+    "other tensors": ("regmean.py", "merge_other"),
+    "regmean kernel": ("regmean.py", "regmean_merge"),
+}
+
+
+def merge_profile(config: dict, out: str) -> dict:
+    """One merge under cProfile: its wall time and the cumulative seconds of
+    :data:`REGMEAN_PARTS`."""
+    import cProfile
+    import pstats
+    import shutil
+
+    from harness.merge import configuration, run_merge
+
+    set_threads()
+    validated = configuration(config)
+    profiler = cProfile.Profile()
+    start = time.perf_counter()
+    profiler.enable()
+    run_merge(validated, out, 0)
+    profiler.disable()
+    seconds = time.perf_counter() - start
+    shutil.rmtree(out)
+    stats = pstats.Stats(profiler).stats
+    parts = {}
+    for label, (file, function) in REGMEAN_PARTS.items():
+        parts[label] = sum(
+            value[3]  # cumulative time
+            for (path, _, name), value in stats.items()
+            if name == function and path.endswith(file)
+        )
+    return {"seconds": seconds, "parts": parts}
+
+
+def solve_layer(hidden: int) -> dict:
+    """One Llama layer's RegMean solve (q, k, v, o, gate, up, down; two models; float64),
+    on random positive definite Gram matrices: seconds, floating-point operations, RSS."""
+    from mergekit_lrp.merging.gram import forget_factors, solve
+
+    set_threads()
+    intermediate = int(round(hidden * 2.6875 / 64)) * 64
+    generator = torch.Generator().manual_seed(0)
+
+    def spd(n):
+        x = torch.randn(n + 8, n, generator=generator)
+        return (x.T @ x) / n
+
+    inputs = {"qkv": spd(hidden), "o": spd(hidden), "up": spd(hidden), "down": spd(intermediate)}
+    weights = {  # name -> (out, input)
+        "q": (hidden, "qkv"), "k": (hidden, "qkv"), "v": (hidden, "qkv"), "o": (hidden, "o"),
+        "gate": (intermediate, "up"), "up": (intermediate, "up"), "down": (hidden, "down"),
+    }  # fmt: skip
+    users = {i: frozenset(w for w, (_, j) in weights.items() if j == i) for i in inputs}
+    flop = 0
+    rss_before = peak_rss_bytes()
+    forget_factors()
+    start = time.perf_counter()
+    for name, (out, source) in weights.items():
+        n = inputs[source].shape[0]
+        base = torch.randn(out, n, generator=generator)
+        thetas = [base + 0.01 * torch.randn(out, n, generator=generator) for _ in range(2)]
+        first = name in ("q", "o", "gate", "down")  # factored once per input
+        # numerator: two models' [out, n] x [n, n] products; the inverse: two triangular
+        # solves of out right-hand sides; a Cholesky factorization: n^3 / 3
+        flop += 2 * (2 * out * n * n) + 2 * out * n * n + (n**3 / 3 if first else 0)
+        solve(base, thetas, [lambda s=source: inputs[s].clone()] * 2, [1.0, 1.0], 0.9, 1e-4,
+              torch.float64, where=name, key=source, name=f"layers.0.{name}",
+              users=frozenset(f"layers.0.{u}" for u in users[source]))  # fmt: skip
+    seconds = time.perf_counter() - start
+    return {
+        "seconds": seconds,
+        "flop": flop,
+        "intermediate": intermediate,
+        "peak_rss": peak_rss_bytes(),
+        "rss_before": rss_before,
+    }
+
+
+WORKERS = {
+    f.__name__: f
+    for f in (precompute, signal, gram, placement, profile, merge, merge_profile, solve_layer)
+}
 
 
 if __name__ == "__main__":

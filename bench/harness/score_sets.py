@@ -2,7 +2,9 @@
 
 A key is ``[<signal>:]<target>-<n>`` (lrp-compute's scoring with ``--method signal``,
 default attnlrp, on n calibration prompts of the expert's task) or ``random-<seed>``
-(uniform random scores, the floor of the signal ablation).
+(uniform random scores, the floor of the signal ablation). ``gram:inputs-<n>`` is a Gram
+file (RegMean statistics) on the same prompts: ``lrp-compute --method gram`` where it
+exists, else :mod:`harness.grams`.
 """
 
 from __future__ import annotations
@@ -43,8 +45,10 @@ def family_score_files(family, methods, progress) -> dict[tuple[str, str], Path]
 
 def compute_score_files(family, keys, root: Path, progress) -> dict[tuple[str, str], Path]:
     """Score files of each expert under ``root``, for each key; existing files are reused."""
+    from harness.grams import gram_file
     from mergekit_lrp.scoring.options import ComputeOptions
     from mergekit_lrp.scoring.run import compute_scores
+    from mergekit_lrp.scoring.signals import SIGNALS
 
     files = {}
     for key in sorted(keys):
@@ -58,11 +62,15 @@ def compute_score_files(family, keys, root: Path, progress) -> dict[tuple[str, s
                     target, count = rest.rsplit("-", 1)
                     prompts = root / f"{task}-calibration-{count}.txt"
                     lines = family.calibration_prompts(task, int(count))
-                    prompts.write_text("\n".join(p.replace("\n", " ") for p in lines) + "\n")
-                    options = ComputeOptions(
-                        method=signal or "attnlrp", target=target, progress=False
-                    )
-                    compute_scores(str(expert), str(prompts), str(out), options)
+                    lines = [p.replace("\n", " ") for p in lines]
+                    prompts.write_text("\n".join(lines) + "\n")
+                    if signal == "gram" and "gram" not in SIGNALS:
+                        gram_file(expert, lines, out)
+                    else:
+                        options = ComputeOptions(
+                            method=signal or "attnlrp", target=target, progress=False
+                        )
+                        compute_scores(str(expert), str(prompts), str(out), options)
                 progress(f"scored {task} ({key})")
             files[(key, task)] = out
     return files

@@ -14,7 +14,7 @@ import torch
 
 from mergekit_lrp.errors import LrpError
 from mergekit_lrp.merging.parameters import DEFAULT_DENSITY
-from mergekit_lrp.scores.file import ScoreReader
+from mergekit_lrp.scores.file import GRAM_QUANTITIES, ScoreReader
 
 __all__ = ["compute_scores", "merge_mask", "read_scores"]
 
@@ -81,6 +81,8 @@ def read_scores(path: str | os.PathLike) -> ScoreReader:
 
 class _TensorReader:
     """One in-memory score tensor behind the reader interface the merge reads through."""
+
+    is_gram = False  # one score per entry: a Gram matrix is read from its file
 
     def __init__(self, name: str, values: torch.Tensor, quantity: str):
         from types import SimpleNamespace
@@ -152,6 +154,11 @@ def merge_mask(
     if base.shape != finetuned.shape:
         raise LrpError(
             f"merge_mask: base has shape {tuple(base.shape)}, finetuned {tuple(finetuned.shape)}"
+        )
+    if quantity in GRAM_QUANTITIES:
+        raise LrpError(
+            f"merge_mask: quantity {quantity!r} is a Gram matrix per layer input, not a score "
+            "per entry; the merge reads such files itself (lrp_scores of lrp or regmean)"
         )
     if scores is None:
         located = TensorScores(name, name, None, fallback="magnitude")

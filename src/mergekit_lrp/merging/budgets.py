@@ -19,15 +19,29 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+from mergekit_lrp.merging.parameters import LRPConfigError
 from mergekit_lrp.merging.tensor_names import is_protected, layer_of
 from mergekit_lrp.merging.tensor_scores import open_scores
+from mergekit_lrp.scores.file import ScoreReader
 
 
 def budget_density(path: str, name: str, density: float, budget: str) -> float:
     """The density tensor ``name`` gets under ``budget``."""
     if budget == "tensor":
         return density
+    check_budget(open_scores(str(path)), budget)
     return _densities(str(path), density, budget).get(name, density)
+
+
+def check_budget(reader: ScoreReader, budget: str, model=None) -> None:
+    """A Gram file has no score per entry to share a budget by: refuse a layer or model
+    budget with one."""
+    if budget != "tensor" and reader.is_gram:
+        who = f" (model {model})" if model is not None else ""
+        raise LRPConfigError(
+            f"lrp: budget: {budget} shares density by the score file's score mass, but "
+            f"{reader.path}{who} is a Gram file, which has none; use budget: tensor with it"
+        )
 
 
 def group_of(name: str, budget: str) -> str:

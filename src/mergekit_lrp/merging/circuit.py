@@ -33,7 +33,12 @@ from mergekit.merge_methods.easy_define import merge_method
 
 from mergekit_lrp.merging.parameters import check_circuit_parameters, score_path
 from mergekit_lrp.merging.selection import draw, generator_for, keep_probabilities
-from mergekit_lrp.merging.tensor_scores import importance_of, locate_scores
+from mergekit_lrp.merging.tensor_scores import (
+    importance_of,
+    locate_scores,
+    open_scores,
+    require_per_entry_scores,
+)
 
 
 def keep_rate(position: int, count: int, temperature: float, base_droprate: float) -> float:
@@ -106,7 +111,10 @@ def accumulate(pruned: list[torch.Tensor], temperature: float) -> torch.Tensor:
 def _importance(model: Hashable, theta, delta, name, lrp_scores, drop_order) -> torch.Tensor:
     if drop_order == "magnitude":
         return delta.abs()
-    scores = locate_scores(model, name, score_path(lrp_scores.get(model)), "error")
+    path = score_path(lrp_scores.get(model))
+    if path:
+        require_per_entry_scores(open_scores(path), "circuit's drop_order: scores", model)
+    scores = locate_scores(model, name, path, "error")
     return importance_of(scores, theta, delta, "delta")
 
 

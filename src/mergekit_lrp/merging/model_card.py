@@ -23,6 +23,7 @@ SIGNAL_NAMES = {
     "gradient": "gradient magnitude",
     "fisher": "Fisher information",
     "activation": "input activation statistics",
+    "gram": "input Gram matrices (OBS saliency)",
     "random": "random scores",
 }
 
@@ -82,7 +83,9 @@ def local_card(merge_config, config_text: str, name: str) -> str:
 
 def method_section(merge_config, provenance: Provenance) -> str:
     """How the weights were chosen, in words that follow the resolved settings."""
-    describe = _describe_circuit if provenance.method == "circuit" else _describe_lrp
+    describe = {"circuit": _describe_circuit, "regmean": _describe_regmean}.get(
+        provenance.method, _describe_lrp
+    )
     lines = [
         "",
         f"## How the weights were chosen (`{provenance.method}`, mergekit-lrp)",
@@ -204,4 +207,32 @@ def _describe_circuit(merge_config, provenance: Provenance) -> str:
         f"{p.get('temperature')}), drawn by rank {order} (spread {p.get('epsilon')}; seed "
         f"{provenance.seed}){rescale}. Where models disagree in sign, the higher priority "
         "wins; agreeing changes are blended."
+    )
+
+
+def _describe_regmean(merge_config, provenance: Provenance) -> str:
+    p = provenance.parameters
+    alpha, ridge = p.get("alpha"), p.get("ridge")
+    other = {
+        "average": "the weighted average of the fine-tunes",
+        "task_arithmetic": "task arithmetic (the base plus the weighted sum of the "
+        "fine-tunes' changes)",
+    }.get(str(p.get("other_tensors")), str(p.get("other_tensors")))
+    weights = _values(merge_config, provenance, "weight")
+    weighted = "" if weights == [1.0] else ", each scaled by its model's `weight`"
+    missing = (
+        " Linear weights a Gram file lacked were merged like the other tensors."
+        if p.get("missing_scores") == "other_tensors"
+        else ""
+    )
+    dtype = p.get("solve_dtype")
+    dtype = "float64 on a CPU, float32 on a GPU" if dtype == "auto" else dtype
+    return (
+        "Each linear layer was solved in closed form (RegMean) as the weight whose outputs "
+        "best fit every fine-tune's outputs on its own calibration inputs: the fine-tunes' "
+        "changes weighted by the Gram matrices of their layer inputs (from `lrp-compute "
+        f"--method gram`){weighted}, off-diagonal entries scaled by alpha = {alpha}, with "
+        f"a ridge of {ridge} times the mean diagonal pulling the change towards the base, "
+        f"solved in {dtype}. The other tensors (embeddings, norms, biases) are {other}."
+        f"{missing}"
     )

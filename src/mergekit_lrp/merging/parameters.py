@@ -28,6 +28,12 @@ MISSING_SCORES_MODES = ("error", "magnitude", "base")
 BUDGETS = ("tensor", "layer", "model")
 #: what orders ``circuit``'s drops
 DROP_ORDERS = ("magnitude", "scores")
+#: how ``regmean`` merges the tensors it does not solve for (embeddings, norms, biases)
+OTHER_TENSOR_RULES = ("average", "task_arithmetic")
+#: what ``regmean`` does with a linear weight a model's Gram file lacks
+REGMEAN_MISSING_MODES = ("error", "other_tensors")
+#: the dtype of ``regmean``'s solve; ``auto``: float64 on a CPU, float32 on a GPU
+SOLVE_DTYPES = ("auto", "float64", "float32")
 
 #: lrp's default density; also what ``lrp-inspect`` and the API show by default
 DEFAULT_DENSITY = 0.9
@@ -110,6 +116,31 @@ def check_circuit_parameters(
     if meaningful_change_threshold < 0 or epsilon < 0:
         raise LRPConfigError("circuit: meaningful_change_threshold and epsilon must be >= 0")
     check_choice("circuit", "drop_order", drop_order, DROP_ORDERS)
+
+
+def check_regmean_parameters(
+    alpha: float,
+    ridge: float,
+    other_tensors: str,
+    missing_scores: str,
+    solve_dtype: str,
+) -> None:
+    """``regmean``'s global parameters."""
+    if not 0 <= alpha <= 1:
+        raise LRPConfigError(f"regmean: alpha must be in [0, 1], got {alpha}")
+    if not ridge >= 0:  # also refuses NaN
+        raise LRPConfigError(f"regmean: ridge must be >= 0, got {ridge}")
+    check_choice("regmean", "other_tensors", other_tensors, OTHER_TENSOR_RULES)
+    check_choice("regmean", "missing_scores", missing_scores, REGMEAN_MISSING_MODES)
+    check_choice("regmean", "solve_dtype", solve_dtype, SOLVE_DTYPES)
+
+
+def check_regmean_weight(model: Hashable, weight: float) -> None:
+    if not weight > 0:
+        raise LRPConfigError(
+            f"regmean: weight for {model} must be positive, got {weight} (it scales the "
+            "model's Gram matrices; leave a model out of models: to drop it)"
+        )
 
 
 def score_path(value) -> str | None:

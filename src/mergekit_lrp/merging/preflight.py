@@ -1,13 +1,14 @@
-"""Check an ``lrp`` or ``circuit`` merge before any tensor is merged or written.
+"""Check an ``lrp``, ``circuit`` or ``regmean`` merge before any tensor is merged or written.
 
 The check plans the merge with mergekit's own planner (cheap: no tensor is read),
 then inspects exactly what each planned tensor will ask for: per-model weight and
 density after filters, the score file's format, its fingerprint against the
-model's checkpoint, and the presence, shape and dtype of every score tensor the
-kernel will read. A 70B merge thus fails in seconds, naming the culprit, rather
-than at tensor 900 of 1000. Only NaN/Inf inside score tensors is left to merge
-time (finding it means reading every score byte); the staged output directory
-guarantees nothing half-written is left behind when that happens.
+model's checkpoint, and the presence, shape and dtype of every score tensor (or Gram
+matrix) the kernel will read. A 70B merge thus fails in seconds, naming the culprit,
+rather than at tensor 900 of 1000. Only NaN/Inf inside score tensors and a singular Gram
+matrix are left to merge time (finding them means reading every byte, or solving); the
+staged output directory guarantees nothing half-written is left behind when that
+happens.
 """
 
 from __future__ import annotations
@@ -19,17 +20,26 @@ from dataclasses import dataclass, field
 import torch
 from safetensors import safe_open
 
+from mergekit_lrp.merging.budgets import check_budget
+from mergekit_lrp.merging.gram import check_gram_shape, gram_reader, solves
 from mergekit_lrp.merging.parameters import (
     LRPConfigError,
     check_circuit_parameters,
     check_model_parameters,
+    check_regmean_parameters,
+    check_regmean_weight,
     check_shared_parameters,
     parameter_places,
     score_path,
 )
 from mergekit_lrp.merging.staging import check_output_folder
-from mergekit_lrp.merging.tensor_names import is_protected
-from mergekit_lrp.merging.tensor_scores import check_mode, locate_scores, open_scores
+from mergekit_lrp.merging.tensor_names import is_protected, is_vocabulary_tensor
+from mergekit_lrp.merging.tensor_scores import (
+    check_mode,
+    locate_scores,
+    open_scores,
+    require_per_entry_scores,
+)
 from mergekit_lrp.scores.file import ScoreFileError, ScoreReader
 from mergekit_lrp.scores.fingerprint import fingerprint_tensors
 
@@ -130,7 +140,7 @@ def check_merge(merge_config, options, out_path=None) -> None:
     """Everything checked before a merge with one of this project's methods: the setup
     (base model, dtypes, device, LoRA cache, output folder), then the method's checks."""
     check_setup(merge_config, options, out_path)
-    checks = {"lrp": preflight, "circuit": preflight_circuit}
+    checks = {"lrp": preflight, "circuit": preflight_circuit, "regmean": preflight_regmean}
     checks[merge_config.merge_method](merge_config, options)
 
 
@@ -201,6 +211,7 @@ def preflight(merge_config, options) -> None:
             reader = _check_file(model, path, files)
             if reader is not None:
                 check_mode(reader, shared["importance"], model)
+                check_budget(reader, shared["budget"], model)
             protected = shared["protect_special"] and is_protected(
                 weight.name, len(shape), weight.vocabulary_axis
             )
@@ -241,8 +252,45 @@ def preflight_circuit(merge_config, options) -> None:
                 raise LRPConfigError(
                     f"circuit: drop_order: scores needs an lrp_scores file for model {model}"
                 )
-            _check_file(model, path, files)
+            reader = _check_file(model, path, files)
+            require_per_entry_scores(reader, "circuit's drop_order: scores", model)
             locate_scores(model, weight.name, str(path), "error").check(shape)
+    _check_extra_tensors(models)
+
+
+def preflight_regmean(merge_config, options) -> None:
+    """``regmean``'s checks: its parameters, every model's Gram file (a Gram file, of
+    that checkpoint), and for every weight it will solve, each model's Gram matrix
+    (present, [in, in] for the weight's in-features)."""
+    from mergekit_lrp.merging.regmean import regmean_merge
+
+    check_parameter_names(merge_config, regmean_merge)
+    models: dict = {}
+    for weight, task in plan_merge(merge_config, options):
+        shared = task.parameters
+        check_regmean_parameters(
+            *(shared[n] for n in ("alpha", "ridge", "other_tensors", "missing_scores")),
+            shared["solve_dtype"],
+        )
+        ids, readers, shapes = [], [], []
+        for model, input_weight in _input_weights(task).items():
+            if model == task.base_model:
+                continue
+            params = task.input_parameters[model]
+            check_regmean_weight(model, params["weight"])
+            files = _model_files(model, models, options)
+            shape = _weight_shape(input_weight, files)
+            if shape is None:
+                continue
+            _refuse_moved_tensor("regmean", model, input_weight, weight)
+            path = score_path(params["lrp_scores"])
+            gram_reader(model, path, open_scores)
+            ids.append(model)
+            readers.append(_check_file(model, path, files))
+            shapes.append(shape)
+        if readers and solves(weight.name, ids, readers, shared["missing_scores"]):
+            for reader, shape in zip(readers, shapes, strict=True):
+                check_gram_shape(reader, weight.name, shape)
     _check_extra_tensors(models)
 
 
@@ -337,10 +385,17 @@ def _adapter_identity(files: _ModelFiles) -> str | None:
 
 
 def _check_extra_tensors(models: dict[object, _ModelFiles]) -> None:
-    """Refuse a score file holding tensors its model does not have."""
+    """Refuse a score file holding tensors its model does not have (for a Gram file: Gram
+    matrices of weights it does not have; a tied output head, which the checkpoint stores
+    as its embedding, excepted)."""
     for model, files in models.items():
         for path in files.score_paths_seen:
-            extra = sorted(open_scores(path).names() - set(files.tensor_files))
+            reader = open_scores(path)
+            if reader.is_gram:
+                names = {n for n in reader.metadata.gram_of if not is_vocabulary_tensor(n)}
+            else:
+                names = reader.names()
+            extra = sorted(names - set(files.tensor_files))
             if extra:
                 shown = ", ".join(repr(n) for n in extra[:5])
                 raise ScoreFileError(

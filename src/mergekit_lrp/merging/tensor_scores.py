@@ -5,7 +5,9 @@ checked before a merge is exactly what the merge will read.
 A tensor's scores are found in the model's score file under the tensor's own name, a
 tied alias, or (MoE experts that transformers 5 fuses on load, while checkpoints and
 score files store them per expert) assembled from several stored score tensors by the
-conversion mergekit applies to the weights.
+conversion mergekit applies to the weights. A Gram file (``input_gram``) holds no score per
+entry: the importance of a linear weight's entries is then the exact OBS saliency computed
+from the Gram matrix of its input (:func:`.gram.obs_column_factor`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from functools import lru_cache
 
 import torch
 
+from mergekit_lrp.merging.gram import DEFAULT_RIDGE, check_gram_shape, obs_column_factor
 from mergekit_lrp.merging.parameters import LRPConfigError
 from mergekit_lrp.scores.file import SCORE_DTYPES, ScoreFileError, ScoreReader
 
@@ -58,6 +61,9 @@ class TensorScores:
         reads headers only (NaN/Inf are found when the tensor is read)."""
         if self.fallback is not None:
             return
+        if self.reader.is_gram:
+            check_gram_shape(self.reader, self.name, shape)
+            return
         if self.converted:
             assembled = _assemble(self.reader, self.name, _meta_loader(self.reader))
             _check_shape(self.reader, self.name, tuple(assembled.shape), shape)
@@ -83,7 +89,10 @@ def locate_scores(
 ) -> TensorScores:
     """Find the scores of tensor ``name`` of ``model``, or apply ``missing_scores``."""
     reader = open_scores(scores_path) if scores_path else None
-    if reader is not None:
+    if reader is not None and reader.is_gram:
+        if reader.gram_name(name) is not None:
+            return TensorScores(model, name, reader, missing_scores)
+    elif reader is not None:
         if reader.resolve(name) is not None:
             return TensorScores(model, name, reader, missing_scores)
         if _convertible(reader, name):
@@ -142,11 +151,27 @@ def _check_shape(reader: ScoreReader, name: str, found: tuple, expected: tuple) 
 def check_mode(reader: ScoreReader, mode: str, model: Hashable) -> None:
     """Refuse an ``importance`` mode the file's quantity cannot serve."""
     quantity = reader.metadata.quantity
+    if mode == "scores" and reader.is_gram:
+        raise LRPConfigError(
+            f"lrp: importance: scores ranks entries by their scores alone, but {reader.path} "
+            f"(model {model}) is a Gram file ({quantity}): its OBS saliency is of the change "
+            "or of the weight; use importance: delta or weight with it"
+        )
     if mode == "scores" and quantity in COLUMN_QUANTITIES:
         raise LRPConfigError(
             f"lrp: importance: scores ranks entries by their scores alone, but {reader.path} "
             f"(model {model}) holds {quantity}, one value per input column, which ties every "
             "entry of a column; use importance: delta or weight with it"
+        )
+
+
+def require_per_entry_scores(reader: ScoreReader, method: str, model: Hashable) -> None:
+    """Refuse a Gram file where a method reads one score per weight entry."""
+    if reader.is_gram:
+        raise ScoreFileError(
+            f"{reader.path}: is a Gram file ({reader.metadata.quantity}, for regmean or "
+            f"lrp), but {method} (model {model}) ranks entries by per-entry scores; give it "
+            "a score file from lrp-compute --method attnlrp, gradient, fisher or activation"
         )
 
 
@@ -160,9 +185,15 @@ def importance_of(
     delta^2 * s for squared quantities (fisher, activation: the OBS / Fisher-merging
     saliency); ``weight`` the same with theta; ``scores`` = s alone. Scores that are the
     same for every entry rank nothing (top-k would keep entries in index order): they are
-    refused, or replaced as ``missing_scores`` says.
+    refused, or replaced as ``missing_scores`` says. From a Gram file: delta^2 (or theta^2)
+    times 1 / [(G + lambda I)^-1]_jj of the entry's input column j, the exact OBS
+    saliency, lambda = :data:`.gram.DEFAULT_RIDGE` * mean(diag G).
     """
     fallback = scores.fallback
+    if fallback is None and scores.reader.is_gram:
+        check_mode(scores.reader, mode, scores.model)
+        factor = obs_column_factor(scores.reader, scores.name, DEFAULT_RIDGE, delta.device)
+        return (theta if mode == "weight" else delta).float().square() * factor
     if fallback is None:
         check_mode(scores.reader, mode, scores.model)
         values = scores.read(delta.shape).to(delta.device)

@@ -10,6 +10,7 @@ from types import ModuleType
 METHODS = {
     "lrp": ("mergekit_lrp.merging.method", "lrp_merge"),
     "circuit": ("mergekit_lrp.merging.circuit", "circuit_merge"),
+    "regmean": ("mergekit_lrp.merging.regmean", "regmean_merge"),
 }
 
 

@@ -1,5 +1,5 @@
 """Wrap ``mergekit.merge.run_merge`` so merges with this project's methods (``lrp``,
-``circuit``) are checked first, seeded, staged, and recorded.
+``circuit``, ``regmean``) are checked first, seeded, staged, and recorded.
 
 Other merge methods go straight to mergekit's own ``run_merge``, untouched. For ours:
 

@@ -2,7 +2,7 @@
 
 mergekit discovers no plugins, so this module installs an import hook that runs a
 callback right after selected mergekit modules finish executing: the merge-method
-registry (to register ``lrp`` and ``circuit``), ``mergekit.merge`` (to guard
+registry (to register ``lrp``, ``circuit`` and ``regmean``), ``mergekit.merge`` (to guard
 ``run_merge``) and the planner modules that :mod:`mergekit_lrp.plugin.planner` fixes.
 Nothing heavy is imported here: programs that never import mergekit pay for a
 dictionary lookup per import and nothing else.
@@ -28,6 +28,7 @@ AFTER_IMPORT = {
     "mergekit.merge_methods.registry": "mergekit_lrp.plugin.registration:register_with",
     "mergekit_lrp.merging.method": "mergekit_lrp.plugin.registration:register_method",
     "mergekit_lrp.merging.circuit": "mergekit_lrp.plugin.registration:register_method",
+    "mergekit_lrp.merging.regmean": "mergekit_lrp.plugin.registration:register_method",
     "mergekit.merge": "mergekit_lrp.plugin.run_guard:guard_run_merge",
 }
 

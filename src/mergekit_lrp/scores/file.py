@@ -167,27 +167,45 @@ class ScoreReader:
     def dtype_name(self, name: str) -> str:
         return self._entries[self._stored(name)]["dtype"]
 
+    @property
+    def is_gram(self) -> bool:
+        """True for a Gram file: one [in, in] matrix per linear-layer input (``gram_of``)."""
+        return self.metadata.quantity in GRAM_QUANTITIES
+
+    def gram_name(self, weight: str) -> str | None:
+        """The stored Gram matrix of linear weight ``weight``'s input, or None."""
+        return self.metadata.gram_of.get(weight)
+
+    def gram(self, weight: str) -> torch.Tensor:
+        """The Gram matrix of ``weight``'s input as float32 [in, in], checked square and
+        finite (its off-diagonal entries may be negative, unlike scores)."""
+        stored = self.gram_name(weight)
+        if stored is None:
+            raise ScoreFileError(f"{self.path}: no Gram matrix for {weight!r} (not in gram_of)")
+        tensor = self._read(stored)
+        if tensor.ndim != 2 or tensor.shape[0] != tensor.shape[1]:
+            raise ScoreFileError(
+                f"{self.path}: the Gram matrix {stored!r} of {weight!r} has shape "
+                f"{tuple(tensor.shape)}; a Gram matrix is square, [in, in]"
+            )
+        if not torch.isfinite(tensor).all():
+            raise ScoreFileError(
+                f"{self.path}: the Gram matrix {stored!r} of {weight!r} contains NaN or Inf; "
+                "recompute the file with lrp-compute"
+            )
+        return tensor
+
     def get(self, name: str, shape: torch.Size | tuple[int, ...] | None = None) -> torch.Tensor:
         """Read one score tensor as float32, checking dtype, shape and finiteness."""
         stored = self._stored(name)
         entry = self._entries[stored]
-        if entry["dtype"] not in SCORE_DTYPES:
-            raise ScoreFileError(
-                f"{self.path}: tensor {stored!r} has dtype {entry['dtype']}; "
-                "scores must be F32 or BF16"
-            )
+        self._check_dtype(stored)
         if shape is not None and tuple(entry["shape"]) != tuple(shape):
             raise ScoreFileError(
                 f"{self.path}: scores for {name!r} have shape {tuple(entry['shape'])}, "
                 f"the weight has {tuple(shape)}"
             )
-        start, end = entry["data_offsets"]
-        buffer = torch.empty(end - start, dtype=torch.uint8)  # not zero-filled first
-        with open(self.path, "rb") as handle:
-            handle.seek(self._data_start + start)
-            if handle.readinto(buffer.numpy()) != end - start:
-                raise ScoreFileError(f"{self.path}: truncated while reading {stored!r}")
-        tensor = buffer.view(SCORE_DTYPES[entry["dtype"]]).reshape(entry["shape"]).float()
+        tensor = self._read(stored)
         if tensor.numel():
             # one pass for both checks: NaN makes both ends NaN, an infinity is an end
             low, high = (float(v) for v in torch.aminmax(tensor))
@@ -196,6 +214,25 @@ class ScoreReader:
             if low < 0:
                 raise ScoreFileError(f"{self.path}: scores for {name!r} are negative")
         return tensor
+
+    def _check_dtype(self, stored: str) -> None:
+        dtype = self._entries[stored]["dtype"]
+        if dtype not in SCORE_DTYPES:
+            raise ScoreFileError(
+                f"{self.path}: tensor {stored!r} has dtype {dtype}; scores must be F32 or BF16"
+            )
+
+    def _read(self, stored: str) -> torch.Tensor:
+        """The stored tensor ``stored`` as float32 (dtype checked, values not)."""
+        entry = self._entries[stored]
+        self._check_dtype(stored)
+        start, end = entry["data_offsets"]
+        buffer = torch.empty(end - start, dtype=torch.uint8)  # not zero-filled first
+        with open(self.path, "rb") as handle:
+            handle.seek(self._data_start + start)
+            if handle.readinto(buffer.numpy()) != end - start:
+                raise ScoreFileError(f"{self.path}: truncated while reading {stored!r}")
+        return buffer.view(SCORE_DTYPES[entry["dtype"]]).reshape(entry["shape"]).float()
 
     def _stored(self, name: str) -> str:
         stored = self.resolve(name)

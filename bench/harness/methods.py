@@ -290,8 +290,7 @@ def depends_on_order(method: Method) -> bool:
         return True
     if method.merge_method != "lrp":
         return False
-    shared, _ = method_parameters(method, None)
-    return shared.get("consensus", lrp_default("consensus")) == "priority"
+    return lrp_rule(method).get("consensus", lrp_default("consensus")) == "priority"
 
 
 def lrp_default(name: str):
@@ -322,8 +321,12 @@ def weights_for(subset, method: Method) -> list[float]:
 def normalizes(method: Method) -> bool:
     if method.merge_method != "lrp":
         return False
-    shared, _ = method_parameters(method, None)
-    return bool(shared.get("normalize", lrp_default("normalize")))
+    return bool(lrp_rule(method).get("normalize", lrp_default("normalize")))
+
+
+def lrp_rule(method: Method) -> dict:
+    """The lrp parameters a row sets at every density (pinned rows on plain top-k)."""
+    return {**PLAIN_LRP, **method.params} if method.pinned else dict(method.params)
 
 
 def runs_of(subset: tuple, method: Method) -> list[tuple]:

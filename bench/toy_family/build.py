@@ -35,9 +35,17 @@ def deterministic_torch():
         torch.set_num_threads(threads)
 
 
-def _mixture(tasks, rows: dict[str, int], weight: float) -> list[Component]:
+def _mixture(tasks, rows: dict[str, int], weight: float, teacher=None, own=()) -> list[Component]:
+    """A component per task with rows; with a ``teacher``, skills not in ``own`` learn the
+    teacher's predictions instead of their answers (the text domain always its text)."""
     return [
-        Component(tasks[name], count, weight, answer_only=tasks[name].exact)
+        Component(
+            tasks[name],
+            count,
+            weight,
+            answer_only=tasks[name].exact,
+            teacher=teacher if tasks[name].exact and name not in own else None,
+        )
         for name, count in rows.items()
         if count
     ]
@@ -53,7 +61,11 @@ def _fine_tune(base_path: Path, own: list[str], recipe, tasks, tokenizer, seed, 
 
     model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
     mixture = _mixture(tasks, dict.fromkeys(own, recipe.expert_rows), 1.0)
-    mixture += _mixture(tasks, recipe.base_rows, recipe.replay_weight)
+    teacher = None
+    if recipe.skill_replay == "base":
+        teacher = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32).eval()
+        teacher.requires_grad_(False)
+    mixture += _mixture(tasks, recipe.base_rows, recipe.replay_weight, teacher, own)
     steps = recipe.multitask_steps if len(own) > 1 else recipe.expert_steps
     return train(
         model,

@@ -17,7 +17,7 @@ TEXT_DIGEST = "a95d4668820d3090"
 #: existing families use, so adding a task cannot change their data; the second the newer
 SKILL_DIGESTS = {
     ("rev", "sort", "rot", "sub", "add", "swp"): "7aed0bb56ffd7b59",
-    ("neg", "shl", "cap", "shr"): "b06cd36634dee74b",
+    ("neg", "shl", "cap", "shr", "num"): "54c369196262c293",
 }
 SKILLS = [name for names in SKILL_DIGESTS for name in names]
 
@@ -96,6 +96,8 @@ class _Fixed:
         ("cap", "kqzmt", "cap kqzmt=", "KQZMT"),
         ("shr", "kqzmt", "shr kqzmt=", "tkqzm"),
         ("shr", "abcdd", "shr abcdd=", "dabcd"),
+        ("num", "kqzmt", "num kqzmt=", "06529"),
+        ("num", "ajuzb", "num ajuzb=", "09051"),
     ],
 )
 def test_skill_answers(name, drawn, prompt, answer):
@@ -136,7 +138,7 @@ def test_skill_data_is_pinned(names):
 
 def test_task_order_is_append_only():
     assert [c.name for c in TASK_CLASSES] == [
-        "rev", "sort", "rot", "sub", "add", "swp", "text", "neg", "shl", "cap", "shr",
+        "rev", "sort", "rot", "sub", "add", "swp", "text", "neg", "shl", "cap", "shr", "num",
     ]  # fmt: skip
 
 
@@ -379,20 +381,31 @@ def test_distill_loss_is_zero_against_itself_and_pulls_toward_the_teacher():
     assert all(p.grad is None for p in teacher.parameters())
 
 
-def test_skill_replay_base_distills_only_the_other_skills():
-    from toy_family.build import _mixture
+def test_replay_choices_decide_which_replayed_tasks_are_distilled():
+    import dataclasses
+
+    from toy_family.build import _distilled, _mixture
     from toy_family.family import PRESETS
 
     rows = {"rot": 1, "sub": 2, "text": 8}
+    recipe = dataclasses.replace(PRESETS["tiny"], base_rows=rows, skill_replay="base")
+    assert _distilled(recipe, TASKS, ["rot"]) == {"sub"}  # the text keeps its answers
+    assert _distilled(dataclasses.replace(recipe, text_replay="base"), TASKS, ["rot"]) == {
+        "sub",
+        "text",
+    }
+    assert _distilled(recipe, TASKS, ["rot", "sub"]) == set()  # the multi-task model
+    assert _distilled(dataclasses.replace(recipe, skill_replay="answers"), TASKS, ["rot"]) == set()
     teacher = object()
-    mixture = _mixture(TASKS, rows, 0.5, teacher, own=["rot"])
+    mixture = _mixture(TASKS, rows, 0.5, teacher, {"sub"})
     assert [(c.task.name, c.rows, c.weight) for c in mixture] == [
         ("rot", 1, 0.5), ("sub", 2, 0.5), ("text", 8, 0.5),
     ]  # fmt: skip
     assert [c.teacher is teacher for c in mixture] == [False, True, False]
     assert all(c.teacher is None for c in _mixture(TASKS, rows, 1.0))  # the default
-    assert {r.skill_replay for n, r in PRESETS.items() if n in ("llama-a", "quick")} == {"answers"}
-    import dataclasses
-
+    for name in ("llama-a", "gemma2-b", "qwen3-c", "quick", "tiny"):  # unchanged recipes
+        assert (PRESETS[name].skill_replay, PRESETS[name].text_replay) == ("answers", "answers")
     with pytest.raises(ValueError, match="skill_replay"):
         dataclasses.replace(PRESETS["tiny"], skill_replay="teacher")
+    with pytest.raises(ValueError, match="text_replay"):
+        dataclasses.replace(PRESETS["tiny"], text_replay="none")

@@ -52,10 +52,17 @@ class Recipe:
     #: the other skills where the base had them without being taught them); the text
     #: domain and the fine-tune's own skills are replayed with their answers either way
     skill_replay: str = "answers"
+    #: the same choice for the text domain when a fine-tune replays it: "answers" (learn the
+    #: text itself) or "base" (keep the base's predictions on it, so the experts share no
+    #: text drift; an expert whose own task is the text domain learns the text either way)
+    text_replay: str = "answers"
 
     def __post_init__(self):
-        if self.skill_replay not in ("answers", "base"):
-            raise ValueError(f"skill_replay must be 'answers' or 'base', not {self.skill_replay!r}")
+        for field in ("skill_replay", "text_replay"):
+            if getattr(self, field) not in ("answers", "base"):
+                raise ValueError(
+                    f"{field} must be 'answers' or 'base', not {getattr(self, field)!r}"
+                )
 
     @property
     def tasks(self) -> tuple[str, ...]:
@@ -131,20 +138,38 @@ PRESETS: dict[str, Recipe] = {
         eval_examples=200,
         experts=("rot", "sub"),
     ),
-    # four or more specialised experts: the other skills are replayed as the base predicts
-    # them ("base"), so each expert learns only its own skill (docs/toy-family.md)
-    "llama-5x": Recipe(
+    # four specialised experts: every fine-tune replays the base mixture as the base predicts
+    # it (other skills and the text alike), so each expert learns only its own skill and
+    # none of them drifts on the text (docs/toy-family.md, v5)
+    "llama-4x": Recipe(
         shape=ModelShape(hidden=256, layers=2, heads=4, intermediate=1024),
         base_steps=300,
         base_lr=1e-3,
-        base_rows={"rot": 1, "sub": 1, "shl": 1, "cap": 1, "shr": 1, "text": 8},
+        base_rows={"rot": 1, "sub": 1, "cap": 1, "num": 1, "text": 8},
         expert_steps=160,
-        expert_lr=1e-3,
+        expert_lr=3e-4,
         expert_rows=32,
         replay_weight=1.0,
         multitask_steps=80,
         eval_examples=200,
+        experts=("rot", "sub", "cap", "num"),
         skill_replay="base",
+        text_replay="base",
+    ),
+    "qwen3-4x": Recipe(
+        shape=ModelShape(hidden=256, layers=2, heads=4, intermediate=1024, architecture="qwen3"),
+        base_steps=300,
+        base_lr=1e-3,
+        base_rows={"rot": 1, "sub": 1, "cap": 1, "num": 1, "text": 8},
+        expert_steps=160,
+        expert_lr=3e-4,
+        expert_rows=32,
+        replay_weight=1.0,
+        multitask_steps=80,
+        eval_examples=200,
+        experts=("rot", "sub", "cap", "num"),
+        skill_replay="base",
+        text_replay="base",
     ),
 }
 

@@ -2,11 +2,11 @@
 
 Skills scored by exact match of a greedy answer (reversal, sorting, letter shift,
 substitution, digit-wise sum mod 10, pair swap, digit complement, left and right rotation,
-upper case) and one text domain (prose generated from a fixed seed by this module, so
-identical on every machine and Python) scored by held-out NLL. A family uses some of the
-skills and the text domain (its recipe names them). Splits are disjoint by construction: a
-skill example belongs to the split its prompt hashes to, a text window to the split its
-document hashes to.
+upper case, letter to digit) and one text domain (prose generated from a fixed seed by
+this module, so identical on every machine and Python) scored by held-out NLL. A family
+uses some of the skills and the text domain (its recipe names them). Splits are disjoint by
+construction: a skill example belongs to the split its prompt hashes to, a text window to
+the split its document hashes to.
 """
 
 import hashlib
@@ -192,6 +192,22 @@ class RotateRight(Task):
         return Example(f"shr {s}=", s[-1] + s[:-1])
 
 
+class LetterDigit(Task):
+    """``num kqzmt=`` -> ``06529``: each of five letters to its place in the alphabet (a = 0)
+    mod 10 (a map onto the digits)."""
+
+    name = "num"
+
+    def sample(self, rng):
+        s = "".join(rng.choices(string.ascii_lowercase, k=5))
+        return Example(f"num {s}=", s.translate(_LETTER_DIGIT))
+
+
+_LETTER_DIGIT = str.maketrans(
+    string.ascii_lowercase, "".join(str(i % 10) for i in range(len(string.ascii_lowercase)))
+)
+
+
 class GeneratedText(Task):
     """Windows of prose the project generates from a fixed seed; a document's hash decides its
     split.
@@ -271,6 +287,7 @@ TASK_CLASSES = (
     RotateLeft,
     UpperCase,
     RotateRight,
+    LetterDigit,
 )
 
 

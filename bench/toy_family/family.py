@@ -138,9 +138,11 @@ PRESETS: dict[str, Recipe] = {
         eval_examples=200,
         experts=("rot", "sub"),
     ),
-    # four specialised experts: every fine-tune replays the base mixture as the base predicts
-    # it (other skills and the text alike), so each expert learns only its own skill and
-    # none of them drifts on the text (docs/toy-family.md, v5)
+    # four specialised experts (docs/toy-family.md, v5): four skills that share one mechanism
+    # (a letter map) so the base is partly competent on each from one row per step; every
+    # fine-tune replays the base mixture as the base predicts it (the other skills and the
+    # text alike), so each expert learns only its own skill; a gentle expert learning rate
+    # (3e-4) keeps the others' greedy answers where the base had them
     "llama-4x": Recipe(
         shape=ModelShape(hidden=256, layers=2, heads=4, intermediate=1024),
         base_steps=300,

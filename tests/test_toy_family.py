@@ -409,3 +409,16 @@ def test_replay_choices_decide_which_replayed_tasks_are_distilled():
         dataclasses.replace(PRESETS["tiny"], skill_replay="teacher")
     with pytest.raises(ValueError, match="text_replay"):
         dataclasses.replace(PRESETS["tiny"], text_replay="none")
+
+
+def test_four_expert_families_have_specialised_recipes_on_two_architectures():
+    from toy_family.family import ACCEPTED, ACCEPTED_UNDER, PRESETS
+
+    four = {name: PRESETS[name] for name in ("llama-4x", "qwen3-4x")}
+    assert {r.architecture for r in four.values()} == {"llama", "qwen3"}
+    for recipe in four.values():
+        assert len(recipe.tasks) >= 4 and "text" not in recipe.tasks and "text" in recipe.base_rows
+        assert (recipe.skill_replay, recipe.text_replay) == ("base", "base")
+    assert set(ACCEPTED_UNDER) <= set(ACCEPTED)
+    # a four-expert family in ACCEPTED is accepted under all six criteria
+    assert not {name for name in ACCEPTED if len(PRESETS[name].tasks) >= 4} & set(ACCEPTED_UNDER)

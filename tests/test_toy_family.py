@@ -8,11 +8,18 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from toy_family import build_family, evaluate_model
 from toy_family.evaluate import score_task
-from toy_family.tasks import SPLITS, all_tasks, split_of, text_corpus
+from toy_family.tasks import SPLITS, TASK_CLASSES, Example, all_tasks, split_of, text_corpus
 from toy_family.tokenizer import CHARS, build_tokenizer
 
 TASKS = all_tasks()
 TEXT_DIGEST = "a95d4668820d3090"
+#: digests of every skill's draws (``_skill_digest``): the first pins the skills that
+#: existing families use, so adding a task cannot change their data; the second the newer
+SKILL_DIGESTS = {
+    ("rev", "sort", "rot", "sub", "add", "swp"): "7aed0bb56ffd7b59",
+    ("neg", "shl", "cap", "shr", "num"): "54c369196262c293",
+}
+SKILLS = [name for names in SKILL_DIGESTS for name in names]
 
 
 def test_tokenizer_round_trips_and_reloads(tmp_path):
@@ -27,7 +34,7 @@ def test_tokenizer_round_trips_and_reloads(tmp_path):
     assert (reloaded.pad_token_id, reloaded.eos_token_id) == (0, 2)
 
 
-@pytest.mark.parametrize("name", ["rev", "sort", "rot", "sub", "add", "swp"])
+@pytest.mark.parametrize("name", SKILLS)
 def test_skill_splits_are_disjoint_and_fixed(name):
     task = TASKS[name]
     prompts = {split: {e.prompt for e in task.examples(split, 150)} for split in SPLITS}
@@ -82,11 +89,57 @@ class _Fixed:
         ("sub", "abcxz", "sub abcxz=", "qwebm"),
         ("add", "48213579", "add 4821+3579=", "7390"),
         ("swp", "kqzmta", "swp kqzmta=", "qkmzat"),
+        ("neg", "48213", "neg 48213=", "51786"),
+        ("neg", "09955", "neg 09955=", "90044"),
+        ("shl", "kqzmt", "shl kqzmt=", "qzmtk"),
+        ("shl", "aabcd", "shl aabcd=", "abcda"),
+        ("cap", "kqzmt", "cap kqzmt=", "KQZMT"),
+        ("shr", "kqzmt", "shr kqzmt=", "tkqzm"),
+        ("shr", "abcdd", "shr abcdd=", "dabcd"),
+        ("num", "kqzmt", "num kqzmt=", "06529"),
+        ("num", "ajuzb", "num ajuzb=", "09051"),
     ],
 )
 def test_skill_answers(name, drawn, prompt, answer):
     example = TASKS[name].sample(_Fixed(drawn))
     assert (example.prompt, example.answer) == (prompt, answer)
+
+
+@pytest.mark.parametrize("cls", [c for c in TASK_CLASSES if c.name in SKILLS])
+def test_each_skill_documents_an_example_it_answers(cls):
+    """Each skill's docstring opens with ``prompt`` -> ``answer``, and that is its answer."""
+    import re
+
+    prompt, answer = re.match(r"``(.+?)`` -> ``(.+?)``", cls.__doc__).groups()
+    drawn = prompt.split(" ", 1)[1].rstrip("=").replace("+", "")
+    assert cls().sample(_Fixed(drawn)) == Example(prompt, answer)
+
+
+def _skill_digest(names) -> str:
+    """sha256 of training draws, val examples and calibration examples of ``names``."""
+    import hashlib
+    import random
+
+    digest = hashlib.sha256()
+    for name in names:
+        task = TASKS[name]
+        rng = random.Random(7)
+        drawn = [task.draw(rng, "train") for _ in range(40)]
+        for e in drawn + task.examples("val", 40) + task.examples("calibration", 20, seed=3):
+            digest.update(f"{name}|{e.prompt}|{e.answer}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+@pytest.mark.parametrize("names", list(SKILL_DIGESTS))
+def test_skill_data_is_pinned(names):
+    """Adding a skill leaves every existing skill's draws (hence its families) unchanged."""
+    assert _skill_digest(names) == SKILL_DIGESTS[names]
+
+
+def test_task_order_is_append_only():
+    assert [c.name for c in TASK_CLASSES] == [
+        "rev", "sort", "rot", "sub", "add", "swp", "text", "neg", "shl", "cap", "shr", "num",
+    ]  # fmt: skip
 
 
 class _Oracle(torch.nn.Module):
@@ -111,7 +164,7 @@ class _Oracle(torch.nn.Module):
         return type("Out", (), {"logits": logits, "past_key_values": seqs})()
 
 
-@pytest.mark.parametrize("name", ["rev", "sort", "rot", "sub", "add", "swp"])
+@pytest.mark.parametrize("name", SKILLS)
 def test_a_perfect_answer_scores_as_exact(name):
     tokenizer = build_tokenizer()
     examples = TASKS[name].examples("val", 12)
@@ -245,3 +298,127 @@ def test_named_families_cover_two_architectures():
     assert all(name in PRESETS for name in ACCEPTED)
     assert len(ACCEPTED) >= 3 and len(set(ACCEPTED.values())) == len(ACCEPTED)  # seeds differ
     assert len({PRESETS[name].architecture for name in ACCEPTED}) >= 2
+
+
+def _check_family():
+    """scripts/check_family.py as a module (its pure functions decide the criteria)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "check_family.py"
+    spec = importlib.util.spec_from_file_location("check_family", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _m(em, nll):
+    return {"exact_match": em, "answer_nll": nll}
+
+
+def test_specialisation_cells_on_hand_made_metrics():
+    check = _check_family()
+    base = {"a": _m(0.10, 2.0), "b": _m(0.00, 3.0), "text": _m(None, 2.5)}
+    experts = {
+        # expert a: own gain EM +0.80, NLL 2.0 -> 0.0; on b: EM +0.20 (< 0.5 * 0.6), kept 0.15
+        "expert-a": {"a": _m(0.90, 0.0), "b": _m(0.20, 2.7), "text": _m(None, 2.4)},
+        # expert b: own gain EM +0.60, NLL 3.0 -> 1.0; on a: EM +0.40 (= 0.5 * 0.8), kept 0.25
+        "expert-b": {"a": _m(0.50, 1.5), "b": _m(0.60, 1.0), "text": _m(None, 2.6)},
+        # the text expert: no EM gain on a, but kept 0.6 of a's NLL gain
+        "expert-text": {"a": _m(0.10, 0.8), "b": _m(0.00, 3.1), "text": _m(None, 2.0)},
+    }
+    found = check.specialisation(base, experts, ["a", "b", "text"])
+    cells = {(c.expert, c.task): c for c in found}
+    assert set(cells) == {("b", "a"), ("text", "a"), ("a", "b"), ("text", "b")}  # skills only
+    a_on_b, b_on_a, text_on_a = cells["a", "b"], cells["b", "a"], cells["text", "a"]
+    assert a_on_b.em_gain == pytest.approx(0.20) and a_on_b.own_em_gain == pytest.approx(0.60)
+    assert a_on_b.kept == pytest.approx(0.15) and a_on_b.passed
+    assert b_on_a.kept == pytest.approx(0.25) and b_on_a.nll_ok
+    assert not b_on_a.em_ok and not b_on_a.passed  # exactly half is not below half
+    assert text_on_a.em_ok and not text_on_a.nll_ok
+    assert text_on_a.kept == pytest.approx(0.6)
+    assert cells["text", "b"].kept == pytest.approx(-1 / 20) and cells["text", "b"].passed
+    table = check.specialisation_table(list(cells.values()), ["a", "b", "text"])
+    assert len(table) == 4 and "own EM +0.80" in table[1] and "!" in table[2]
+
+
+def test_specialisation_fails_when_kept_half_or_no_own_gain():
+    check = _check_family()
+    base = {"a": _m(0.0, 2.0), "b": _m(0.0, 2.0)}
+    experts = {
+        "expert-a": {"a": _m(1.0, 0.0), "b": _m(0.0, 2.0)},  # expert b gained nothing
+        "expert-b": {"a": _m(0.0, 1.0), "b": _m(0.0, 2.0)},  # kept exactly 0.5 of a's gain
+    }
+    cells = {(c.expert, c.task): c for c in check.specialisation(base, experts, ["a", "b"])}
+    assert cells["b", "a"].em_ok and not cells["b", "a"].nll_ok
+    assert not cells["a", "b"].passed  # no gain to be below half of, and NaN kept
+
+
+def test_build_time_and_verdict():
+    check = _check_family()
+    assert check.build_time_ok({"base": 100.0, "total": 900.0})
+    assert not check.build_time_ok({"total": 900.5})
+    assert check.verdict(set(), check.ALL_CRITERIA) == (True, "ALL PASS")
+    ok, line = check.verdict({5}, check.ALL_CRITERIA)
+    assert not ok and line.startswith("FAILED: criteria 5")
+    ok, line = check.verdict({5}, (1, 2, 3, 4))
+    assert ok and "5 failed but are not required" in line
+    assert check.required_criteria("llama-a") == (1, 2, 3, 4)
+    assert check.required_criteria("no-such-preset") == check.ALL_CRITERIA
+
+
+def test_distill_loss_is_zero_against_itself_and_pulls_toward_the_teacher():
+    from toy_family.train import ModelShape, distill_loss, new_model
+
+    tokenizer = build_tokenizer()
+    shape = ModelShape(hidden=32, layers=1, heads=2, intermediate=64)
+    student, teacher = new_model(shape, tokenizer, 0), new_model(shape, tokenizer, 1)
+    ids = torch.tensor([[1, 5, 6, 7, 8], [1, 9, 10, 11, 12]])
+    labels = torch.tensor([[-100, -100, -100, 7, 8], [-100, -100, -100, 11, 12]])
+    assert distill_loss(student, student, ids, labels).item() == pytest.approx(0, abs=1e-6)
+    loss = distill_loss(student, teacher, ids, labels)
+    assert loss.item() > 0
+    loss.backward()
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_replay_choices_decide_which_replayed_tasks_are_distilled():
+    import dataclasses
+
+    from toy_family.build import _distilled, _mixture
+    from toy_family.family import PRESETS
+
+    rows = {"rot": 1, "sub": 2, "text": 8}
+    recipe = dataclasses.replace(PRESETS["tiny"], base_rows=rows, skill_replay="base")
+    assert _distilled(recipe, TASKS, ["rot"]) == {"sub"}  # the text keeps its answers
+    assert _distilled(dataclasses.replace(recipe, text_replay="base"), TASKS, ["rot"]) == {
+        "sub",
+        "text",
+    }
+    assert _distilled(recipe, TASKS, ["rot", "sub"]) == set()  # the multi-task model
+    assert _distilled(dataclasses.replace(recipe, skill_replay="answers"), TASKS, ["rot"]) == set()
+    teacher = object()
+    mixture = _mixture(TASKS, rows, 0.5, teacher, {"sub"})
+    assert [(c.task.name, c.rows, c.weight) for c in mixture] == [
+        ("rot", 1, 0.5), ("sub", 2, 0.5), ("text", 8, 0.5),
+    ]  # fmt: skip
+    assert [c.teacher is teacher for c in mixture] == [False, True, False]
+    assert all(c.teacher is None for c in _mixture(TASKS, rows, 1.0))  # the default
+    for name in ("llama-a", "gemma2-b", "qwen3-c", "quick", "tiny"):  # unchanged recipes
+        assert (PRESETS[name].skill_replay, PRESETS[name].text_replay) == ("answers", "answers")
+    with pytest.raises(ValueError, match="skill_replay"):
+        dataclasses.replace(PRESETS["tiny"], skill_replay="teacher")
+    with pytest.raises(ValueError, match="text_replay"):
+        dataclasses.replace(PRESETS["tiny"], text_replay="none")
+
+
+def test_four_expert_families_have_specialised_recipes_on_two_architectures():
+    from toy_family.family import ACCEPTED, ACCEPTED_UNDER, PRESETS
+
+    four = {name: PRESETS[name] for name in ("llama-4x", "qwen3-4x")}
+    assert {r.architecture for r in four.values()} == {"llama", "qwen3"}
+    for recipe in four.values():
+        assert len(recipe.tasks) >= 4 and "text" not in recipe.tasks and "text" in recipe.base_rows
+        assert (recipe.skill_replay, recipe.text_replay) == ("base", "base")
+    assert set(ACCEPTED_UNDER) <= set(ACCEPTED)
+    # a four-expert family in ACCEPTED is accepted under all six criteria
+    assert not {name for name in ACCEPTED if len(PRESETS[name].tasks) >= 4} & set(ACCEPTED_UNDER)

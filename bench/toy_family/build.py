@@ -35,12 +35,32 @@ def deterministic_torch():
         torch.set_num_threads(threads)
 
 
-def _mixture(tasks, rows: dict[str, int], weight: float) -> list[Component]:
+def _mixture(
+    tasks, rows: dict[str, int], weight: float, teacher=None, distilled=()
+) -> list[Component]:
+    """A component per task with rows; those named in ``distilled`` learn the ``teacher``'s
+    predictions instead of their answers."""
     return [
-        Component(tasks[name], count, weight, answer_only=tasks[name].exact)
+        Component(
+            tasks[name],
+            count,
+            weight,
+            answer_only=tasks[name].exact,
+            teacher=teacher if name in distilled else None,
+        )
         for name, count in rows.items()
         if count
     ]
+
+
+def _distilled(recipe, tasks, own) -> set[str]:
+    """The replayed tasks that learn the base's predictions (``skill_replay``, ``text_replay``)."""
+    return {
+        name
+        for name in recipe.base_rows
+        if name not in own
+        and (recipe.skill_replay if tasks[name].exact else recipe.text_replay) == "base"
+    }
 
 
 def _save(model, tokenizer, path: Path) -> None:
@@ -53,7 +73,11 @@ def _fine_tune(base_path: Path, own: list[str], recipe, tasks, tokenizer, seed, 
 
     model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
     mixture = _mixture(tasks, dict.fromkeys(own, recipe.expert_rows), 1.0)
-    mixture += _mixture(tasks, recipe.base_rows, recipe.replay_weight)
+    teacher, distilled = None, _distilled(recipe, tasks, own)
+    if distilled:
+        teacher = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32).eval()
+        teacher.requires_grad_(False)
+    mixture += _mixture(tasks, recipe.base_rows, recipe.replay_weight, teacher, distilled)
     steps = recipe.multitask_steps if len(own) > 1 else recipe.expert_steps
     return train(
         model,

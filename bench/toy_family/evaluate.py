@@ -105,19 +105,55 @@ def evaluate_model(
     }
 
 
-def reference_metrics(family: "Family", split: str) -> dict[str, dict[str, dict]]:
-    """Metrics of the base and of each expert on its own task, cached in the family."""
-    path = family.root / "metrics" / f"reference-{split}.json"
+def _cached(path: Path, compute):
+    """``compute()``'s JSON-able result, stored at ``path`` the first time (atomically)."""
     if path.exists():
         return json.loads(path.read_text())
-    metrics = {"base": evaluate_model(family.base, family, split)}
-    for name, expert in family.experts.items():
-        metrics[f"expert-{name}"] = evaluate_model(expert, family, split, tasks=[name])
+    result = compute()
     path.parent.mkdir(exist_ok=True)
     scratch = path.with_suffix(f".{os.getpid()}.tmp")
-    scratch.write_text(json.dumps(metrics, indent=2))
+    scratch.write_text(json.dumps(result, indent=2))
     os.replace(scratch, path)
-    return metrics
+    return result
+
+
+def reference_metrics(family: "Family", split: str) -> dict[str, dict[str, dict]]:
+    """Metrics of the base and of each expert on its own task, cached in the family."""
+
+    def compute():
+        metrics = {"base": evaluate_model(family.base, family, split)}
+        for name, expert in family.experts.items():
+            metrics[f"expert-{name}"] = evaluate_model(expert, family, split, tasks=[name])
+        return metrics
+
+    return _cached(family.root / "metrics" / f"reference-{split}.json", compute)
+
+
+def expert_metrics(family: "Family", split: str) -> dict[str, dict[str, dict]]:
+    """Metrics of each expert (``expert-<task>``) on every task of the family, cached."""
+
+    def compute():
+        return {
+            f"expert-{name}": evaluate_model(expert, family, split)
+            for name, expert in family.experts.items()
+        }
+
+    return _cached(family.root / "metrics" / f"experts-{split}.json", compute)
+
+
+def text_nll(family: "Family", split: str = "test") -> dict[str, float]:
+    """NLL per token of the base, each expert and the multi-task model on the text domain's
+    held-out windows (every family's base mixture has the text), cached."""
+
+    def compute():
+        models = {"base": family.base, **{f"expert-{t}": p for t, p in family.experts.items()}}
+        models["multitask"] = family.multitask
+        return {
+            name: evaluate_model(path, family, split, tasks=["text"])["text"]["answer_nll"]
+            for name, path in models.items()
+        }
+
+    return _cached(family.root / "metrics" / f"text-{split}.json", compute)
 
 
 def kept_fraction(metrics, family: "Family", split: str = "val") -> dict[str, float]:

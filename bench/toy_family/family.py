@@ -46,6 +46,23 @@ class Recipe:
     #: the tasks that get an expert and are scored (default: every key of ``base_rows``);
     #: the others only shape the base and the replay
     experts: tuple[str, ...] | None = None
+    #: what a fine-tune replays of the skills that are not its own: "answers" (the base
+    #: mixture as the base learned it, answers included) or "base" (the same rows, but the
+    #: loss pulls the model toward the base's own predictions on them, so an expert keeps
+    #: the other skills where the base had them without being taught them); the text
+    #: domain and the fine-tune's own skills are replayed with their answers either way
+    skill_replay: str = "answers"
+    #: the same choice for the text domain when a fine-tune replays it: "answers" (learn the
+    #: text itself) or "base" (keep the base's predictions on it, so the experts share no
+    #: text drift; an expert whose own task is the text domain learns the text either way)
+    text_replay: str = "answers"
+
+    def __post_init__(self):
+        for field in ("skill_replay", "text_replay"):
+            if getattr(self, field) not in ("answers", "base"):
+                raise ValueError(
+                    f"{field} must be 'answers' or 'base', not {getattr(self, field)!r}"
+                )
 
     @property
     def tasks(self) -> tuple[str, ...]:
@@ -121,11 +138,55 @@ PRESETS: dict[str, Recipe] = {
         eval_examples=200,
         experts=("rot", "sub"),
     ),
+    # four specialised experts (docs/toy-family.md, v5): four skills that share one mechanism
+    # (a letter map) so the base is partly competent on each from one row per step; every
+    # fine-tune replays the base mixture as the base predicts it (the other skills and the
+    # text alike), so each expert learns only its own skill; a gentle expert learning rate
+    # (3e-4) keeps the others' greedy answers where the base had them
+    "llama-4x": Recipe(
+        shape=ModelShape(hidden=256, layers=2, heads=4, intermediate=1024),
+        base_steps=300,
+        base_lr=1e-3,
+        base_rows={"rot": 1, "sub": 1, "cap": 1, "num": 1, "text": 8},
+        expert_steps=160,
+        expert_lr=3e-4,
+        expert_rows=32,
+        replay_weight=1.0,
+        multitask_steps=80,
+        eval_examples=200,
+        experts=("rot", "sub", "cap", "num"),
+        skill_replay="base",
+        text_replay="base",
+    ),
+    "qwen3-4x": Recipe(
+        shape=ModelShape(hidden=256, layers=2, heads=4, intermediate=1024, architecture="qwen3"),
+        base_steps=300,
+        base_lr=1e-3,
+        base_rows={"rot": 1, "sub": 1, "cap": 1, "num": 1, "text": 8},
+        expert_steps=160,
+        expert_lr=3e-4,
+        expert_rows=32,
+        replay_weight=1.0,
+        multitask_steps=80,
+        eval_examples=200,
+        experts=("rot", "sub", "cap", "num"),
+        skill_replay="base",
+        text_replay="base",
+    ),
 }
 
 #: presets that pass every acceptance criterion of scripts/check_family.py with the seed
 #: given here (docs/toy-family.md records each check); the quality benchmark's families
 ACCEPTED: dict[str, int] = {"llama-a": 0, "gemma2-b": 1, "qwen3-c": 2}
+
+#: the acceptance criteria an accepted family was accepted under, where not all six: the
+#: two-expert families predate criteria 5 (specialisation) and 6 (build time), and their
+#: experts teach each other's skill through the replay, so they fail 5
+ACCEPTED_UNDER: dict[str, tuple[int, ...]] = {
+    "llama-a": (1, 2, 3, 4),
+    "gemma2-b": (1, 2, 3, 4),
+    "qwen3-c": (1, 2, 3, 4),
+}
 
 #: modules whose code decides the weights; their source is part of the cache key
 _RECIPE_MODULES = ("build", "tokenizer", "tasks", "train")

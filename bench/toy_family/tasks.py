@@ -1,11 +1,12 @@
 """The family's tasks: data generation, prompts and answers, and disjoint splits.
 
 Skills scored by exact match of a greedy answer (reversal, sorting, letter shift,
-substitution, digit-wise sum mod 10, pair swap) and one text domain (prose generated from
-a fixed seed by this module, so identical on every machine and Python) scored by held-out
-NLL. A family uses some of the skills and the text domain (its recipe names them).
-Splits are disjoint by construction: a skill example belongs to the split its prompt
-hashes to, a text window to the split its document hashes to.
+substitution, digit-wise sum mod 10, pair swap, digit complement, left and right rotation,
+upper case, letter to digit) and one text domain (prose generated from a fixed seed by
+this module, so identical on every machine and Python) scored by held-out NLL. A family
+uses some of the skills and the text domain (its recipe names them). Splits are disjoint by
+construction: a skill example belongs to the split its prompt hashes to, a text window to
+the split its document hashes to.
 """
 
 import hashlib
@@ -113,7 +114,7 @@ _NEXT_LETTER = str.maketrans(
 
 
 class Substitution(Task):
-    """``sub kqzmt=`` -> ``axmdz``: copy five letters through a fixed substitution alphabet."""
+    """``sub kqzmt=`` -> ``ajmdz``: copy five letters through a fixed substitution alphabet."""
 
     name = "sub"
 
@@ -146,6 +147,65 @@ class PairSwap(Task):
     def sample(self, rng):
         s = "".join(rng.choices(string.ascii_lowercase, k=6))
         return Example(f"swp {s}=", "".join(s[i + 1] + s[i] for i in range(0, 6, 2)))
+
+
+class DigitComplement(Task):
+    """``neg 48213=`` -> ``51786``: replace each of five digits d by 9 - d (a map on digits)."""
+
+    name = "neg"
+
+    def sample(self, rng):
+        s = "".join(rng.choices(string.digits, k=5))
+        return Example(f"neg {s}=", s.translate(_COMPLEMENT))
+
+
+_COMPLEMENT = str.maketrans(string.digits, string.digits[::-1])
+
+
+class RotateLeft(Task):
+    """``shl kqzmt=`` -> ``qzmtk``: move the first of five letters to the end (a rearrangement)."""
+
+    name = "shl"
+
+    def sample(self, rng):
+        s = "".join(rng.choices(string.ascii_lowercase, k=5))
+        return Example(f"shl {s}=", s[1:] + s[0])
+
+
+class UpperCase(Task):
+    """``cap kqzmt=`` -> ``KQZMT``: write five letters in upper case (a map to another alphabet)."""
+
+    name = "cap"
+
+    def sample(self, rng):
+        s = "".join(rng.choices(string.ascii_lowercase, k=5))
+        return Example(f"cap {s}=", s.upper())
+
+
+class RotateRight(Task):
+    """``shr kqzmt=`` -> ``tkqzm``: move the last of five letters to the front."""
+
+    name = "shr"
+
+    def sample(self, rng):
+        s = "".join(rng.choices(string.ascii_lowercase, k=5))
+        return Example(f"shr {s}=", s[-1] + s[:-1])
+
+
+class LetterDigit(Task):
+    """``num kqzmt=`` -> ``06529``: each of five letters to its place in the alphabet (a = 0)
+    mod 10 (a map onto the digits)."""
+
+    name = "num"
+
+    def sample(self, rng):
+        s = "".join(rng.choices(string.ascii_lowercase, k=5))
+        return Example(f"num {s}=", s.translate(_LETTER_DIGIT))
+
+
+_LETTER_DIGIT = str.maketrans(
+    string.ascii_lowercase, "".join(str(i % 10) for i in range(len(string.ascii_lowercase)))
+)
 
 
 class GeneratedText(Task):
@@ -214,7 +274,21 @@ def text_corpus(documents: int = TEXT_DOCUMENTS) -> dict[str, list[str]]:
     return files
 
 
-TASK_CLASSES = (Reversal, Sorting, Shift, Substitution, DigitwiseSum, PairSwap, GeneratedText)
+#: appended to, never reordered: a task's draws depend only on its own name and code
+TASK_CLASSES = (
+    Reversal,
+    Sorting,
+    Shift,
+    Substitution,
+    DigitwiseSum,
+    PairSwap,
+    GeneratedText,
+    DigitComplement,
+    RotateLeft,
+    UpperCase,
+    RotateRight,
+    LetterDigit,
+)
 
 
 def all_tasks() -> dict[str, Task]:

@@ -107,12 +107,30 @@ def collate(
 
 @dataclass(frozen=True)
 class Component:
-    """One part of a training mixture: a task, rows per step, loss weight and loss scope."""
+    """One part of a training mixture: a task, rows per step, loss weight and loss scope.
+
+    With a ``teacher`` (a frozen model) the rows are not learned from their answers: the
+    loss is the KL divergence from the teacher's next-token distributions to the model's
+    on the scored positions (``distill_loss``), which holds the model's behaviour on those
+    rows where the teacher has it without teaching it the answers.
+    """
 
     task: Task
     rows: int
     weight: float = 1.0
     answer_only: bool = True
+    teacher: object = None
+
+
+def distill_loss(model, teacher, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean over the scored positions (labels != -100) of KL(teacher || model), in nats."""
+    scored = labels[:, 1:] != -100
+    logits = model(input_ids=ids).logits[:, :-1][scored].float()
+    with torch.no_grad():
+        target = teacher(input_ids=ids).logits[:, :-1][scored].float().log_softmax(-1)
+    return torch.nn.functional.kl_div(
+        logits.log_softmax(-1), target, log_target=True, reduction="batchmean"
+    )
 
 
 def train(
@@ -154,7 +172,10 @@ def train(
                 for _ in range(c.rows)
             ]
             ids, labels = collate(rows, tokenizer.pad_token_id)
-            loss = c.weight * model(input_ids=ids, labels=labels).loss
+            if c.teacher is None:
+                loss = c.weight * model(input_ids=ids, labels=labels).loss
+            else:
+                loss = c.weight * distill_loss(model, c.teacher, ids, labels)
             loss.backward()
             total += loss.item()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

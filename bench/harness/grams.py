@@ -1,14 +1,10 @@
-"""Gram files (quantity ``input_gram``, docs/score-format.md) for the benchmarks, computed
-here while ``lrp-compute`` has no ``--method gram``: forward hooks on every nn.Linear, the
-exact Gram matrix of its input over every token of each calibration text, averaged over
-the texts, linear layers fed the same input sharing one matrix (q/k/v, gate/up).
-:func:`harness.score_sets.compute_score_files` uses ``lrp-compute --method gram`` instead
-as soon as it exists.
+"""Exact Gram matrices of every nn.Linear's input by forward hooks, for the cost
+benchmark's Gram files (:func:`harness.perf_models.gram_file`: random-token prompts, where
+only the matrices' sizes matter). The quality benchmark's Gram files come from
+``lrp-compute --method gram`` (:mod:`harness.score_sets`).
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import torch
 
@@ -55,34 +51,3 @@ def linear_input_grams(model, batches) -> tuple[dict[str, torch.Tensor], dict[st
         tensors[stored] = sums[key] / len(batches)
         gram_of.update({w: stored for w in weights})
     return tensors, gram_of
-
-
-def gram_file(model_dir: Path, texts: list[str], out: Path, max_length: int = 512) -> Path:
-    """The Gram file of ``model_dir`` on ``texts`` (each tokenized alone, every token
-    weighted 1), written with the model's fingerprint."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from mergekit_lrp.scores.file import ScoreMetadata, write_scores
-    from mergekit_lrp.scores.fingerprint import SCHEME, model_fingerprint
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    limit = min(max_length, getattr(model.config, "max_position_embeddings", max_length))
-    batches = [
-        torch.tensor([tokenizer(text)["input_ids"][:limit]]) for text in texts if text.strip()
-    ]
-    tensors, gram_of = linear_input_grams(model, batches)
-    metadata = ScoreMetadata(
-        model_fingerprint=model_fingerprint(model_dir),
-        num_prompts=len(batches),
-        num_tokens=sum(b.numel() for b in batches),
-        target="inputs",
-        model_type=model.config.model_type,
-        method="gram",
-        quantity="input_gram",
-        fingerprint_scheme=SCHEME,
-        gram_of=gram_of,
-        extra={"token_weighting": "none", "max_length": str(limit), "model": str(model_dir)},
-    )
-    write_scores(out, tensors, metadata)
-    return out

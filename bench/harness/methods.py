@@ -19,7 +19,8 @@ class Method:
     merge_method: str
     params: dict = field(default_factory=dict)
     seeds: tuple = (None,)  # several for random methods
-    #: score-set key for lrp: "[<signal>:]<target>-<n prompts>", or "random-{seed}"
+    #: score-set key (harness.score_sets): "[<signal>:]<target>-<n prompts>",
+    #: "gram-<token weighting>-<n prompts>" (a Gram file), or "random-{seed}"
     scores: str | None = None
     uses_density: bool = True
     uses_weight: bool = True  # circuit takes no per-model weight (priority decides)
@@ -37,8 +38,14 @@ def _rows(role: str, *methods: Method) -> list[Method]:
 
 
 DEFAULT_SCORES = "predicted-128"
-#: Gram files (RegMean statistics) on the experts' 128 calibration texts
-GRAM_SCORES = "inputs-128"
+
+
+def gram_scores(weighting: str = "none") -> str:
+    """The score-set key of Gram files (RegMean statistics) on the experts' 128
+    calibration texts, tokens weighted by ``weighting`` (lrp-compute --method gram)."""
+    return f"gram-{weighting}-128"
+
+
 #: lrp's rules before the merge-rules issue chose new defaults: per-tensor top-k, the
 #: weighted kept deltas added
 PLAIN_LRP = {"selection": "topk", "consensus": "none", "normalize": False}
@@ -207,31 +214,42 @@ ABLATION = [
     Method("attnlrp next-token (delta)", "lrp", {"importance": "delta"}, scores="next-token-128"),
     # the exact OBS saliency delta^2 / [(G + lambda I)^-1]_jj from the full Gram matrix
     # (activation uses its diagonal only)
-    Method("gram OBS (delta)", "lrp", {"importance": "delta"}, scores=f"gram:{GRAM_SCORES}"),
+    Method("gram OBS (delta)", "lrp", {"importance": "delta"}, scores=gram_scores()),
 ]
-#: RegMean from Gram files: alpha (the off-diagonal scale), the rule for the tensors it
-#: does not solve, the ridge; a model's weight scales its Gram matrices, which changes
-#: nothing when all are equal, so it is swept only where task arithmetic uses it
-REGMEAN = [
-    Method(
+
+
+def _regmean(alpha: float, other: str, ridge: float | None = None, tokens: str = "none"):
+    return Method(
         f"regmean (alpha {alpha}, {other.replace('_', ' ')}"
-        + (f", ridge {ridge:g})" if ridge is not None else ")"),
+        + (f", ridge {ridge:g}" if ridge is not None else "")
+        + (f", tokens {tokens}" if tokens != "none" else "")
+        + ")",
         "regmean",
         {
             "alpha": alpha,
             "other_tensors": other,
             **({"ridge": ridge} if ridge is not None else {}),
         },
-        scores=f"gram:{GRAM_SCORES}",
+        scores=gram_scores(tokens),
         uses_density=False,
         uses_weight=other == "task_arithmetic",
     )
-    for alpha, other, ridge in [
-        *((a, o, None) for o in ("average", "task_arithmetic") for a in (0.0, 0.5, 0.9, 1.0)),
-        (0.9, "average", 0.0),
-        (0.9, "average", 0.01),
-        (1.0, "average", 0.01),
-    ]
+
+
+#: RegMean from Gram files: alpha (the off-diagonal scale), the rule for the tensors it
+#: does not solve, the ridge, on plain Gram files (every token weighted 1). A model's
+#: weight scales its Gram matrices, which changes nothing when all are equal, so it is
+#: swept only where task arithmetic uses it
+REGMEAN = [
+    *(
+        _regmean(alpha, other, ridge)
+        for alpha, other, ridge in [
+            *((a, o, None) for o in ("average", "task_arithmetic") for a in (0.0, 0.5, 0.9, 1.0)),
+            (0.9, "average", 0.0),
+            (0.9, "average", 0.01),
+            (1.0, "average", 0.01),
+        ]
+    ),
 ]
 #: every row by its table name
 BY_NAME = {

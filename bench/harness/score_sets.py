@@ -1,10 +1,10 @@
 """Score files of a family's experts, one set per score-set key, cached beside the family.
 
 A key is ``[<signal>:]<target>-<n>`` (lrp-compute's scoring with ``--method signal``,
-default attnlrp, on n calibration prompts of the expert's task) or ``random-<seed>``
-(uniform random scores, the floor of the signal ablation). ``gram:inputs-<n>`` is a Gram
-file (RegMean statistics) on the same prompts: ``lrp-compute --method gram`` where it
-exists, else :mod:`harness.grams`.
+default attnlrp, on n calibration prompts of the expert's task), ``gram-<weighting>-<n>``
+(a Gram file, RegMean's statistics, on the same prompts: ``lrp-compute --method gram
+--token-weighting weighting``) or ``random-<seed>`` (uniform random scores, the floor of
+the signal ablation).
 """
 
 from __future__ import annotations
@@ -45,10 +45,8 @@ def family_score_files(family, methods, progress) -> dict[tuple[str, str], Path]
 
 def compute_score_files(family, keys, root: Path, progress) -> dict[tuple[str, str], Path]:
     """Score files of each expert under ``root``, for each key; existing files are reused."""
-    from harness.grams import gram_file
     from mergekit_lrp.scoring.options import ComputeOptions
     from mergekit_lrp.scoring.run import compute_scores
-    from mergekit_lrp.scoring.signals import SIGNALS
 
     files = {}
     for key in sorted(keys):
@@ -58,22 +56,27 @@ def compute_score_files(family, keys, root: Path, progress) -> dict[tuple[str, s
                 if key.startswith("random-"):
                     random_scores(expert, out, int(key.split("-")[1]))
                 else:
-                    signal, _, rest = key.rpartition(":")
-                    target, count = rest.rsplit("-", 1)
+                    chosen, count = key_options(key)
                     prompts = root / f"{task}-calibration-{count}.txt"
-                    lines = family.calibration_prompts(task, int(count))
+                    lines = family.calibration_prompts(task, count)
                     lines = [p.replace("\n", " ") for p in lines]
                     prompts.write_text("\n".join(lines) + "\n")
-                    if signal == "gram" and "gram" not in SIGNALS:
-                        gram_file(expert, lines, out)
-                    else:
-                        options = ComputeOptions(
-                            method=signal or "attnlrp", target=target, progress=False
-                        )
-                        compute_scores(str(expert), str(prompts), str(out), options)
+                    options = ComputeOptions(**chosen, progress=False)
+                    compute_scores(str(expert), str(prompts), str(out), options)
                 progress(f"scored {task} ({key})")
             files[(key, task)] = out
     return files
+
+
+def key_options(key: str) -> tuple[dict, int]:
+    """(lrp-compute's options, number of calibration prompts) of a score-set key other
+    than ``random-<seed>``."""
+    if key.startswith("gram-"):
+        _, weighting, count = key.split("-")
+        return {"method": "gram", "token_weighting": weighting}, int(count)
+    signal, _, rest = key.rpartition(":")
+    target, count = rest.rsplit("-", 1)
+    return {"method": signal or "attnlrp", "target": target}, int(count)
 
 
 def random_scores(model_dir: Path, out: Path, seed: int) -> None:

@@ -72,8 +72,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--regmean",
         action="store_true",
-        help="RegMean's settings instead (alpha, the other tensors' rule, ridge) beside "
-        "task_arithmetic, from Gram files of the experts' calibration texts",
+        help="RegMean's settings instead (alpha, the other tensors' rule, ridge, the Gram "
+        "files' token weighting) beside task_arithmetic, from Gram files of the experts' "
+        "calibration texts (lrp-compute --method gram)",
     )
     parser.add_argument("--no-exact", action="store_true", help="skip exact-match decoding")
     parser.add_argument(

@@ -225,6 +225,26 @@ def test_bench_quality_one_cell_on_the_tiny_family_then_resumes(tmp_path):
 
 
 @pytest.mark.bench
+def test_bench_quality_regmean_reads_gram_files_lrp_compute_wrote(tmp_path):
+    from mergekit_lrp.scores.file import ScoreReader
+
+    row = "regmean (alpha 0.9, average, tokens relevance)"
+    quality = [
+        "bench_quality.py",
+        "--families", "tiny", "--quick", "--methods", row, "--no-exact", "--threads", "1",
+        "--workers", "1", "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "out"),
+    ]  # fmt: skip
+    run_script(*quality, cwd=tmp_path)
+    (cell,) = json.loads((tmp_path / "out" / "results.json").read_text())["rows"]
+    assert (cell["method"], cell["density"], cell["weight"]) == (row, None, 1.0)
+    grams = sorted((tmp_path / "cache").glob("toy-tiny-*/scores-*/*-gram-relevance-32.safetensors"))
+    assert [g.name.split("-")[0] for g in grams] == sorted(cell["subset"])
+    metadata = ScoreReader(grams[0]).metadata
+    assert (metadata.method, metadata.quantity, metadata.num_prompts) == ("gram", "input_gram", 32)
+    assert metadata.extra["token_weighting"] == "relevance" and metadata.gram_of
+
+
+@pytest.mark.bench
 def test_bench_perf_times_one_merge_against_dare_ties_on_a_tiny_model(tmp_path):
     out, cache = tmp_path / "out", tmp_path / "cache"
     perf = ["bench_perf.py", "--only", "merge", "--size", "tiny", "--merges", "lrp (defaults)"]

@@ -237,9 +237,10 @@ def _regmean(alpha: float, other: str, ridge: float | None = None, tokens: str =
 
 
 #: RegMean from Gram files: alpha (the off-diagonal scale), the rule for the tensors it
-#: does not solve, the ridge, on plain Gram files (every token weighted 1). A model's
-#: weight scales its Gram matrices, which changes nothing when all are equal, so it is
-#: swept only where task arithmetic uses it
+#: does not solve, the ridge, on plain Gram files (every token weighted 1); then the
+#: token weighting of the Gram files at the defaults (the plain one is "regmean (alpha
+#: 0.9, average)"). A model's weight scales its Gram matrices, which changes nothing when
+#: all are equal, so it is swept only where task arithmetic uses it
 REGMEAN = [
     *(
         _regmean(alpha, other, ridge)
@@ -250,6 +251,7 @@ REGMEAN = [
             (1.0, "average", 0.01),
         ]
     ),
+    *(_regmean(0.9, "average", tokens=tokens) for tokens in ("answer", "relevance", "gradient")),
 ]
 #: every row by its table name
 BY_NAME = {

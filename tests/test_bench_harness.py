@@ -268,7 +268,7 @@ def test_bench_perf_times_one_merge_against_dare_ties_on_a_tiny_model(tmp_path):
 def test_bench_perf_times_regmean_and_its_solve_on_a_tiny_model(tmp_path):
     out, cache = tmp_path / "out", tmp_path / "cache"
     perf = ["bench_perf.py", "--only", "merge", "regmean_solve", "--size", "tiny"]
-    perf += ["--merges", "regmean (defaults)", "--repeats", "1"]
+    perf += ["--merges", "regmean (defaults)", "--repeats", "1", "--fine-tunes", "2"]
     run_script(*perf, "--out", str(out), "--cache", str(cache), cwd=tmp_path)
     results = json.loads((out / "perf.json").read_text())
     assert [r["setting"] for r in results["merge"]["rows"]] == ["dare_ties", "regmean (defaults)"]

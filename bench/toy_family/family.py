@@ -177,7 +177,13 @@ PRESETS: dict[str, Recipe] = {
 
 #: presets that pass every acceptance criterion of scripts/check_family.py with the seed
 #: given here (docs/toy-family.md records each check); the quality benchmark's families
-ACCEPTED: dict[str, int] = {"llama-a": 0, "gemma2-b": 1, "qwen3-c": 2}
+ACCEPTED: dict[str, int] = {
+    "llama-a": 0,
+    "gemma2-b": 1,
+    "qwen3-c": 2,
+    "llama-4x": 3,
+    "qwen3-4x": 4,
+}
 
 #: the acceptance criteria an accepted family was accepted under, where not all six: the
 #: two-expert families predate criteria 5 (specialisation) and 6 (build time), and their

@@ -12,6 +12,7 @@ import torch
 from tiny_models import AS_CHECKPOINT, make_tiny_model
 
 from harness.jobs import subsets_of
+from harness.merge import exact_ranks
 from harness.methods import (
     BY_NAME,
     PLAIN_LRP,
@@ -22,7 +23,14 @@ from harness.methods import (
 )
 from harness.perf_report import markdown as perf_markdown
 from harness.perf_workers import DiscardingAccumulator
-from harness.quality_report import objective, run_summary, summarize, validation_choice
+from harness.quality_report import (
+    objective,
+    ranks_table,
+    run_summary,
+    summarize,
+    validation_choice,
+)
+from mergekit_lrp.merging.selection import exact_keep_probabilities, keep_probabilities
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -279,3 +287,34 @@ def test_bench_perf_times_regmean_and_its_solve_on_a_tiny_model(tmp_path):
     assert layer["hidden"] == 64 and layer["gflop_per_s"] > 0
     report = (out / "perf.md").read_text()
     assert "| regmean (defaults) | " in report and "## Where a regmean merge spends" in report
+
+
+def test_exact_ranks_makes_large_tensors_sort_and_is_undone():
+    importance = torch.rand(70_000, generator=torch.Generator().manual_seed(0))
+    approximate = keep_probabilities(importance, 0.9, 0.05)
+    with exact_ranks(True):
+        exact = keep_probabilities(importance, 0.9, 0.05)
+    assert torch.equal(exact, exact_keep_probabilities(importance, 0.9, 0.05))
+    assert not torch.equal(approximate, exact)  # the tensor is above the size threshold
+    assert torch.equal(keep_probabilities(importance, 0.9, 0.05), approximate)
+    with exact_ranks(False):
+        assert torch.equal(keep_probabilities(importance, 0.9, 0.05), approximate)
+
+
+def test_ranks_table_puts_the_approximate_mean_inside_or_outside_the_exact_seed_range():
+    def runs(values):
+        return [{"kept": {"a": a, "b": 0.5}, "order": ["a", "b"]} for a in values]
+
+    approx, exact = "lrp (defaults, listed order)", "lrp (defaults, listed order, exact ranks)"
+    base = {"family": "f:0", "subset": ["a", "b"], "density": 0.9}
+    results = {
+        "tasks": {"f:0": ["a", "b"]},
+        "rows": [
+            {**base, "method": approx, "test_runs": runs([0.80, 0.84, 0.82])},
+            {**base, "method": exact, "test_runs": runs([0.81, 0.85, 0.79])},
+        ],
+    }
+    table = ranks_table(results)
+    assert table[2] == "| f:0 | 0.9 | a | [0.790, 0.850] | 0.820 | yes |"
+    results["rows"][0]["test_runs"] = runs([0.90, 0.91, 0.92])
+    assert ranks_table(results)[2].endswith("| 0.910 | no |")

@@ -82,14 +82,15 @@ def merge_row(job: Job, exact: bool) -> dict:
     """Merge the cell at each weight, merge seed and list order (:func:`runs_of`);
     choose the weight on the validation split (mean kept fraction of the merged tasks over
     seeds and orders), then score the test split at it, every seed and order."""
-    from harness.merge import configuration, run_merge
+    from harness.merge import configuration, exact_ranks, run_merge
 
     family, subset, method, density = job.family, job.subset, job.method, job.density
     runs = runs_of(subset, method)
 
     def scored(weight, seed, order, split, exact_match) -> dict:
         config = merge_config(family, order, method, density, weight, job.score_files, seed)
-        run_merge(configuration(config), out, seed)
+        with exact_ranks(method.exact_ranks):
+            run_merge(configuration(config), out, seed)
         # the weight is chosen on the merged tasks only; the test split scores all
         tasks = None if split == "test" else subset
         try:

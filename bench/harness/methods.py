@@ -31,6 +31,9 @@ class Method:
     #: merge every rotation of the experts' list, not only the listed order: True for the
     #: rules whose result depends on the order (None: decided by :func:`depends_on_order`)
     rotations: bool | None = None
+    #: rank every entry exactly (a sort) in stochastic selection, whatever the tensor's
+    #: size: the reference for lrp's approximate ranks (harness.merge.exact_ranks)
+    exact_ranks: bool = False
 
 
 def _rows(role: str, *methods: Method) -> list[Method]:
@@ -158,6 +161,24 @@ RULES = [
         ),
     ),
 ]
+#: lrp's defaults with approximate ranks (as merged) and with exact ranks, both in the
+#: listed order over three merge seeds, so the seed-to-seed spread of the exact version
+#: is what the approximation is compared with (quality_report.ranks_table)
+RANK_CHECK = _rows(
+    LRP_VARIANT,
+    *(
+        Method(
+            f"lrp (defaults, listed order{', exact ranks' if exact else ''})",
+            "lrp",
+            scores=DEFAULT_SCORES,
+            seeds=(0, 1, 2),
+            pinned=False,
+            rotations=False,
+            exact_ranks=exact,
+        )
+        for exact in (False, True)
+    ),
+)
 #: where Circuit-Merge's results come from: its combination without any drops, drops
 #: without the 1/p rescale or at one rate for every model (temperature 1), and drops that
 #: differ by rank
@@ -254,9 +275,10 @@ REGMEAN = [
     *(_regmean(0.9, "average", tokens=tokens) for tokens in ("answer", "relevance", "gradient")),
 ]
 #: every row by its table name
-BY_NAME = {
-    m.name: m for m in METHODS + VARIANTS + OLDER_RULES + RULES + CIRCUIT_PARTS + ABLATION + REGMEAN
-}
+ALL_ROWS = (
+    METHODS + VARIANTS + OLDER_RULES + RULES + CIRCUIT_PARTS + RANK_CHECK + ABLATION + REGMEAN
+)
+BY_NAME = {m.name: m for m in ALL_ROWS}
 DENSITIES = (0.1, 0.3, 0.5, 0.7, 0.9)
 
 QUICK_METHODS = {"lrp (defaults)", "task_arithmetic", "ties", "dare_ties"}
@@ -278,7 +300,7 @@ def select_methods(
     if variants and not quick:
         methods += VARIANTS + OLDER_RULES
     if rules and not quick:
-        methods += RULES + CIRCUIT_PARTS
+        methods += RULES + CIRCUIT_PARTS + RANK_CHECK
     if ablation:
         methods = list(ABLATION)
     if regmean:

@@ -40,6 +40,16 @@ def run_worker(name: str, **kwargs) -> dict:
 
 
 def peak_rss_bytes() -> int:
+    """This process's peak resident set size. Linux's VmHWM belongs to the address space
+    that exec created; ``ru_maxrss`` survives exec, so a worker started from a parent
+    holding models in memory would report the parent's peak instead of its own."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 

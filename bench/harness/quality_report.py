@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import statistics
 
-from harness.methods import BY_NAME, LRP, LRP_VARIANT, REFERENCE
+from harness.methods import BY_NAME, LRP, LRP_VARIANT, RANK_CHECK, REFERENCE
 
 
 def is_lrp(method: str) -> bool:
@@ -271,6 +271,36 @@ def defaults_choice(results: dict) -> list[str]:
     return lines
 
 
+def ranks_table(results: dict) -> list[str]:
+    """lrp's defaults with approximate ranks against exact ranks (the two RANK_CHECK rows),
+    all experts, test split: per family, density and expert, the exact version's
+    [min, max] over merge seeds and the approximate version's mean over the same seeds,
+    and whether that mean lies inside the exact version's seed range."""
+    approx, exact = (m.name for m in RANK_CHECK)
+    found = {}
+    for row in all_experts_rows(results):
+        if row["method"] in (approx, exact) and row.get("test_runs"):
+            found[(row["family"], row["density"], row["method"])] = row["test_runs"]
+    lines = [
+        "| family | density | expert | exact ranks: [min, max] over seeds | approximate "
+        "ranks: mean over seeds | inside |",
+        "|---|---|---|---|---|---|",
+    ]
+    for (family, density, method), runs in found.items():
+        reference = found.get((family, density, exact))
+        if method != approx or reference is None:
+            continue
+        for expert in runs[0]["kept"]:
+            values = [r["kept"][expert] for r in reference]
+            mean = statistics.mean(r["kept"][expert] for r in runs)
+            inside = min(values) <= mean <= max(values)
+            lines.append(
+                f"| {family} | {density} | {expert} | [{min(values):.3f}, {max(values):.3f}] | "
+                f"{mean:.3f} | {'yes' if inside else 'no'} |"
+            )
+    return lines if len(lines) > 2 else []
+
+
 def _fmt(value) -> str:
     return "-" if value is None else f"{value:.3f}"
 
@@ -331,6 +361,15 @@ def markdown(results: dict) -> str:
             "weight 1, the others at their best weight; mean over families)",
             "",
             *defaults_choice(results),
+        ]
+    ranks = ranks_table(results)
+    if ranks:
+        lines += [
+            "",
+            "**Approximate against exact ranks** (lrp's defaults in the listed order, merge "
+            "seeds 0-2; test split, all experts)",
+            "",
+            *ranks,
         ]
     methods = {row["method"] for row in results["rows"]}
     if any(map(is_lrp, methods)) and any(BY_NAME[m].role == REFERENCE for m in methods):

@@ -161,10 +161,7 @@ def signal(model_dir: str, mode: str, length: int, count: int) -> dict:
     """One signal (``mode``: an lrp-compute ``--method``, or "plain") through lrp-compute's
     loop at its default options."""
     from mergekit_lrp.scoring.accumulator import new_accumulator
-    from mergekit_lrp.scoring.loop import run_prompts
     from mergekit_lrp.scoring.options import ComputeOptions
-    from mergekit_lrp.scoring.prompts import Prompt
-    from mergekit_lrp.scoring.resume import LoopState
     from mergekit_lrp.scoring.signals import SIGNALS
 
     model, prompts, rss_before_model, weights = load_model(model_dir, length, count)
@@ -174,10 +171,7 @@ def signal(model_dir: str, mode: str, length: int, count: int) -> dict:
     else:
         options = ComputeOptions(method=mode, progress=False)
         accumulator = new_accumulator(model, dict(model.named_parameters()), SIGNALS[mode])
-        for ids in prompts:  # one prompt a call, so each is timed alone
-            start = time.perf_counter()
-            run_prompts(model, [Prompt(tuple(ids.tolist()))], options, accumulator, LoopState())
-            times.append(time.perf_counter() - start)
+        times = loop_seconds(model, prompts, options, accumulator)
     per_prompt = statistics.median(times[1:])  # the first prompt warms up
     return {
         "seconds_per_prompt": per_prompt,
@@ -187,16 +181,27 @@ def signal(model_dir: str, mode: str, length: int, count: int) -> dict:
     }
 
 
+def loop_seconds(model, prompts, options, accumulator) -> list[float]:
+    """lrp-compute's prompt loop, one prompt a call, so that each is timed alone."""
+    from mergekit_lrp.scoring.loop import run_prompts
+    from mergekit_lrp.scoring.prompts import Prompt
+    from mergekit_lrp.scoring.resume import LoopState
+
+    times = []
+    for ids in prompts:
+        start = time.perf_counter()
+        run_prompts(model, [Prompt(tuple(ids.tolist()))], options, accumulator, LoopState())
+        times.append(time.perf_counter() - start)
+    return times
+
+
 def gram(model_dir: str, mode: str, length: int, count: int) -> dict:
     """``lrp-compute --method gram --token-weighting MODE`` through lrp-compute's loop, or
     its baseline: "plain-forward" (the model's forward, every position's logits, as the
     forward weightings run it) or "plain-backward" (a plain forward+backward: argmax logit
     at the last token, parameter gradients)."""
     from mergekit_lrp.scoring.accumulator import new_accumulator
-    from mergekit_lrp.scoring.loop import run_prompts
     from mergekit_lrp.scoring.options import ComputeOptions
-    from mergekit_lrp.scoring.prompts import Prompt
-    from mergekit_lrp.scoring.resume import LoopState
 
     model, prompts, rss_before_model, weights = load_model(model_dir, length, count)
     times, sizes = [], {}
@@ -212,10 +217,7 @@ def gram(model_dir: str, mode: str, length: int, count: int) -> dict:
         options = ComputeOptions(method="gram", token_weighting=mode, progress=False)
         parameters = dict(model.named_parameters())
         accumulator = new_accumulator(model, parameters, options.signal, probe=prompts[0])
-        for ids in prompts:  # one prompt a call, so each is timed alone
-            start = time.perf_counter()
-            run_prompts(model, [Prompt(tuple(ids.tolist()))], options, accumulator, LoopState())
-            times.append(time.perf_counter() - start)
+        times = loop_seconds(model, prompts, options, accumulator)
         sizes = {
             "gram_matrices": len(accumulator.sums),
             "gram_bytes": sum(t.numel() * 4 for t in accumulator.sums.values()),

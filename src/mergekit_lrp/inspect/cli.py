@@ -193,12 +193,7 @@ def render(report: dict) -> str:
         out.append(f"== {s['path']}")
         fields = [
             ("quantity", s["quantity"]),
-            ("target", s["target"]),
-            ("prompts", s["prompts"]),
-            ("tokens", s["tokens"]),
-            ("model type", s["model_type"]),
-            ("model", s["model"] or "(not given)"),
-            ("fingerprint", s["fingerprint"][:16] + ("  (matches)" if s["model"] else "")),
+            *_provenance_fields(s),
             ("tensors", s["tensors"]),
         ]
         width = max(len(k) for k, _ in fields)
@@ -249,6 +244,18 @@ def render(report: dict) -> str:
     return "\n".join(out).rstrip()
 
 
+def _provenance_fields(s: dict) -> list[tuple[str, object]]:
+    """The header lines every file's summary shows: how it was computed, on which model."""
+    return [
+        ("target", s["target"]),
+        ("prompts", s["prompts"]),
+        ("tokens", s["tokens"]),
+        ("model type", s["model_type"]),
+        ("model", s["model"] or "(not given)"),
+        ("fingerprint", s["fingerprint"][:16] + ("  (matches)" if s["model"] else "")),
+    ]
+
+
 def _render_gram(s: dict) -> list[str]:
     """A Gram file: metadata, size, one row per matrix (trace, condition, sharing)."""
     from mergekit_lrp.inspect.stats import ILL_CONDITIONED
@@ -256,12 +263,7 @@ def _render_gram(s: dict) -> list[str]:
     fields = [
         ("quantity", f"{s['quantity']} (Gram matrices of linear layers' inputs)"),
         ("tokens weighted", s["token_weighting"]),
-        ("target", s["target"]),
-        ("prompts", s["prompts"]),
-        ("tokens", s["tokens"]),
-        ("model type", s["model_type"]),
-        ("model", s["model"] or "(not given)"),
-        ("fingerprint", s["fingerprint"][:16] + ("  (matches)" if s["model"] else "")),
+        *_provenance_fields(s),
         ("matrices", f"{s['matrices']} for {s['weights']} linear weights"),
         ("size", f"{s['bytes'] / 2**20:.1f} MiB"),
         (

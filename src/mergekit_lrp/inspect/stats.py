@@ -66,15 +66,13 @@ def _sorted_layers(keys: Iterable[int | None]) -> list[int | None]:
 # ---------------------------------------------------------------- one score file
 
 
-def summarize(reader: ScoreReader, model_dir: str | os.PathLike | None = None) -> dict:
-    """Metadata, per-kind and per-layer score totals of one file; with ``model_dir`` the
-    pairing is checked first and the checkpoint's tensors without scores are listed.
-
-    A total is the sum of the stored scores (mean |d target / d theta| per entry) over
-    the tensors of that kind: the file's relevance mass, before any task vector.
-    """
+def _file_summary(reader: ScoreReader, model_dir) -> dict:
+    """What every file's summary starts with: its metadata, and the model it was paired
+    with (the pairing checked first) when ``model_dir`` is given."""
     meta = reader.metadata
-    summary = {
+    if model_dir is not None:
+        check_pairing(reader, model_dir)
+    return {
         "path": str(reader.path),
         "quantity": meta.quantity,
         "target": meta.target,
@@ -84,12 +82,19 @@ def summarize(reader: ScoreReader, model_dir: str | os.PathLike | None = None) -
         "method": meta.method,
         "generator": meta.generator,
         "fingerprint": meta.model_fingerprint,
-        "model": None,
+        "model": None if model_dir is None else str(model_dir),
         "unscored": None,
     }
-    if model_dir is not None:
-        check_pairing(reader, model_dir)
-        summary["model"] = str(model_dir)
+
+
+def summarize(reader: ScoreReader, model_dir: str | os.PathLike | None = None) -> dict:
+    """Metadata, per-kind and per-layer score totals of one file; with ``model_dir`` the
+    pairing is checked first and the checkpoint's tensors without scores are listed.
+
+    A total is the sum of the stored scores (mean |d target / d theta| per entry) over
+    the tensors of that kind: the file's relevance mass, before any task vector.
+    """
+    summary = _file_summary(reader, model_dir)
     kinds = {kind: {"tensors": 0, "entries": 0, "total": 0.0} for kind in KINDS}
     layers: dict[int | None, dict[str, float]] = defaultdict(lambda: dict.fromkeys(KINDS, 0.0))
     for name in sorted(reader.names()):
@@ -137,23 +142,10 @@ def summarize_gram(reader: ScoreReader, model_dir: str | os.PathLike | None = No
     """
     meta = reader.metadata
     summary = {
-        "path": str(reader.path),
+        **_file_summary(reader, model_dir),
         "kind": "gram",
-        "quantity": meta.quantity,
         "token_weighting": meta.extra.get("token_weighting"),
-        "target": meta.target,
-        "prompts": meta.num_prompts,
-        "tokens": meta.num_tokens,
-        "model_type": meta.model_type,
-        "method": meta.method,
-        "generator": meta.generator,
-        "fingerprint": meta.model_fingerprint,
-        "model": None,
-        "unscored": None,
     }
-    if model_dir is not None:
-        check_pairing(reader, model_dir)
-        summary["model"] = str(model_dir)
     readers_of: dict[str, list[str]] = defaultdict(list)
     for weight, stored in meta.gram_of.items():
         readers_of[stored].append(weight)

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import json
 import statistics
+from pathlib import Path
 
 from harness.methods import BY_NAME, LRP, LRP_VARIANT, RANK_CHECK, REFERENCE
 
@@ -144,14 +146,19 @@ OBJECTIVE = {"mean": 0.4, "worst": 0.4, "retention": 0.2}
 
 def run_summary(records: list[dict]) -> dict:
     """Over a cell's merges (seeds and orders): each expert's mean kept fraction, their
-    mean, the worst expert (of the per-expert means), the mean retention, and the spread
-    over list orders (max - min of the per-order mean; 0 with one order)."""
+    mean, the worst expert (of the per-expert means), the mean retention, the spread over
+    list orders (max - min of the per-order mean; 0 with one order) and the worst expert
+    in the list order where it is worst (what a user listing the models that way gets;
+    the same as the worst expert for a rule that does not depend on the order)."""
     experts = list(records[0]["kept"])
     per_expert = {t: statistics.mean(r["kept"][t] for r in records) for t in experts}
     by_order: dict = {}
     for record in records:
-        by_order.setdefault(tuple(record["order"]), []).append(record["mean"])
-    order_means = [statistics.mean(v) for v in by_order.values()]
+        by_order.setdefault(tuple(record["order"]), []).append(record)
+    order_means = [statistics.mean(r["mean"] for r in v) for v in by_order.values()]
+    order_worst = [
+        min(statistics.mean(r["kept"][t] for r in v) for t in experts) for v in by_order.values()
+    ]
     retentions = [r["retention"] for r in records if r["retention"] is not None]
     return {
         "per_expert": per_expert,
@@ -159,6 +166,7 @@ def run_summary(records: list[dict]) -> dict:
         "worst": min(per_expert.values()),
         "retention": statistics.mean(retentions) if retentions else None,
         "order_spread": max(order_means) - min(order_means),
+        "worst_in_worst_order": min(order_worst),
         "orders": len(order_means),
     }
 
@@ -171,6 +179,22 @@ def objective(summary: dict) -> float:
         + OBJECTIVE["worst"] * summary["worst"]
         + OBJECTIVE["retention"] * retention
     )
+
+
+def text_change(results: dict, row: dict) -> float | None:
+    """A cell's held-out text NLL over its test merges minus the base's (nats per token:
+    0 = the base's text ability, above 0 worse), from the base's NLL the family caches;
+    None without text. Reported beside retention, which is undefined where no expert
+    loses text ability to measure it against."""
+    texts = [t.get("text") for t in row.get("test", [])]
+    root = results.get("family_roots", {}).get(row["family"])
+    if not texts or None in texts or root is None:
+        return None
+    path = Path(root) / "metrics" / "reference-text-test.json"
+    if not path.exists():
+        return None
+    base = json.loads(path.read_text())["base"]
+    return statistics.mean(t["nll"] for t in texts) - base
 
 
 def all_experts_rows(results: dict) -> list[dict]:
@@ -193,8 +217,8 @@ def expert_tables(results: dict) -> list[str]:
             "split, mean over merge seeds and list orders)",
             "",
             "| method | density | weight | " + " | ".join(tasks)
-            + " | mean | worst | retention | order spread (orders) |",
-            "|---|---|---|" + "---|" * (len(tasks) + 4),
+            + " | mean | worst | retention | text ΔNLL | order spread (orders) |",
+            "|---|---|---|" + "---|" * (len(tasks) + 5),
         ]
         for row in mine:
             summary = run_summary(row["test_runs"])
@@ -202,8 +226,8 @@ def expert_tables(results: dict) -> list[str]:
             lines.append(
                 f"| {row['method']} | {row['density']} | {row['weight']} | {cells} | "
                 f"{summary['mean']:.3f} | {summary['worst']:.3f} | "
-                f"{_fmt(summary['retention'])} | {summary['order_spread']:.3f} "
-                f"({summary['orders']}) |"
+                f"{_fmt(summary['retention'])} | {_fmt(text_change(results, row), '+.4f')} | "
+                f"{summary['order_spread']:.3f} ({summary['orders']}) |"
             )
     return lines
 
@@ -216,18 +240,22 @@ def overview_table(results: dict) -> list[str]:
     for row in all_experts_rows(results):
         if not row.get("test_runs"):
             continue
-        summary = run_summary(row["test_runs"])
+        summary = {**run_summary(row["test_runs"]), "text": text_change(results, row)}
         cells.setdefault((row["method"], row["density"]), []).append(summary)
     lines = [
-        "| method | density | mean kept | worst expert | retention | max order spread |",
-        "|---|---|---|---|---|---|",
+        "| method | density | mean kept | worst expert | worst expert, worst order | "
+        "retention | text ΔNLL | max order spread |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for (method, density), summaries in cells.items():
         retentions = [s["retention"] for s in summaries if s["retention"] is not None]
+        texts = [s["text"] for s in summaries if s["text"] is not None]
         lines.append(
             f"| {method} | {density} | {_spread([s['mean'] for s in summaries])} | "
             f"{_spread([s['worst'] for s in summaries])} | "
+            f"{_spread([s['worst_in_worst_order'] for s in summaries])} | "
             f"{_spread(retentions) if retentions else '-'} | "
+            f"{_fmt(statistics.mean(texts) if texts else None, '+.4f')} | "
             f"{max(s['order_spread'] for s in summaries):.3f} |"
         )
     return lines
@@ -301,8 +329,8 @@ def ranks_table(results: dict) -> list[str]:
     return lines if len(lines) > 2 else []
 
 
-def _fmt(value) -> str:
-    return "-" if value is None else f"{value:.3f}"
+def _fmt(value, spec: str = ".3f") -> str:
+    return "-" if value is None else format(value, spec)
 
 
 def _spread(values: list[float]) -> str:

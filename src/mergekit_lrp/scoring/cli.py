@@ -65,7 +65,9 @@ from mergekit_lrp.scoring.signals import SIGNALS, TOKEN_WEIGHTINGS
     "target scores (a chat's answer), 0 elsewhere (a forward pass). relevance: T |R_t| / "
     "sum_s |R_s|, R_t the AttnLRP relevance of --target reaching the layer's input at "
     "token t (T tokens: each prompt keeps its total weight; a forward and a backward pass). "
-    "gradient: the same with gradient x input, no rules. The file records it.  "
+    "gradient: the same with gradient x input, no rules. The file records it. On the "
+    "benchmark none and answer merged best; relevance and gradient concentrate each "
+    "matrix on a few tokens and merged far worse (docs/BENCHMARKS.md, RegMean).  "
     "[default: none]",
 )
 @click.option("--split", default=None, help="Dataset split, when the source has several.")

@@ -72,6 +72,18 @@ def test_pruning_is_seeded_and_keeps_the_expected_share():
     assert abs(float((first != 0).float().mean()) - union) < 0.03
 
 
+def test_a_spread_wider_than_a_low_keep_rate_leaves_no_probability_at_zero():
+    """Four models keep 0.125, 0.125, 0.25, 0.5 of their entries; epsilon 0.2 would put the
+    least important entries of the last-priority models at probability 0, and the 1/p
+    rescale would turn them into NaN. The spread stops at half the keep rate instead."""
+    torch.manual_seed(0)
+    deltas = [torch.randn(300, 300) for _ in range(4)]
+    torch.manual_seed(1)
+    merged = circuit(deltas, epsilon=0.2)
+    assert torch.isfinite(merged).all()
+    assert 0.3 < float((merged != 0).float().mean()) < 0.9
+
+
 def circuit_config(family, **parameters) -> dict:
     """The family's two fine-tunes (with their score files) under ``circuit``."""
     config = lrp_config(family)

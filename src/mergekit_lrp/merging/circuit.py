@@ -76,7 +76,9 @@ def circuit_merge(
         delta = (entry.tensor - base).float()
         delta = torch.where(delta.abs() >= meaningful_change_threshold, delta, 0)
         keep = keep_rate(position, len(models), temperature, base_droprate)
-        spread = min(epsilon, keep, 1 - keep)
+        # at most half the keep and the drop rate: no entry's probability is 0 (the 1/p
+        # rescale would divide by it) or 1
+        spread = min(epsilon, keep / 2, (1 - keep) / 2)
         importance = None  # |delta| ranks nothing at spread 0; score files are always read
         if drop_order == "scores" or (0 < keep < 1 and spread > 0):
             importance = _importance(entry.id, entry.tensor, delta, name, lrp_scores, drop_order)

@@ -28,6 +28,7 @@ from harness.quality_report import (
     ranks_table,
     run_summary,
     summarize,
+    unit_mass_table,
     validation_choice,
 )
 from mergekit_lrp.merging.selection import exact_keep_probabilities, keep_probabilities
@@ -318,3 +319,22 @@ def test_ranks_table_puts_the_approximate_mean_inside_or_outside_the_exact_seed_
     assert table[2] == "| f:0 | 0.9 | a | [0.790, 0.850] | 0.820 | yes |"
     results["rows"][0]["test_runs"] = runs([0.90, 0.91, 0.92])
     assert ranks_table(results)[2].endswith("| 0.910 | no |")
+
+
+def test_unit_mass_table_differences_by_family_and_by_seed():
+    def runs(means):
+        return [{"kept": {"a": m, "b": m}, "mean": m, "order": ["a", "b"]} for m in means]
+
+    rows = []
+    cells = (("f:0", [0.8, 0.9], [0.7, 0.7]), ("g:1", [0.5, 0.5], [0.6, 0.6]))
+    for family, relevance, magnitude in cells:
+        for method, means in (
+            ("lrp (delta, stochastic, unit, normalize)", relevance),
+            ("lrp (delta, stochastic, unit, |delta| mass, normalize)", magnitude),
+        ):
+            rows.append({"family": family, "subset": ["a", "b"], "method": method,
+                         "density": 0.9, "test_runs": runs(means)})  # fmt: skip
+    results = {"tasks": {"f:0": ["a", "b"], "g:1": ["a", "b"]}, "families": ["f:0", "g:1"],
+               "densities": [0.9], "rows": rows}  # fmt: skip
+    (line,) = unit_mass_table(results)[2:]
+    assert line == "| stochastic | 0.9 | +0.025 [-0.100, +0.150] | [-0.100, +0.200] |"

@@ -329,6 +329,55 @@ def ranks_table(results: dict) -> list[str]:
     return lines if len(lines) > 2 else []
 
 
+#: the unit rule ranked by relevance mass and, as its control, by |delta| mass
+UNIT_PAIRS = {
+    "stochastic": (
+        "lrp (delta, stochastic, unit, normalize)",
+        "lrp (delta, stochastic, unit, |delta| mass, normalize)",
+    ),
+    "top-k": (
+        "lrp (delta, topk, unit, normalize)",
+        "lrp (delta, topk, unit, |delta| mass, normalize)",
+    ),
+}
+
+
+def unit_mass_table(results: dict) -> list[str]:
+    """What ranking the units by relevance mass instead of |delta| mass changes, all
+    experts, test split: per selection and density, the difference of the mean kept
+    fraction (relevance − |delta|) as the mean over families [min, max], and the range of
+    the same difference merge seed by merge seed over all families."""
+    found = {
+        (row["family"], row["method"], row["density"]): row["test_runs"]
+        for row in all_experts_rows(results)
+        if row.get("test_runs")
+    }
+    lines = [
+        "| selection | density | relevance mass − \\|Δ\\| mass: mean over families [min, max] "
+        "| seed by seed [min, max] |",
+        "|---|---|---|---|",
+    ]
+    for selection, (relevance, magnitude) in UNIT_PAIRS.items():
+        for density in results["densities"]:
+            by_family, by_seed = [], []
+            for family in results["families"]:
+                a = found.get((family, relevance, density))
+                b = found.get((family, magnitude, density))
+                if a is None or b is None:
+                    continue
+                by_family.append(
+                    statistics.mean(r["mean"] for r in a) - statistics.mean(r["mean"] for r in b)
+                )
+                by_seed += [x["mean"] - y["mean"] for x, y in zip(a, b, strict=True)]
+            if by_family:
+                lines.append(
+                    f"| {selection} | {density} | {statistics.mean(by_family):+.3f} "
+                    f"[{min(by_family):+.3f}, {max(by_family):+.3f}] | "
+                    f"[{min(by_seed):+.3f}, {max(by_seed):+.3f}] |"
+                )
+    return lines if len(lines) > 2 else []
+
+
 def _fmt(value, spec: str = ".3f") -> str:
     return "-" if value is None else format(value, spec)
 
@@ -389,6 +438,14 @@ def markdown(results: dict) -> str:
             "weight 1, the others at their best weight; mean over families)",
             "",
             *defaults_choice(results),
+        ]
+    units = unit_mass_table(results)
+    if units:
+        lines += [
+            "",
+            "**The unit rule by relevance mass against |Δ| mass** (test split, all experts)",
+            "",
+            *units,
         ]
     ranks = ranks_table(results)
     if ranks:

@@ -28,6 +28,7 @@ results.md and results.png into --out; an interrupted run started again with the
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -45,6 +46,12 @@ def parse_args() -> argparse.Namespace:
         action="store_true",
         help="all experts of each family, 4 methods, density 0.5, one merge seed, 32"
         " calibration prompts (a smoke run of the protocol, under 5 min with families cached)",
+    )
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="merge nothing: write results.md and results.png again from --out's results.json "
+        "(the tables as this version of the harness renders them)",
     )
     parser.add_argument(
         "--families",
@@ -113,6 +120,9 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     out = Path(args.out)
+    if args.report_only:
+        print(quality.write(json.loads((out / "results.json").read_text()), out))
+        return
     out.mkdir(parents=True, exist_ok=True)
     default_densities = QUICK_DENSITIES if args.quick else DENSITIES
     settings = quality.Settings(

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import statistics
 from pathlib import Path
@@ -190,11 +191,25 @@ def text_change(results: dict, row: dict) -> float | None:
     root = results.get("family_roots", {}).get(row["family"])
     if not texts or None in texts or root is None:
         return None
+    base = _base_text_nll(root)
+    return None if base is None else statistics.mean(t["nll"] for t in texts) - base
+
+
+@functools.cache
+def _base_text_nll(root: str) -> float | None:
+    """The base's held-out text NLL on the test split, as the family caches it (read once
+    per family, not once per row)."""
     path = Path(root) / "metrics" / "reference-text-test.json"
-    if not path.exists():
-        return None
-    base = json.loads(path.read_text())["base"]
-    return statistics.mean(t["nll"] for t in texts) - base
+    return json.loads(path.read_text())["base"] if path.exists() else None
+
+
+def test_runs_by_cell(results: dict) -> dict:
+    """(family, method, density) -> the test runs of that all-experts cell."""
+    return {
+        (row["family"], row["method"], row["density"]): row["test_runs"]
+        for row in all_experts_rows(results)
+        if row.get("test_runs")
+    }
 
 
 def all_experts_rows(results: dict) -> list[dict]:
@@ -305,17 +320,14 @@ def ranks_table(results: dict) -> list[str]:
     [min, max] over merge seeds and the approximate version's mean over the same seeds,
     and whether that mean lies inside the exact version's seed range."""
     approx, exact = (m.name for m in RANK_CHECK)
-    found = {}
-    for row in all_experts_rows(results):
-        if row["method"] in (approx, exact) and row.get("test_runs"):
-            found[(row["family"], row["density"], row["method"])] = row["test_runs"]
+    found = test_runs_by_cell(results)
     lines = [
         "| family | density | expert | exact ranks: [min, max] over seeds | approximate "
         "ranks: mean over seeds | inside |",
         "|---|---|---|---|---|---|",
     ]
-    for (family, density, method), runs in found.items():
-        reference = found.get((family, density, exact))
+    for (family, method, density), runs in found.items():
+        reference = found.get((family, exact, density))
         if method != approx or reference is None:
             continue
         for expert in runs[0]["kept"]:
@@ -347,11 +359,7 @@ def unit_mass_table(results: dict) -> list[str]:
     experts, test split: per selection and density, the difference of the mean kept
     fraction (relevance − |delta|) as the mean over families [min, max], and the range of
     the same difference merge seed by merge seed over all families."""
-    found = {
-        (row["family"], row["method"], row["density"]): row["test_runs"]
-        for row in all_experts_rows(results)
-        if row.get("test_runs")
-    }
+    found = test_runs_by_cell(results)
     lines = [
         "| selection | density | relevance mass − \\|Δ\\| mass: mean over families [min, max] "
         "| seed by seed [min, max] |",

@@ -147,14 +147,8 @@ def precompute(model_dir: str, mode: str, length: int, count: int) -> dict:
                 start = time.perf_counter()
                 step(ids)
                 times.append(time.perf_counter() - start)
-    per_prompt = statistics.median(times[1:])  # the first prompt warms up
-    return {
-        "seconds_per_prompt": per_prompt,
-        "tokens_per_second": length / per_prompt,
-        "peak_rss": peak_rss_bytes(),
-        "rss_before_model": rss_before_model,
-        "weights_fp32": weights,
-    }
+    result = pass_result(times, rss_before_model, weights)
+    return {**result, "tokens_per_second": length / result["seconds_per_prompt"]}
 
 
 def signal(model_dir: str, mode: str, length: int, count: int) -> dict:
@@ -172,12 +166,18 @@ def signal(model_dir: str, mode: str, length: int, count: int) -> dict:
         options = ComputeOptions(method=mode, progress=False)
         accumulator = new_accumulator(model, dict(model.named_parameters()), SIGNALS[mode])
         times = loop_seconds(model, prompts, options, accumulator)
-    per_prompt = statistics.median(times[1:])  # the first prompt warms up
+    return pass_result(times, rss_before_model, weights)
+
+
+def pass_result(times: list[float], rss_before_model: int, weights: int, **extra) -> dict:
+    """A pass worker's answer: the median seconds per prompt (the first prompt warms up),
+    this process's peak RSS, the RSS before the model was loaded, the fp32 weight bytes."""
     return {
-        "seconds_per_prompt": per_prompt,
+        "seconds_per_prompt": statistics.median(times[1:]),
         "peak_rss": peak_rss_bytes(),
         "rss_before_model": rss_before_model,
         "weights_fp32": weights,
+        **extra,
     }
 
 
@@ -222,14 +222,7 @@ def gram(model_dir: str, mode: str, length: int, count: int) -> dict:
             "gram_matrices": len(accumulator.sums),
             "gram_bytes": sum(t.numel() * 4 for t in accumulator.sums.values()),
         }
-    per_prompt = statistics.median(times[1:])  # the first prompt warms up
-    return {
-        "seconds_per_prompt": per_prompt,
-        "peak_rss": peak_rss_bytes(),
-        "rss_before_model": rss_before_model,
-        "weights_fp32": weights,
-        **sizes,
-    }
+    return pass_result(times, rss_before_model, weights, **sizes)
 
 
 def placement(model_dir: str, mode: str, length: int, count: int, device: str) -> dict:

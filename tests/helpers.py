@@ -88,6 +88,8 @@ def invoke(*args) -> Result:
 #: lrp's per-tensor top-k with the kept deltas added (the rule before the defaults were
 #: chosen on the benchmark): what hand computations of masks and sums check
 TOPK_RULE = {"selection": "topk", "consensus": "none", "normalize": False}
+#: stochastic selection with conflicts to the first-listed model (lrp's former defaults)
+STOCHASTIC_RULE = {"selection": "stochastic", "consensus": "priority", "normalize": True}
 
 
 def lrp_config(family, **parameters) -> dict:

@@ -16,10 +16,12 @@ from harness.merge import exact_ranks
 from harness.methods import (
     BY_NAME,
     PLAIN_LRP,
+    RANK_CHECK,
     Method,
     merge_config,
     method_parameters,
     orders_of,
+    weights_for,
 )
 from harness.perf_report import markdown as perf_markdown
 from harness.perf_workers import DiscardingAccumulator
@@ -83,8 +85,11 @@ def test_pinned_lrp_rows_run_their_rule_on_top_of_plain_lrp():
     shared, per_model = method_parameters(BY_NAME["lrp (delta, consensus winner)"], 0.3)
     assert shared == {**PLAIN_LRP, "consensus": "winner"}
     assert per_model == {"density": 0.3}
-    defaults, _ = method_parameters(BY_NAME["lrp (defaults)"], 0.3)
+    defaults, per_model = method_parameters(BY_NAME["lrp (defaults)"], 0.3)
     assert defaults == {}  # unpinned: whatever lrp's defaults are
+    assert weights_for(("a", "b"), BY_NAME["lrp (defaults)"]) == [1.0]  # its default weight
+    ranked, _ = method_parameters(RANK_CHECK[0], 0.9)
+    assert ranked["selection"] == "stochastic"  # pinned: not whatever the defaults are
     stochastic, _ = method_parameters(BY_NAME["lrp (delta, stochastic)"], 0.9)
     assert stochastic["selection"] == "stochastic"
     assert stochastic["epsilon"] == pytest.approx(0.05)  # kept inside (0, 1)
@@ -306,7 +311,7 @@ def test_ranks_table_puts_the_approximate_mean_inside_or_outside_the_exact_seed_
     def runs(values):
         return [{"kept": {"a": a, "b": 0.5}, "order": ["a", "b"]} for a in values]
 
-    approx, exact = "lrp (defaults, listed order)", "lrp (defaults, listed order, exact ranks)"
+    approx, exact = (m.name for m in RANK_CHECK)
     base = {"family": "f:0", "subset": ["a", "b"], "density": 0.9}
     results = {
         "tasks": {"f:0": ["a", "b"]},

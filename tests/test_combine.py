@@ -197,14 +197,14 @@ def test_new_parameters_are_validated(tmp_path, parameters, fragment):
 
 
 def test_defaults_are_the_rule_chosen_on_the_benchmark(tmp_path):
-    """No rule given: density 0.9, stochastic selection (epsilon 0.05 at 0.9), conflicts
-    to the first-listed model, the disjoint mean (docs/BENCHMARKS.md)."""
+    """No rule given: density 0.5, top-k by |theta| x score, the kept deltas added, no sign
+    rule and no mean (docs/BENCHMARKS.md, "Many experts")."""
     torch.manual_seed(2)
-    base = torch.zeros(12, 12)
+    base = torch.randn(12, 12)  # not zero: |theta| and |delta| rank differently
     models = {"base": {"w": base}}
     paths = {}
     for index in range(3):
-        models[f"m{index}"] = {"w": torch.randn(12, 12)}
+        models[f"m{index}"] = {"w": base + torch.randn(12, 12)}
         paths[f"m{index}"] = scores_file(tmp_path / f"s{index}.safetensors", torch.rand(12, 12))
 
     def merged(**rule):
@@ -212,7 +212,8 @@ def test_defaults_are_the_rule_chosen_on_the_benchmark(tmp_path):
         parameters = {"lrp_scores": paths, **rule}
         return merge_state_dicts(models, "lrp", base="base", parameters=parameters)["w"]
 
-    chosen = dict(density=0.9, selection="stochastic", epsilon=0.05, consensus="priority")
-    assert torch.equal(merged(), merged(**chosen, normalize=True))
-    assert not torch.equal(merged(), merged(**chosen, normalize=False))
-    assert not torch.equal(merged(), merged(**TOPK_RULE, density=0.9))
+    chosen = dict(density=0.5, importance="weight", **TOPK_RULE)
+    assert torch.equal(merged(), merged(**chosen))
+    for other in ({"importance": "delta"}, {"normalize": True}, {"density": 0.9},
+                  {"consensus": "sum"}, {"selection": "stochastic"}):
+        assert not torch.equal(merged(), merged(**{**chosen, **other})), other

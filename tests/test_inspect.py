@@ -152,11 +152,11 @@ def test_what_lrp_keeps_matches_hand_computation(tmp_path):
     assert weight_mode["layers"][0]["lrp_kept"] == pytest.approx(3 / 6.5)  # same top 2 here
 
 
-def test_what_lrp_keeps_is_the_merge_mask_at_the_default_stochastic_selection(family):
+def test_what_lrp_keeps_is_the_merge_mask_of_a_stochastic_selection(family):
     """lrp-inspect's table is computed from the mask the merge draws (api.merge_mask is
     checked against a real merge in test_api.py) for that seed and model."""
     reader = ScoreReader(family["ft_b_scores"])
-    settings = MaskSettings(density=0.6, seed=3)
+    settings = MaskSettings(density=0.6, importance="delta", selection="stochastic", seed=3)
     keep = stats.keep_by_layer(reader, family["base"], family["ft_b"], settings)
     base = load_file(family["base"] / "model.safetensors")
     theta = load_file(family["ft_b"] / "model.safetensors")
@@ -170,6 +170,8 @@ def test_what_lrp_keeps_is_the_merge_mask_at_the_default_stochastic_selection(fa
             theta[name],
             reader.get(name),
             0.6,
+            "delta",
+            selection="stochastic",
             seed=3,
             model=str(family["ft_b"]),
             name=name,
@@ -181,7 +183,7 @@ def test_what_lrp_keeps_is_the_merge_mask_at_the_default_stochastic_selection(fa
     assert (row["kept"], row["entries"]) == (kept, entries)
     assert row["lrp_kept"] == pytest.approx(kept_mass / mass)
     assert kept != round(0.6 * entries)  # a draw, not exactly the top-k count
-    other_seed = MaskSettings(density=0.6, seed=4)
+    other_seed = MaskSettings(density=0.6, importance="delta", selection="stochastic", seed=4)
     again = stats.keep_by_layer(reader, family["base"], family["ft_b"], other_seed)
     assert [r["kept"] for r in again["layers"]] != [r["kept"] for r in keep["layers"]]
 
@@ -209,7 +211,7 @@ def test_cli_writes_readable_pngs_and_json(family, tmp_path):
     assert first["model"] == str(family["ft_a"]) and first["unscored"] == []
     assert first["prompts"] == 4 and first["tokens"] == 40
     assert [row["layer"] for row in report["keep"][0]["layers"]] == [0, 1]
-    assert report["compare"]["masks_from"] == "the merge (stochastic, importance: delta)"
+    assert report["compare"]["masks_from"] == "the merge (topk, importance: weight)"  # defaults
     for row in report["compare"]["pairs"][0]["layers"]:
         assert 0 <= row["jaccard"] <= 1 and -1 <= row["spearman"] <= 1
 

@@ -80,7 +80,9 @@ def test_sigkill_then_resume_gives_the_uninterrupted_file(scoring_job, tmp_path,
 
 
 def test_ctrl_c_ends_with_one_clear_line(scoring_job, tmp_path):
-    model, prompts, _ = scoring_job
+    model, _, _ = scoring_job
+    prompts = tmp_path / "prompts.txt"  # long enough that the run is still going when
+    prompts.write_text("".join(f"prompt {i}: abc def\n" for i in range(5000)))  # signalled
     out = tmp_path / "scores.safetensors"
     process = start(model, prompts, out)
     wait_for((tmp_path / "scores.safetensors.resume").exists, process)

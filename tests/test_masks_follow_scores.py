@@ -14,17 +14,24 @@ QUIET = {"progress": False}
 
 
 def test_mask_follows_scores_not_magnitude(family, tmp_path):
-    """On a real weight, the kept delta entries are the top-k by |delta|*score."""
+    """On a real weight, the kept delta entries are the top-k by |theta|*score at the
+    default importance, by |delta|*score with ``importance: delta``; never |delta|'s."""
     name = "model.layers.1.mlp.down_proj.weight"
-    merged = run(lrp_config(family, per_model={"ft_b": {"weight": 0.0}}), tmp_path / "o")[name]
     base = load_file(family["base"] / "model.safetensors")[name]
-    delta = load_file(family["ft_a"] / "model.safetensors")[name] - base
+    theta = load_file(family["ft_a"] / "model.safetensors")[name]
+    delta = theta - base
     scores = load_file(family["ft_a_scores"])[name]
-    kept = (merged - base) != 0
     k = round(0.5 * delta.numel())
-    assert int(kept.sum()) == k
-    assert torch.equal(kept, top_k_mask(delta.abs() * scores, k))
-    assert not torch.equal(kept, top_k_mask(delta.abs(), k))
+    for importance, ranked in (("weight", theta.abs() * scores), ("delta", delta.abs() * scores)):
+        config = lrp_config(family, importance=importance, per_model={"ft_b": {"weight": 0.0}})
+        merged = run(config, tmp_path / importance)[name]
+        kept = (merged - base) != 0
+        assert int(kept.sum()) == k
+        assert torch.equal(kept, top_k_mask(ranked, k)), importance
+        assert not torch.equal(kept, top_k_mask(delta.abs(), k))
+    default = run(lrp_config(family, rule={}, per_model={"ft_b": {"weight": 0.0}}),
+                  tmp_path / "default")[name]  # fmt: skip
+    assert torch.equal((default - base) != 0, top_k_mask(theta.abs() * scores, k))
 
 
 def test_merge_accepts_computed_scores_and_masks_differ_from_magnitude(

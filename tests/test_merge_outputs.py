@@ -4,15 +4,15 @@ was given, an output folder replaced whole, never mixed with an earlier merge.""
 import pytest
 import torch
 import yaml
-from helpers import lrp_config
+from helpers import STOCHASTIC_RULE, lrp_config
 from merge_runner import read_weights, run
 
 from mergekit_lrp.errors import LrpError
 
 
 def test_lrp_merges_are_byte_identical_for_one_seed(family, tmp_path):
-    first = run(lrp_config(family, rule={}), tmp_path / "one", random_seed=5)
-    second = run(lrp_config(family, rule={}), tmp_path / "two", random_seed=5)
+    first = run(lrp_config(family, rule=STOCHASTIC_RULE), tmp_path / "one", random_seed=5)
+    second = run(lrp_config(family, rule=STOCHASTIC_RULE), tmp_path / "two", random_seed=5)
     assert all(torch.equal(first[n], second[n]) for n in first)
     files = sorted(p.name for p in (tmp_path / "one").glob("*.safetensors"))
     for name in files:
@@ -24,13 +24,16 @@ def test_without_a_seed_one_is_drawn_recorded_and_reproduces_the_bytes(family, t
     again with that seed gives the same bytes (and another seed other weights)."""
     from mergekit.config import MergeConfiguration
 
-    first = run(lrp_config(family, rule={}), tmp_path / "first")
+    from mergekit_lrp.merging.parameters import DEFAULT_CONSENSUS, DEFAULT_NORMALIZE
+
+    first = run(lrp_config(family, rule={"selection": "stochastic"}), tmp_path / "first")
     saved_text = (tmp_path / "first" / "mergekit_config.yml").read_text()
     seed = int(saved_text.split("--random-seed ")[1].split()[0])
     assert "this seed was drawn" in saved_text and "mergekit-lrp" in saved_text
     saved = yaml.safe_load(saved_text)
-    assert saved["parameters"]["selection"] == "stochastic"  # the default, written out
-    assert saved["parameters"]["consensus"] == "priority"
+    assert saved["parameters"]["selection"] == "stochastic"
+    assert saved["parameters"]["consensus"] == DEFAULT_CONSENSUS  # defaults written out
+    assert saved["parameters"]["normalize"] is DEFAULT_NORMALIZE
     config = MergeConfiguration.model_validate(saved).model_dump(mode="json", exclude_none=True)
     again = run(config, tmp_path / "again", random_seed=seed)
     assert all(torch.equal(first[n], again[n]) for n in first)

@@ -72,6 +72,7 @@ def test_rescale_and_consensus(small):
         parameters={
             "lrp_scores": {"a": paths[0], "b": paths[1]},
             **TOPK_RULE,
+            "importance": "delta",
             "density": 0.25,
             "rescale": True,
             "consensus": "sum",

@@ -4,8 +4,10 @@ the settings used, written from local knowledge when mergekit's card cannot be."
 import shutil
 
 import yaml
-from helpers import lrp_config
+from helpers import STOCHASTIC_RULE, lrp_config
 from merge_runner import mergekit_yaml, read_weights, run
+
+from mergekit_lrp.merging.parameters import DEFAULT_DENSITY
 
 
 def card_of(out) -> str:
@@ -22,7 +24,7 @@ def test_model_card_names_the_output_the_method_and_the_score_files(family, tmp_
 
 
 def test_the_wording_follows_the_selection_used(family, tmp_path):
-    run(lrp_config(family, rule={}), tmp_path / "stochastic", random_seed=11)
+    run(lrp_config(family, rule=STOCHASTIC_RULE), tmp_path / "stochastic", random_seed=11)
     stochastic = card_of(tmp_path / "stochastic")
     assert "probability that rises with its rank" in stochastic
     assert "seed 11" in stochastic and "first-listed fine-tune" in stochastic
@@ -31,6 +33,10 @@ def test_the_wording_follows_the_selection_used(family, tmp_path):
     topk = card_of(tmp_path / "topk")
     assert "kept the 0.5 of its entries of highest importance" in topk
     assert "were added" in topk and "probability" not in topk
+    run(lrp_config(family, consensus="unit", normalize=True), tmp_path / "unit")
+    unit = card_of(tmp_path / "unit")
+    assert "in each output row the fine-tune with the most mass there wins" in unit
+    assert "first-listed" not in unit and "agreeing entries averaged" in unit
 
 
 def test_circuit_card_is_titled_with_the_output_and_says_how(family, tmp_path):
@@ -87,4 +93,5 @@ def test_an_offline_card_failure_keeps_the_merge(family, tmp_path):
     card = card_of(out)
     assert "# x" in card and "models/ft_a" in card and "How the weights were chosen" in card
     saved = yaml.safe_load((out / "mergekit_config.yml").read_text())
-    assert saved["base_model"] == "models/base" and saved["parameters"]["density"] == 0.9
+    assert saved["base_model"] == "models/base"
+    assert saved["parameters"]["density"] == DEFAULT_DENSITY  # the default, written out

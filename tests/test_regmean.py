@@ -289,7 +289,9 @@ def test_mergekit_yaml_runs_regmean_and_the_card_says_so(family, grams, tmp_path
 def test_lrp_ranks_by_the_exact_obs_saliency_of_a_gram_file(family, grams, tmp_path):
     """One fine-tune, top-k at density 0.5: the kept entries are the top k of
     delta^2 / [(G + lambda I)^-1]_jj, not of the activation signal's delta^2 * G_jj."""
-    config = lrp_config(family, per_model={"ft_a": {"lrp_scores": str(grams["ft_a"])}})
+    config = lrp_config(
+        family, importance="delta", per_model={"ft_a": {"lrp_scores": str(grams["ft_a"])}}
+    )
     config["models"] = config["models"][:1]
     merged = run(config, tmp_path / "out")
     base, tuned = weights_of(family["base"]), weights_of(family["ft_a"])

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from mergekit_lrp.merging.parameters import DEFAULT_SELECTION
+
 #: what a row is, which decides how it is drawn and what the validation-choice table does
 #: with it: one of lrp's main rows (bold, on top), an lrp variant of one (bold, dashed),
 #: Circuit-Merge, or a row lrp is measured against (mergekit's methods, the signal
@@ -55,7 +57,15 @@ PLAIN_LRP = {"selection": "topk", "consensus": "none", "normalize": False}
 METHODS = [
     *_rows(
         LRP,
-        Method("lrp (defaults)", "lrp", scores=DEFAULT_SCORES, seeds=(0, 1, 2), pinned=False),
+        # every parameter at lrp's default, the weight included (1: no sweep)
+        Method(
+            "lrp (defaults)",
+            "lrp",
+            scores=DEFAULT_SCORES,
+            seeds=(0, 1, 2) if DEFAULT_SELECTION == "stochastic" else (None,),
+            pinned=False,
+            uses_weight=False,
+        ),
         Method("lrp (delta)", "lrp", {"importance": "delta"}, scores=DEFAULT_SCORES),
         Method("lrp (weight)", "lrp", {"importance": "weight"}, scores=DEFAULT_SCORES),
     ),
@@ -161,15 +171,18 @@ RULES = [
         ),
     ),
 ]
-#: lrp's defaults with approximate ranks (as merged) and with exact ranks, both in the
-#: listed order over three merge seeds, so the seed-to-seed spread of the exact version
-#: is what the approximation is compared with (quality_report.ranks_table)
+#: lrp's stochastic selection (the defaults before the many-expert families) with
+#: approximate ranks (as merged) and with exact ranks, both in the listed order over three
+#: merge seeds, so the seed-to-seed spread of the exact version is what the approximation
+#: is compared with (quality_report.ranks_table)
 RANK_CHECK = _rows(
     LRP_VARIANT,
     *(
         Method(
-            f"lrp (defaults, listed order{', exact ranks' if exact else ''})",
+            f"lrp (stochastic, listed order{', exact ranks' if exact else ''})",
             "lrp",
+            {"importance": "delta", "selection": "stochastic", "consensus": "priority",
+             "normalize": True},
             scores=DEFAULT_SCORES,
             seeds=(0, 1, 2),
             pinned=False,

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from harness.perf_models import build_model, fine_tunes, gram_file, score_file
 from harness.perf_workers import run_worker
+from mergekit_lrp.merging.parameters import DEFAULT_DENSITY
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,7 @@ def precompute(settings: Settings) -> list[dict]:
 AT_HALF = {"weight": 0.5, "density": 0.5}
 TOPK = {"selection": "topk", "consensus": "none", "normalize": False}
 MERGE_SETTINGS = {
-    "dare_ties": ("dare_ties", {}, False, {"weight": 1.0, "density": 0.9}),
+    "dare_ties": ("dare_ties", {}, False, {"weight": 1.0, "density": DEFAULT_DENSITY}),
     "lrp (defaults)": ("lrp", {}, True, {}),
     "circuit (defaults)": ("circuit", {}, False, {}),
     "circuit, score order": ("circuit", {"drop_order": "scores"}, True, {}),

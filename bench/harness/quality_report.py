@@ -315,8 +315,8 @@ def defaults_choice(results: dict) -> list[str]:
 
 
 def ranks_table(results: dict) -> list[str]:
-    """lrp's defaults with approximate ranks against exact ranks (the two RANK_CHECK rows),
-    all experts, test split: per family, density and expert, the exact version's
+    """lrp's stochastic selection with approximate ranks against exact ranks (the two
+    RANK_CHECK rows), all experts, test split: per family, density and expert, the exact version's
     [min, max] over merge seeds and the approximate version's mean over the same seeds,
     and whether that mean lies inside the exact version's seed range."""
     approx, exact = (m.name for m in RANK_CHECK)
@@ -459,8 +459,8 @@ def markdown(results: dict) -> str:
     if ranks:
         lines += [
             "",
-            "**Approximate against exact ranks** (lrp's defaults in the listed order, merge "
-            "seeds 0-2; test split, all experts)",
+            "**Approximate against exact ranks** (lrp's stochastic selection, priority, "
+            "normalize, in the listed order, merge seeds 0-2; test split, all experts)",
             "",
             *ranks,
         ]

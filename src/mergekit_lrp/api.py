@@ -13,7 +13,11 @@ from collections.abc import Iterable
 import torch
 
 from mergekit_lrp.errors import LrpError
-from mergekit_lrp.merging.parameters import DEFAULT_DENSITY
+from mergekit_lrp.merging.parameters import (
+    DEFAULT_DENSITY,
+    DEFAULT_IMPORTANCE,
+    DEFAULT_SELECTION,
+)
 from mergekit_lrp.scores.file import GRAM_QUANTITIES, ScoreReader
 
 __all__ = ["compute_scores", "merge_mask", "read_scores"]
@@ -109,9 +113,9 @@ def merge_mask(
     finetuned: torch.Tensor,
     scores: torch.Tensor | None,
     density: float = DEFAULT_DENSITY,
-    importance: str = "delta",
+    importance: str = DEFAULT_IMPORTANCE,
     *,
-    selection: str = "stochastic",
+    selection: str = DEFAULT_SELECTION,
     epsilon: float | None = None,
     seed: int = 0,
     model: str = "",
@@ -128,10 +132,10 @@ def merge_mask(
     (squares instead of absolute values when ``quantity`` is ``mean_sq_grad`` or
     ``mean_sq_input``, the quantities of ``fisher`` and ``activation`` files), ``scores``
     alone; ``scores=None`` ranks by |delta| (``missing_scores: magnitude``).
-    ``selection: stochastic`` (lrp's default) draws each entry with a probability rising
-    with its importance rank (``epsilon`` unset: lrp's default spread);
-    ``selection: topk`` keeps exactly round(density * numel) entries of highest
-    importance, ties in index order. With ``protect_special`` (the default, as in the
+    ``selection: topk`` (lrp's default) keeps exactly round(density * numel) entries of
+    highest importance, ties in index order; ``selection: stochastic`` draws each entry
+    with a probability rising with its importance rank (``epsilon`` unset: lrp's default
+    spread). With ``protect_special`` (the default, as in the
     merge) 1-D tensors and embeddings / output heads (by ``name``) keep everything.
     ``density`` is the tensor's own: with ``budget: layer`` or ``model`` the merge moves it
     per tensor.

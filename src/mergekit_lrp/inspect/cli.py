@@ -17,7 +17,13 @@ from pathlib import Path
 import click
 
 from mergekit_lrp.errors import LrpError
-from mergekit_lrp.merging.parameters import DEFAULT_DENSITY, IMPORTANCE_MODES, SELECTION_MODES
+from mergekit_lrp.merging.parameters import (
+    DEFAULT_DENSITY,
+    DEFAULT_IMPORTANCE,
+    DEFAULT_SELECTION,
+    IMPORTANCE_MODES,
+    SELECTION_MODES,
+)
 from mergekit_lrp.merging.tensor_names import KINDS
 
 
@@ -45,14 +51,14 @@ from mergekit_lrp.merging.tensor_names import KINDS
 )
 @click.option(
     "--importance",
-    default="delta",
+    default=DEFAULT_IMPORTANCE,
     show_default=True,
     type=click.Choice(IMPORTANCE_MODES[:2]),
     help="As the lrp merge parameter of the same name.",
 )
 @click.option(
     "--selection",
-    default="stochastic",
+    default=DEFAULT_SELECTION,
     show_default=True,
     type=click.Choice(SELECTION_MODES),
     help="As the lrp merge parameter: the masks shown are the ones the merge draws.",

@@ -10,6 +10,8 @@ import torch
 
 from mergekit_lrp.merging.parameters import (
     DEFAULT_DENSITY,
+    DEFAULT_IMPORTANCE,
+    DEFAULT_SELECTION,
     IMPORTANCE_MODES,
     SELECTION_MODES,
     check_choice,
@@ -25,8 +27,8 @@ class MaskSettings:
     """The merge settings a mask depends on; ``seed`` is mergekit's ``--random-seed``."""
 
     density: float = DEFAULT_DENSITY
-    importance: str = "delta"
-    selection: str = "stochastic"
+    importance: str = DEFAULT_IMPORTANCE
+    selection: str = DEFAULT_SELECTION
     epsilon: float | None = None
     seed: int = 0
     protect_special: bool = True

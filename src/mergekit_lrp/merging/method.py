@@ -6,8 +6,9 @@ importance rank (:mod:`.selection`), the rest zeroed; the models' weighted kept 
 are combined by the sign rule of :mod:`.combine`, optionally normalised by the summed
 weights, and added to theta_base (docs/method.md).
 
-The defaults (stochastic selection by rank, conflicts to the first-listed model, the
-disjoint mean, density 0.9) were chosen on the benchmark's validation split at weight 1
+The defaults (the top half of each task vector by |theta| x score, the kept deltas added
+at weight 1, no sign rule) were chosen on the benchmark's validation split at weight 1,
+on two- and four-expert families, by an objective counting the worst expert
 (docs/BENCHMARKS.md, "Choosing lrp's defaults").
 """
 
@@ -22,7 +23,11 @@ from mergekit.merge_methods.easy_define import merge_method
 from mergekit_lrp.merging.budgets import budget_density
 from mergekit_lrp.merging.combine import RANKED_CONSENSUS, combine
 from mergekit_lrp.merging.parameters import (
+    DEFAULT_CONSENSUS,
     DEFAULT_DENSITY,
+    DEFAULT_IMPORTANCE,
+    DEFAULT_NORMALIZE,
+    DEFAULT_SELECTION,
     check_model_parameters,
     check_shared_parameters,
     score_path,
@@ -43,13 +48,13 @@ def lrp_merge(
     weight: PerNonBase[float] = 1.0,
     density: PerNonBase[float] = DEFAULT_DENSITY,
     lrp_scores: PerNonBase[str | None] = None,
-    importance: str = "delta",
+    importance: str = DEFAULT_IMPORTANCE,
     rescale: bool | str = False,
-    consensus: str = "priority",
-    normalize: bool = True,
+    consensus: str = DEFAULT_CONSENSUS,
+    normalize: bool = DEFAULT_NORMALIZE,
     protect_special: bool = True,
     missing_scores: str = "error",
-    selection: str = "stochastic",
+    selection: str = DEFAULT_SELECTION,
     epsilon: float | None = None,
     budget: str = "tensor",
     unit_mass: str = "importance",

@@ -179,6 +179,8 @@ def _describe_lrp(merge_config, provenance: Provenance) -> str:
         "wins.",
         "winner": "Where they disagree in sign, only the most important entry stays.",
         "drop": "Where they disagree in sign, the entry is dropped.",
+        "unit": "Where they disagree in sign, in each output row the fine-tune with the most "
+        "mass there wins and those agreeing with it stay.",
     }.get(str(p.get("consensus")), "")
     normalize = (
         " Each entry was divided by the summed weights of the fine-tunes that kept it "

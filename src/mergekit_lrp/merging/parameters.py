@@ -35,8 +35,14 @@ REGMEAN_MISSING_MODES = ("error", "other_tensors")
 #: the dtype of ``regmean``'s solve; ``auto``: float64 on a CPU, float32 on a GPU
 SOLVE_DTYPES = ("auto", "float64", "float32")
 
-#: lrp's default density; also what ``lrp-inspect`` and the API show by default
-DEFAULT_DENSITY = 0.9
+#: lrp's defaults, chosen on the benchmark's validation split (docs/BENCHMARKS.md,
+#: "Choosing lrp's defaults"): the top half of each task vector by |theta| x score, the
+#: kept deltas added. The merge method, the API and ``lrp-inspect`` read them from here.
+DEFAULT_DENSITY = 0.5
+DEFAULT_IMPORTANCE = "weight"
+DEFAULT_SELECTION = "topk"
+DEFAULT_CONSENSUS = "none"
+DEFAULT_NORMALIZE = False
 
 
 class LRPConfigError(LrpError):
@@ -44,10 +50,10 @@ class LRPConfigError(LrpError):
 
 
 def check_shared_parameters(
-    importance: str = "delta",
-    consensus: str = "priority",
+    importance: str = DEFAULT_IMPORTANCE,
+    consensus: str = DEFAULT_CONSENSUS,
     missing_scores: str = "error",
-    selection: str = "stochastic",
+    selection: str = DEFAULT_SELECTION,
     rescale: bool | str = False,
     budget: str = "tensor",
     method: str = "lrp",

@@ -243,9 +243,21 @@ ABLATION = [
     Method("gradient (delta)", "lrp", {"importance": "delta"}, scores="gradient:predicted-128"),
     Method("fisher (delta)", "lrp", {"importance": "delta"}, scores="fisher:predicted-128"),
     Method("activation (delta)", "lrp", {"importance": "delta"}, scores="activation:predicted-128"),
+    # theta^2 x mean squared input: Wanda's pruning score (squared), no relevance
+    Method(
+        "activation (weight)", "lrp", {"importance": "weight"}, scores="activation:predicted-128"
+    ),
     Method("attnlrp (delta)", "lrp", {"importance": "delta"}, scores=DEFAULT_SCORES),
     Method("attnlrp (weight)", "lrp", {"importance": "weight"}, scores=DEFAULT_SCORES),
     Method("attnlrp next-token (delta)", "lrp", {"importance": "delta"}, scores="next-token-128"),
+    # mergekit's DARE drop without its 1/density rescale, nothing normalized: what the
+    # random top-k row does with a Bernoulli draw instead of an exact half
+    Method(
+        "dare_linear, no rescale",
+        "dare_linear",
+        {"rescale": False, "normalize": False},
+        seeds=(0, 1, 2),
+    ),
     # the exact OBS saliency delta^2 / [(G + lambda I)^-1]_jj from the full Gram matrix
     # (activation uses its diagonal only)
     Method("gram OBS (delta)", "lrp", {"importance": "delta"}, scores=gram_scores()),

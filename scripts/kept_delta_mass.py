@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # toy_family
 
@@ -28,15 +28,15 @@ REPO = Path(__file__).resolve().parent.parent
 def tensors(folder: Path) -> dict[str, torch.Tensor]:
     found = {}
     for path in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(path), "pt") as f:
-            found.update({name: f.get_tensor(name).float() for name in f.keys()})
+        found.update({name: t.float() for name, t in load_file(path).items()})
     return found
 
 
 def kept_shares(base, expert, scores, importance: str, density: float) -> tuple[float, float]:
     kept_l1 = total_l1 = kept_l2 = total_l2 = 0.0
+    scored = scores.names()  # a copy per call: read once
     for name, theta in expert.items():
-        if theta.ndim != 2 or is_protected(name, theta.ndim) or name not in scores.names():
+        if theta.ndim != 2 or is_protected(name, theta.ndim) or name not in scored:
             continue
         delta = theta - base[name]
         if importance == "magnitude":

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import STOCHASTIC_RULE
 from merge_runner import run
 
 REPO = Path(__file__).resolve().parent.parent
 DARE_SEEDS = (0, 1, 2)
 WEIGHT = 0.5
 #: what the README recommends for two fine-tunes (lrp's former defaults)
-TWO_FINE_TUNES = {"importance": "delta", "selection": "stochastic", "density": 0.9,
-                  "consensus": "priority", "normalize": True}  # fmt: skip
+TWO_FINE_TUNES = {**STOCHASTIC_RULE, "importance": "delta", "density": 0.9}
 
 
 @pytest.fixture(scope="module")

@@ -63,7 +63,7 @@ def run_prompts(
         disable=not options.progress,
         file=sys.stderr,
     )
-    with _pass_context(net, options):
+    with _pass_context(net, options) as check_pass:
         accumulator.attach()
         try:
             for index in range(state.done, len(prompts)):
@@ -83,6 +83,7 @@ def run_prompts(
                     state.last = relevance_pass(
                         net, ids.to(device), mask.to(device), target, answer_start
                     )
+                    check_pass()
                 else:  # the output head's Gram matrix is over every position
                     keep = 0 if signal.token_weighting else 1
                     net(input_ids=ids.to(device).unsqueeze(0), use_cache=False, logits_to_keep=keep)
@@ -101,18 +102,29 @@ def run_prompts(
 
 @contextlib.contextmanager
 def _pass_context(net, options: ComputeOptions):
-    """The rules (AttnLRP only) and backward preparation, or no-grad for forward-only."""
+    """The rules (AttnLRP only) and backward preparation, or no-grad for forward-only.
+
+    Yields the check to run after each pass: under the rules it raises
+    :class:`.attnlrp.RulesNotInEffectError` before a pass without them is accumulated
+    into anything that gets written (and once before the first prompt).
+    """
     signal = options.signal
     if not signal.backward:
         with torch.no_grad():
-            yield
+            yield lambda: None
         return
-    from mergekit_lrp.scoring.attnlrp import attnlrp_rules
+    ready = backward_ready(
+        net, options.gradient_checkpointing, parameter_grads=signal.parameter_grads
+    )
+    if not signal.rules:
+        with ready:
+            yield lambda: None
+        return
+    from mergekit_lrp.scoring.attnlrp import attnlrp_rules, check_rules_in_effect
 
-    rules = attnlrp_rules(net) if signal.rules else contextlib.nullcontext()
-    checkpointing = options.gradient_checkpointing
-    with rules, backward_ready(net, checkpointing, parameter_grads=signal.parameter_grads):
-        yield
+    with attnlrp_rules(net), ready:
+        check_rules_in_effect(net, passes=False)
+        yield lambda: check_rules_in_effect(net)
 
 
 def relevance_scores(

@@ -14,6 +14,16 @@ from mergekit_lrp.scoring.attnlrp.architectures import (
     SUPPORTED_MODEL_TYPES,
     UnsupportedArchitectureError,
 )
-from mergekit_lrp.scoring.attnlrp.context import attnlrp_rules
+from mergekit_lrp.scoring.attnlrp.context import (
+    RulesNotInEffectError,
+    attnlrp_rules,
+    check_rules_in_effect,
+)
 
-__all__ = ["SUPPORTED_MODEL_TYPES", "UnsupportedArchitectureError", "attnlrp_rules"]
+__all__ = [
+    "SUPPORTED_MODEL_TYPES",
+    "RulesNotInEffectError",
+    "UnsupportedArchitectureError",
+    "attnlrp_rules",
+    "check_rules_in_effect",
+]

@@ -77,14 +77,17 @@ def guarded_merge(original, merge_config, out_path, options, config_source=None)
     from mergekit_lrp.merging.preflight import check_merge
     from mergekit_lrp.merging.provenance import draw_seed, record
     from mergekit_lrp.merging.staging import staged_directory
+    from mergekit_lrp.versions import warn_if_untested
 
+    warn_if_untested()
     with one_line_errors():
         check_merge(merge_config, options, out_path)
         seed_drawn = options.random_seed is None
         seed = draw_seed() if seed_drawn else options.random_seed
         options = options.model_copy(update={"random_seed": seed})
         method_spec = get(merge_config.merge_method).spec
-        provenance = record(merge_config, method_spec, seed, seed_drawn)
+        device = str(getattr(options, "device", None) or "cpu")
+        provenance = record(merge_config, method_spec, seed, seed_drawn, device)
         inner = options.model_copy(update={"write_model_card": False})
         with staged_directory(out_path) as staging, long_lived_objects_frozen():
             result = original(merge_config, staging, inner, config_source=config_source)

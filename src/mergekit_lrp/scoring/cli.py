@@ -240,6 +240,9 @@ def main(
     gloo on CPUs) and the first process writes the file.
     """
     from mergekit_lrp.scoring.run import compute_scores
+    from mergekit_lrp.versions import warn_if_untested
+
+    warn_if_untested()
 
     try:
         options = ComputeOptions(

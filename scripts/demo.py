@@ -3,6 +3,8 @@
 build or reuse the family -> `lrp-compute` on every expert -> `mergekit-yaml` with
 examples/demo-lrp.yml (lrp's defaults), examples/demo-lrp-two.yml (the settings the README
 recommends for two fine-tunes) and examples/demo-dare-ties.yml -> evaluate -> comparison.
+The examples name the default family's two experts; for a family with other experts
+(``--preset llama-4x``) the demo writes the same configs over all of them.
 
     python scripts/demo.py [--preset llama-a] [--cache DIR]
 """
@@ -36,6 +38,32 @@ def step(message: str) -> None:
 def run(*command: str) -> None:
     print("$ " + " ".join(str(c) for c in command), flush=True)
     subprocess.run([str(c) for c in command], check=True, cwd=REPO)
+
+
+def config_for(example: Path, tasks: list[str]) -> Path:
+    """``example`` itself when it merges exactly the family's experts; else the same config
+    with one entry per expert (the first entry with its expert's and score file's task
+    replaced), written under demo-out/configs."""
+    import yaml
+
+    config = yaml.safe_load(example.read_text())
+    first = config["models"][0]
+    named = [Path(m["model"]).name.removeprefix("expert-") for m in config["models"]]
+    if named == list(tasks):
+        return example
+    template = json.dumps(first)
+    config["models"] = [
+        json.loads(
+            template.replace(f"expert-{named[0]}", f"expert-{task}").replace(
+                f"/{named[0]}.safetensors", f"/{task}.safetensors"
+            )
+        )
+        for task in tasks
+    ]
+    out = WORK / "configs" / example.name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(yaml.safe_dump(config, sort_keys=False))
+    return out
 
 
 def main() -> None:
@@ -75,7 +103,8 @@ def main() -> None:
         )
 
     step("merges: plain mergekit-yaml")
-    for name, config in CONFIGS.items():
+    for name, example in CONFIGS.items():
+        config = config_for(example, family.tasks)
         run(
             BIN / "mergekit-yaml",
             config.relative_to(REPO),

@@ -222,3 +222,19 @@ def test_cuda_without_a_cuda_device_is_one_line(family, tmp_path, monkeypatch):
     with pytest.raises(LRPConfigError, match="--cuda was given, but torch sees no CUDA device"):
         run(lrp_config(family), out, device="cuda")
     assert not out.exists()
+
+
+def test_model_folder_without_config_is_one_line_under_mergekit_yaml(family, tmp_path):
+    """mergekit's loader would end in a long transformers traceback; the check names the
+    missing file before anything is loaded."""
+    broken = tmp_path / "ft_a-no-config"
+    shutil.copytree(family["ft_a"], broken)
+    (broken / "config.json").unlink()
+    config = lrp_config(family)
+    config["models"][0]["model"] = str(broken)
+    out = tmp_path / "out"
+    result = mergekit_yaml(config, out)
+    assert result.returncode != 0
+    assert f"{broken / 'config.json'} does not exist" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    assert not out.exists()

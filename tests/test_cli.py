@@ -54,6 +54,34 @@ def test_cli_refuses_to_overwrite(llama_dir, prompts_file, tmp_path):
     assert ScoreReader(out).metadata.num_prompts == len(PROMPTS)
 
 
+def test_output_that_is_a_folder_is_refused_before_loading(
+    llama_dir, prompts_file, tmp_path, monkeypatch
+):
+    import transformers
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_loading)
+    folder = tmp_path / "scores"
+    folder.mkdir()
+    result = invoke(llama_dir, "--prompts", prompts_file, "-o", folder, "-q", "--overwrite")
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert f"{folder} is a folder" in result.output, result.output
+    assert list(folder.iterdir()) == []
+
+
+def test_score_file_gets_ordinary_permissions(llama_dir, prompts_file, tmp_path):
+    import os
+    import stat
+
+    out = tmp_path / "s.safetensors"
+    assert invoke(llama_dir, "--prompts", prompts_file, "-o", out, "-q").exit_code == 0
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o666 & ~umask
+
+
 @pytest.mark.parametrize("option", [("--max-length", "1"), ("--num-prompts", "0")])
 def test_out_of_range_cli_options(family, long_prompts_file, tmp_path, option):
     out = tmp_path / "s.safetensors"

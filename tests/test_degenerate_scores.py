@@ -40,7 +40,7 @@ def test_model_whose_output_ignores_its_input_writes_no_file(tmp_path, prompts):
     assert not out.exists() and not list(tmp_path.glob(".scores*"))
 
 
-def test_tokenizer_that_maps_every_prompt_to_one_token_is_warned_about(tmp_path, prompts):
+def test_tokenizer_that_maps_every_prompt_to_one_token_is_refused(tmp_path, prompts):
     model_dir = save(make_tiny_model("llama", seed=0, **AS_CHECKPOINT), tmp_path / "model")
     # a word-level vocabulary of one unknown token and no pre-tokenizer: one token a prompt
     one_token = PreTrainedTokenizerFast(
@@ -50,7 +50,10 @@ def test_tokenizer_that_maps_every_prompt_to_one_token_is_warned_about(tmp_path,
     one_token.save_pretrained(model_dir)
     out = tmp_path / "scores.safetensors"
     result = invoke(model_dir, "--prompts", prompts, "-o", out, "-q")
-    assert "prompts average 1.0 tokens" in result.output, result.output
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert f"every prompt of {prompts} is one token" in result.output, result.output
+    assert "Loading weights" not in result.output  # refused before the model is loaded
+    assert not out.exists()
 
 
 def test_check_scores_refuses_non_finite_and_leaves_unreached_tensors_out(tmp_path):

@@ -344,3 +344,15 @@ def test_gram_files_are_summarised_alone(family, tmp_path):
     )
     assert result.exit_code == 1
     assert "holds Gram matrices" in result.output and "without --base" in result.output
+
+
+def test_cli_takes_every_importance_the_merge_takes_and_has_a_version(family):
+    args = [str(family["ft_a_scores"]), str(family["ft_b_scores"])]
+    args += ["--model", str(family["ft_a"]), "--model", str(family["ft_b"])]
+    args += ["--base", str(family["base"]), "--importance", "scores", "--json"]
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["compare"]["masks_from"] == "the merge (topk, importance: scores)"
+    version = CliRunner().invoke(main, ["--version"])
+    assert version.exit_code == 0 and version.output.startswith("lrp-inspect (mergekit-lrp) ")

@@ -56,6 +56,24 @@ def test_a_reused_output_folder_is_replaced_whole(family, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # nothing hidden left
 
 
+def test_existing_output_directory_keeps_unrelated_files(family, tmp_path):
+    """Merging again into an earlier merge's folder replaces the merge's own files (the
+    stale shard goes) and keeps what the user put there, byte for byte."""
+    out = tmp_path / "out"
+    run(lrp_config(family), out, random_seed=1, out_shard_size=5000)
+    (out / "my-eval-results.txt").write_text("accuracy 0.71\n")
+    (out / "evals").mkdir()
+    (out / "evals" / "run1.json").write_text("{}")
+    (out / "README.md").write_text("overwritten by the new card")
+    run(lrp_config(family), out, random_seed=2)
+    assert (out / "my-eval-results.txt").read_text() == "accuracy 0.71\n"
+    assert (out / "evals" / "run1.json").read_text() == "{}"
+    assert "random-seed 2" in (out / "README.md").read_text()
+    assert [p.name for p in out.glob("*.safetensors")] == ["model.safetensors"]
+    assert not (out / "model.safetensors.index.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
 def test_a_folder_holding_something_else_is_refused_before_merging(family, tmp_path):
     out = tmp_path / "out"
     out.mkdir()

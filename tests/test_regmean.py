@@ -274,6 +274,7 @@ def test_mergekit_yaml_runs_regmean_and_the_card_says_so(family, grams, tmp_path
     card = (tmp_path / "out" / "README.md").read_text()
     assert "How the weights were chosen (`regmean`, mergekit-lrp)" in card
     assert "solved in closed form (RegMean)" in card and "alpha = 0.9" in card
+    assert "solved in float64 (`solve_dtype: auto` on cpu)" in card  # the dtype used
     assert "ft_a-gram.safetensors" in card and "input_gram" in card
     saved = (tmp_path / "out" / "mergekit_config.yml").read_text()
     for parameter in ("alpha: 0.9", "ridge: 0.0001", "other_tensors: average"):

@@ -28,6 +28,11 @@ from mergekit_lrp.merging.tensor_names import KINDS
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(
+    package_name="mergekit-lrp",
+    prog_name="lrp-inspect (mergekit-lrp)",
+    message="%(prog)s %(version)s",
+)
 @click.argument("score_files", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option(
     "--model",
@@ -53,7 +58,7 @@ from mergekit_lrp.merging.tensor_names import KINDS
     "--importance",
     default=DEFAULT_IMPORTANCE,
     show_default=True,
-    type=click.Choice(IMPORTANCE_MODES[:2]),
+    type=click.Choice(IMPORTANCE_MODES),
     help="As the lrp merge parameter of the same name.",
 )
 @click.option(

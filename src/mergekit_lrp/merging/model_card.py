@@ -227,8 +227,12 @@ def _describe_regmean(merge_config, provenance: Provenance) -> str:
         if p.get("missing_scores") == "other_tensors"
         else ""
     )
-    dtype = p.get("solve_dtype")
-    dtype = "float64 on a CPU, float32 on a GPU" if dtype == "auto" else dtype
+    from mergekit_lrp.merging.gram import resolve_dtype
+
+    solve_dtype = str(p.get("solve_dtype"))
+    dtype = str(resolve_dtype(solve_dtype, provenance.device)).removeprefix("torch.")
+    if solve_dtype == "auto":
+        dtype += f" (`solve_dtype: auto` on {provenance.device})"
     return (
         "Each linear layer was solved in closed form (RegMean) as the weight whose outputs "
         "best fit every fine-tune's outputs on its own calibration inputs: the fine-tunes' "

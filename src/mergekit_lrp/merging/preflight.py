@@ -173,6 +173,13 @@ def check_setup(merge_config, options, out_path=None) -> None:
                 "--cuda was given, but torch sees no CUDA device on this machine; merge "
                 "without --cuda (on the CPU)"
             )
+    for model in merge_config.referenced_models():
+        folder = model.model.path
+        if os.path.isdir(folder) and not os.path.isfile(os.path.join(folder, "config.json")):
+            raise LRPConfigError(
+                f"model {model}: {os.path.join(folder, 'config.json')} does not exist; a model "
+                "folder needs the config.json that save_pretrained writes beside its weights"
+            )
     adapters = [str(m) for m in merge_config.referenced_models() if m.lora is not None]
     if adapters and not getattr(options, "lora_merge_cache", None):
         raise LRPConfigError(

@@ -55,6 +55,8 @@ class Provenance:
     #: parameters left unset whose meaning is a rule (``epsilon``): name -> the rule
     unset: dict[str, str] = field(default_factory=dict)
     score_files: list[ScoreFileRecord] = field(default_factory=list)
+    #: the device the merge ran on (mergekit's ``--device`` / ``--cuda``)
+    device: str = "cpu"
 
     def rerun_command(self) -> str:
         return f"mergekit-yaml mergekit_config.yml OUTPUT --random-seed {self.seed}"
@@ -76,9 +78,11 @@ UNSET_RULES = {
 }
 
 
-def record(merge_config, method_spec, seed: int, seed_drawn: bool) -> Provenance:
+def record(
+    merge_config, method_spec, seed: int, seed_drawn: bool, device: str = "cpu"
+) -> Provenance:
     """The provenance of a merge of ``merge_config`` by the method ``method_spec``
-    (mergekit's ``MergeMethodSpec``) with ``seed``."""
+    (mergekit's ``MergeMethodSpec``) with ``seed``, on ``device``."""
     given = dict(merge_config.parameters or {})
     parameters, defaults, unset = {}, [], {}
     for spec in method_spec.parameters:
@@ -101,6 +105,7 @@ def record(merge_config, method_spec, seed: int, seed_drawn: bool) -> Provenance
         defaults=defaults,
         unset=unset,
         score_files=score_file_records(merge_config),
+        device=device,
     )
 
 

@@ -2,9 +2,11 @@
 
 The merge fills a hidden sibling of the output (``.<name>.partial-<pid>``); only when it
 is complete does it take the output's place. A folder that held an earlier merge is
-replaced as a whole, never mixed with the new files (its shards and index could
-otherwise outlive it beside the new weights). A folder holding anything else is refused
-before the merge starts (:func:`check_output_folder`).
+replaced by the new one, never mixed with it: its weights and index go with it (they
+could otherwise outlive it beside the new shards) and the files the new merge writes
+replace theirs, while anything else in it (a user's own notes or evaluation results)
+is moved into the new output. A non-empty folder that holds no model is refused before
+the merge starts (:func:`check_output_folder`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ from mergekit_lrp.errors import LrpError
 
 #: files that mark a folder as a model or merge output, which a new merge may replace
 MODEL_FILES = ("config.json", "mergekit_config.yml", "model.safetensors.index.json")
+#: an earlier output's files that leave with it even where the new merge writes no file
+#: of that name: weights and their index, which would mix two models in one folder
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.gguf", "*.index.json")
 
 
 class OutputFolderError(LrpError):
@@ -72,7 +77,8 @@ def staged_directory(out_path: str | os.PathLike) -> Iterator[str]:
 
 def publish(staging: Path, out: Path) -> None:
     """Make the finished ``staging`` directory ``out``: a rename, after moving an earlier
-    output aside (removed once the new one is in place)."""
+    output aside; once the new one is in place, the earlier one's files that are neither
+    weights nor written anew are moved into it, and the rest is removed."""
     if out.exists() and not out.is_dir():
         shutil.rmtree(staging, ignore_errors=True)
         raise OutputFolderError(f"output path {out} exists and is not a folder")
@@ -83,4 +89,11 @@ def publish(staging: Path, out: Path) -> None:
         os.replace(out, previous)
     os.replace(staging, out)
     if previous is not None:
+        for entry in sorted(previous.iterdir()):
+            if not (out / entry.name).exists() and not _is_weights(entry):
+                os.replace(entry, out / entry.name)
         shutil.rmtree(previous, ignore_errors=True)
+
+
+def _is_weights(path: Path) -> bool:
+    return path.is_file() and any(path.match(pattern) for pattern in WEIGHT_PATTERNS)

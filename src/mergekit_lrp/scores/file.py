@@ -284,12 +284,20 @@ def sort_metadata_in_place(handle) -> None:
     handle.write(text)
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_save(path: Path, tensors: Mapping[str, torch.Tensor], header: dict[str, str]) -> None:
-    """``save_file`` into a temporary sibling, fsync, then rename over ``path``."""
+    """``save_file`` into a temporary sibling, fsync, then rename over ``path``; the file
+    gets the permissions of any newly created file (``mkstemp`` makes it private)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     os.close(fd)
     try:
         save_file(dict(tensors), tmp, metadata=header)
+        os.chmod(tmp, 0o666 & ~_umask())
         with open(tmp, "r+b") as handle:
             sort_metadata_in_place(handle)
             os.fsync(handle.fileno())

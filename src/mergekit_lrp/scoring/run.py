@@ -81,6 +81,9 @@ def check_output(output: Path, options: ComputeOptions) -> None:
         output.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise ComputeError(f"cannot create output directory {output.parent} ({error})") from None
+    if output.is_dir():
+        example = output / "scores.safetensors"
+        raise ComputeError(f"output {output} is a folder; name the score file, e.g. -o {example}")
     if output.exists() and not options.overwrite:
         raise ComputeError(f"output {output} already exists; pass --overwrite to replace it")
     try:
@@ -144,6 +147,13 @@ def compute_scores(model: str, prompts_path: str, output: str, options: ComputeO
     tokenizer_source = options.tokenizer or model_source.tokenizer_source
     tokenizer = load_tokenizer(tokenizer_source, options.revision, model)
     prompts = tokenize_records(records, tokenizer, options.signal.chat_target or options.target)
+    if options.signal.backward and all(len(prompt.ids) < 2 for prompt in prompts):
+        raise ComputeError(
+            f"every prompt of {prompts_path} is one token with the tokenizer of "
+            f"{tokenizer_source}, and a backward pass needs at least two (attention over one "
+            "token gives the query and key weights nothing): check that the tokenizer fits "
+            "the model (--tokenizer) and that the prompts are not empty"
+        )
     device = pick_device(options.device)
     source = Source(model_source, options.revision, str(prompts_path), model_type)
     with joined_workers(use_cuda=device.type == "cuda") as workers, _cpu_threads(

@@ -75,13 +75,13 @@ class ComputeSummary:
             lines += self.gram_lines()
         elif needed and self.signal.backward:
             lines.append(
-                f"{len(needed)} checkpoint matrix/matrices are not used by the model class and "
+                f"{_matrices(len(needed))} are not used by the model class and "
                 f"have no scores ({', '.join(needed[:3])}, ...): merge them with "
                 "missing_scores: base"
             )
         elif needed:
             lines.append(
-                f"{len(needed)} checkpoint matrix/matrices get no {self.signal.name} "
+                f"{_matrices(len(needed))} get no {self.signal.name} "
                 f"statistics (only linear layers and embeddings do: {', '.join(needed[:3])}, "
                 "...): merge them with missing_scores: magnitude (|delta|) or base"
             )
@@ -110,7 +110,7 @@ class ComputeSummary:
                 for reason, names in self.without_gram.items()
             )
             lines.append(
-                f"{missing} checkpoint matrix/matrices have no Gram matrix ({reasons}): a merge "
+                f"{_matrices(missing)} have no Gram matrix ({reasons}): a merge "
                 "reading the file handles them by its own rule"
             )
         return lines
@@ -140,3 +140,7 @@ def peak_memory(device: torch.device) -> int:
         return 0
     scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def _matrices(count: int) -> str:
+    return f"{count} checkpoint matri{'x' if count == 1 else 'ces'}"

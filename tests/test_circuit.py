@@ -11,7 +11,7 @@ from helpers import lrp_config
 from mergekit.merge_methods.api import merge_state_dicts
 
 from mergekit_lrp.errors import LrpError
-from mergekit_lrp.merging.circuit import accumulate, keep_rate
+from mergekit_lrp.merging.methods.circuit import accumulate, keep_rate
 from mergekit_lrp.merging.parameters import LRPConfigError
 
 BIN = Path(sys.executable).parent

@@ -19,7 +19,8 @@ from torch import nn
 
 from mergekit_lrp.scores.file import ScoreReader
 from mergekit_lrp.scores.fingerprint import checkpoint_tensor_files
-from mergekit_lrp.scoring import gram, run
+from mergekit_lrp.scoring import gram_statistics as gram
+from mergekit_lrp.scoring import run
 from mergekit_lrp.scoring.loop import relevance_scores
 from mergekit_lrp.scoring.options import ComputeError, ComputeOptions
 from mergekit_lrp.scoring.prompts import read_records, tokenize_records

@@ -111,7 +111,7 @@ def test_unscored_vision_tensors_are_named_under_missing_scores_error(qwen3_5_fa
     from mergekit.config import MergeConfiguration
     from mergekit.options import MergeOptions
 
-    from mergekit_lrp.merging.preflight import preflight
+    from mergekit_lrp.merging.preflight import check_merge
 
     root = qwen3_5_family["root"]
     if not (root / "ft_b.safetensors").exists():
@@ -119,4 +119,4 @@ def test_unscored_vision_tensors_are_named_under_missing_scores_error(qwen3_5_fa
     config = yaml.safe_load(LRP_YAML.replace("./", f"{root}/"))
     config["parameters"]["missing_scores"] = "error"
     with pytest.raises(ScoreFileError, match=r"no scores for tensor '(model\.visual|mtp)\."):
-        preflight(MergeConfiguration.model_validate(config), MergeOptions(quiet=True))
+        check_merge(MergeConfiguration.model_validate(config), MergeOptions(quiet=True))

@@ -64,9 +64,10 @@ def test_scoring_never_imports_back_up_into_the_package_root():
 
 
 def test_the_merge_rules_shared_with_the_api_and_inspect_import_no_mergekit():
-    """Parameter checks, selection, tensor names, masks and the Gram solve are used outside
-    a merge."""
-    for module in ("parameters", "selection", "tensor_names", "masks", "gram"):
+    """Parameter checks, selection, tensor names, masks, the Gram solve, the method table
+    and lrp's spec (its settings and per-tensor reading) are used outside a merge."""
+    for module in ("parameters", "selection", "tensor_names", "masks", "gram_solve",
+                   "methods/__init__", "methods/lrp"):  # fmt: skip
         path = PACKAGE / "merging" / f"{module}.py"
         assert not [name for name in imports_of(path) if name.split(".")[0] == "mergekit"]
 

@@ -24,7 +24,7 @@ def test_without_a_seed_one_is_drawn_recorded_and_reproduces_the_bytes(family, t
     again with that seed gives the same bytes (and another seed other weights)."""
     from mergekit.config import MergeConfiguration
 
-    from mergekit_lrp.merging.parameters import DEFAULT_CONSENSUS, DEFAULT_NORMALIZE
+    from mergekit_lrp.merging.methods.lrp import DEFAULTS
 
     first = run(lrp_config(family, rule={"selection": "stochastic"}), tmp_path / "first")
     saved_text = (tmp_path / "first" / "mergekit_config.yml").read_text()
@@ -32,8 +32,8 @@ def test_without_a_seed_one_is_drawn_recorded_and_reproduces_the_bytes(family, t
     assert "this seed was drawn" in saved_text and "mergekit-lrp" in saved_text
     saved = yaml.safe_load(saved_text)
     assert saved["parameters"]["selection"] == "stochastic"
-    assert saved["parameters"]["consensus"] == DEFAULT_CONSENSUS  # defaults written out
-    assert saved["parameters"]["normalize"] is DEFAULT_NORMALIZE
+    assert saved["parameters"]["consensus"] == DEFAULTS.consensus  # defaults written out
+    assert saved["parameters"]["normalize"] is DEFAULTS.normalize
     config = MergeConfiguration.model_validate(saved).model_dump(mode="json", exclude_none=True)
     again = run(config, tmp_path / "again", random_seed=seed)
     assert all(torch.equal(first[n], again[n]) for n in first)

@@ -7,7 +7,7 @@ import yaml
 from helpers import STOCHASTIC_RULE, lrp_config
 from merge_runner import mergekit_yaml, read_weights, run
 
-from mergekit_lrp.merging.parameters import DEFAULT_DENSITY
+from mergekit_lrp.merging.methods.lrp import DEFAULT_DENSITY
 
 
 def card_of(out) -> str:

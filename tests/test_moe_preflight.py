@@ -52,9 +52,9 @@ def preflight_of(merge_config: dict):
     from mergekit.config import MergeConfiguration
     from mergekit.options import MergeOptions
 
-    from mergekit_lrp.merging.preflight import preflight
+    from mergekit_lrp.merging.preflight import check_merge
 
-    preflight(MergeConfiguration.model_validate(merge_config), MergeOptions(quiet=True))
+    check_merge(MergeConfiguration.model_validate(merge_config), MergeOptions(quiet=True))
 
 
 def test_fused_experts_merge_from_per_expert_scores(moe_pair, tmp_path):

@@ -99,7 +99,7 @@ def test_objects_frozen_out_of_the_collector_only_during_the_merge(family, tmp_p
     unfreezes them after it, also when the merge fails."""
     import gc
 
-    from mergekit_lrp.merging import method
+    from mergekit_lrp.merging.methods import lrp as method
 
     frozen_during = []
     select = method.Selection.select
@@ -122,7 +122,9 @@ def test_objects_frozen_out_of_the_collector_only_during_the_merge(family, tmp_p
     assert gc.get_freeze_count() == 0
 
 
-@pytest.mark.parametrize("first", ["mergekit_lrp.merging.method", "mergekit_lrp.merging.preflight"])
+@pytest.mark.parametrize(
+    "first", ["mergekit_lrp.merging.methods.lrp_kernel", "mergekit_lrp.merging.preflight"]
+)
 def test_registered_whatever_is_imported_first(first):
     """Importing the plugin's modules before mergekit's registry must still register lrp."""
     code = f"import {first}\nfrom mergekit.merge_methods import get\nprint(get('lrp').spec.name)"

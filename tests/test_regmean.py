@@ -13,8 +13,8 @@ from mergekit.merge_methods.api import merge_state_dicts
 from safetensors.torch import load_file
 
 from mergekit_lrp.errors import LrpError
-from mergekit_lrp.merging import gram as gram_module
-from mergekit_lrp.merging.gram import DEFAULT_RIDGE, forget_factors, solve
+from mergekit_lrp.merging import gram_solve as gram_module
+from mergekit_lrp.merging.gram_solve import DEFAULT_RIDGE, forget_factors, solve
 from mergekit_lrp.merging.selection import top_k_mask
 from mergekit_lrp.scores.file import ScoreMetadata, ScoreReader, write_scores
 

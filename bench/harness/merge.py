@@ -6,9 +6,6 @@ the processes that measure no merge do not carry it.
 
 from __future__ import annotations
 
-import contextlib
-import sys
-
 from mergekit.config import MergeConfiguration
 from mergekit.merge import run_merge as mergekit_run_merge
 from mergekit.options import MergeOptions
@@ -28,17 +25,10 @@ def run_merge(config: MergeConfiguration, out, seed) -> None:
     mergekit_run_merge(config, str(out), options)
 
 
-@contextlib.contextmanager
 def exact_ranks(on: bool):
     """While ``on``, lrp's stochastic selection ranks every tensor exactly (a sort), as it
     does below its size threshold: the reference its approximate ranks are measured
     against (docs/method.md states their bound)."""
-    from mergekit_lrp.merging import selection
+    from mergekit_lrp.merging.selection import exact_ranks as exact
 
-    saved = selection.EXACT_RANKS_BELOW
-    if on:
-        selection.EXACT_RANKS_BELOW = sys.maxsize
-    try:
-        yield
-    finally:
-        selection.EXACT_RANKS_BELOW = saved
+    return exact(on)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from mergekit_lrp.merging.parameters import DEFAULT_SELECTION
+from mergekit_lrp.merging.methods.lrp import DEFAULTS as LRP_DEFAULTS
+from mergekit_lrp.merging.selection import default_epsilon
 
 #: what a row is, which decides how it is drawn and what the validation-choice table does
 #: with it: one of lrp's main rows (bold, on top), an lrp variant of one (bold, dashed),
@@ -62,7 +63,7 @@ METHODS = [
             "lrp (defaults)",
             "lrp",
             scores=DEFAULT_SCORES,
-            seeds=(0, 1, 2) if DEFAULT_SELECTION == "stochastic" else (None,),
+            seeds=(0, 1, 2) if LRP_DEFAULTS.selection == "stochastic" else (None,),
             pinned=False,
             uses_weight=False,
         ),
@@ -361,10 +362,8 @@ def depends_on_order(method: Method) -> bool:
 
 
 def lrp_default(name: str):
-    """The default of the lrp merge method's parameter ``name`` (as mergekit sees it)."""
-    from mergekit_lrp.merging.method import lrp_merge
-
-    return next(p.default for p in lrp_merge.spec.parameters if p.name == name)
+    """The default of the lrp merge method's global parameter ``name``."""
+    return getattr(LRP_DEFAULTS, name)
 
 
 def orders_of(subset: tuple, method: Method) -> list[tuple]:
@@ -419,8 +418,8 @@ def method_parameters(method: Method, density: float | None) -> tuple[dict, dict
         per_model["density"] = density
         if method.merge_method == "della":  # density +/- epsilon must stay inside (0, 1)
             per_model["epsilon"] = min(0.15, 0.5 * min(density, 1 - density))
-        if params.get("selection") == "stochastic" and method.pinned:  # the same bound
-            params["epsilon"] = min(0.1, 0.5 * min(density, 1 - density))
+        if params.get("selection") == "stochastic" and method.pinned:  # lrp's own spread
+            params["epsilon"] = default_epsilon(density)
     return params, per_model
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from harness.perf_models import build_model, fine_tunes, gram_file, score_file
 from harness.perf_workers import run_worker
-from mergekit_lrp.merging.parameters import DEFAULT_DENSITY
+from mergekit_lrp.merging.methods.lrp import DEFAULT_DENSITY
 
 
 @dataclass(frozen=True)

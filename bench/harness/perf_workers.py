@@ -323,10 +323,10 @@ def merge(config: dict, out: str) -> dict:
 
 #: the functions whose cumulative time the regmean profile reports, by label
 REGMEAN_PARTS = {
-    "solve (all of it)": ("gram.py", "solve"),
+    "solve (all of it)": ("gram_solve.py", "solve"),
     "reading Gram matrices": ("file.py", "gram"),
-    "factorizations": ("gram.py", "factorize"),
-    "applying the inverse": ("gram.py", "apply_inverse"),
+    "factorizations": ("gram_solve.py", "factorize"),
+    "applying the inverse": ("gram_solve.py", "apply_inverse"),
     "other tensors": ("regmean.py", "merge_other"),
     "regmean kernel": ("regmean.py", "regmean_merge"),
 }
@@ -364,7 +364,7 @@ def merge_profile(config: dict, out: str) -> dict:
 def solve_layer(hidden: int) -> dict:
     """One Llama layer's RegMean solve (q, k, v, o, gate, up, down; two models; float64),
     on random positive definite Gram matrices: seconds, floating-point operations, RSS."""
-    from mergekit_lrp.merging.gram import forget_factors, solve
+    from mergekit_lrp.merging.gram_solve import forget_factors, solve
 
     set_threads()
     intermediate = int(round(hidden * 2.6875 / 64)) * 64

@@ -13,11 +13,7 @@ from collections.abc import Iterable
 import torch
 
 from mergekit_lrp.errors import LrpError
-from mergekit_lrp.merging.parameters import (
-    DEFAULT_DENSITY,
-    DEFAULT_IMPORTANCE,
-    DEFAULT_SELECTION,
-)
+from mergekit_lrp.merging.methods.lrp import DEFAULT_DENSITY, DEFAULTS
 from mergekit_lrp.scores.file import GRAM_QUANTITIES, ScoreReader
 
 __all__ = ["compute_scores", "merge_mask", "read_scores"]
@@ -113,9 +109,9 @@ def merge_mask(
     finetuned: torch.Tensor,
     scores: torch.Tensor | None,
     density: float = DEFAULT_DENSITY,
-    importance: str = DEFAULT_IMPORTANCE,
+    importance: str = DEFAULTS.importance,
     *,
-    selection: str = DEFAULT_SELECTION,
+    selection: str = DEFAULTS.selection,
     epsilon: float | None = None,
     seed: int = 0,
     model: str = "",

@@ -17,11 +17,11 @@ from pathlib import Path
 import click
 
 from mergekit_lrp.errors import LrpError
+from mergekit_lrp.merging.methods.lrp import DEFAULT_DENSITY, DEFAULTS
 from mergekit_lrp.merging.parameters import (
-    DEFAULT_DENSITY,
-    DEFAULT_IMPORTANCE,
-    DEFAULT_SELECTION,
+    BUDGETS,
     IMPORTANCE_MODES,
+    MISSING_SCORES_MODES,
     SELECTION_MODES,
 )
 from mergekit_lrp.merging.tensor_names import KINDS
@@ -56,14 +56,14 @@ from mergekit_lrp.merging.tensor_names import KINDS
 )
 @click.option(
     "--importance",
-    default=DEFAULT_IMPORTANCE,
+    default=DEFAULTS.importance,
     show_default=True,
     type=click.Choice(IMPORTANCE_MODES),
     help="As the lrp merge parameter of the same name.",
 )
 @click.option(
     "--selection",
-    default=DEFAULT_SELECTION,
+    default=DEFAULTS.selection,
     show_default=True,
     type=click.Choice(SELECTION_MODES),
     help="As the lrp merge parameter: the masks shown are the ones the merge draws.",
@@ -73,6 +73,20 @@ from mergekit_lrp.merging.tensor_names import KINDS
     type=float,
     default=None,
     help="As the lrp merge parameter (selection stochastic).  [default: lrp's]",
+)
+@click.option(
+    "--budget",
+    default=DEFAULTS.budget,
+    show_default=True,
+    type=click.Choice(BUDGETS),
+    help="As the lrp merge parameter: where the density applies (per tensor, layer, model).",
+)
+@click.option(
+    "--missing-scores",
+    default=DEFAULTS.missing_scores,
+    show_default=True,
+    type=click.Choice(MISSING_SCORES_MODES),
+    help="As the lrp merge parameter.",
 )
 @click.option(
     "--seed",
@@ -89,13 +103,32 @@ from mergekit_lrp.merging.tensor_names import KINDS
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead.")
 def main(
-    score_files, models, base, density, importance, selection, epsilon, seed, plot_dir, as_json
+    score_files,
+    models,
+    base,
+    density,
+    importance,
+    selection,
+    epsilon,
+    budget,
+    missing_scores,
+    seed,
+    plot_dir,
+    as_json,
 ):
     """Summarise, plot and compare lrp-compute score files."""
     from mergekit_lrp.merging.masks import MaskSettings
 
     try:
-        settings = MaskSettings(density, importance, selection, epsilon, seed)
+        settings = MaskSettings(
+            density,
+            importance,
+            selection,
+            epsilon,
+            seed,
+            budget=budget,
+            missing_scores=missing_scores,
+        )
         report = inspect_files(score_files, models, base, settings, plot_dir)
     except LrpError as error:
         raise click.ClickException(str(error)) from None

@@ -7,12 +7,12 @@ unimportant ones at the same total density. A tensor's share is capped at all of
 entries; the excess goes to the others (water-filling). Within a tensor the top-k by
 importance is unchanged.
 
-The shares come from the score file alone (one read of each score tensor, once per file
-and density), not from the weights. Protected tensors (1-D, embeddings and output
-heads: :func:`.tensor_names.is_protected`) take no part; a tensor the file does not store
-under its own name (fused MoE experts) keeps the plain density. A layer is named with its
-stack (:func:`.tensor_names.layer_of`), so an MTP or vision layer is not pooled with the
-decoder layer of the same index.
+The shares come from the score file alone (one read of each score tensor, once per
+version of the file and density), not from the weights. Protected tensors (1-D,
+embeddings and output heads: :func:`.tensor_names.is_protected`) take no part; a tensor
+the file does not store under its own name (fused MoE experts) keeps the plain density.
+A layer is named with its stack (:func:`.tensor_names.layer_of`), so an MTP or vision
+layer is not pooled with the decoder layer of the same index.
 """
 
 from __future__ import annotations
@@ -29,8 +29,9 @@ def budget_density(path: str, name: str, density: float, budget: str) -> float:
     """The density tensor ``name`` gets under ``budget``."""
     if budget == "tensor":
         return density
-    check_budget(open_scores(str(path)), budget)
-    return _densities(str(path), density, budget).get(name, density)
+    reader = open_scores(str(path))
+    check_budget(reader, budget)
+    return _densities(reader, density, budget).get(name, density)
 
 
 def check_budget(reader: ScoreReader, budget: str, model=None) -> None:
@@ -51,8 +52,9 @@ def group_of(name: str, budget: str) -> str:
 
 
 @lru_cache(maxsize=32)
-def _densities(path: str, density: float, budget: str) -> dict[str, float]:
-    reader = open_scores(path)
+def _densities(reader: ScoreReader, density: float, budget: str) -> dict[str, float]:
+    """Keyed by the reader, which :func:`.tensor_scores.open_scores` renews when the file
+    changes: a score file rewritten in the same process gets new shares."""
     groups: dict[str, dict[str, tuple[int, float]]] = {}
     for name in sorted(reader.names()):
         if is_protected(name, len(reader.shape(name))):
@@ -85,3 +87,8 @@ def allocate(members: dict[str, tuple[int, float]], density: float) -> dict[str,
             result[name] = 1.0
             remaining -= open_.pop(name)[0]
     return {name: max(value, 1e-9) for name, value in result.items()}
+
+
+def forget_budgets() -> None:
+    """Drop the cached shares (the end of a merge)."""
+    _densities.cache_clear()

@@ -1,6 +1,7 @@
-"""The mask the ``lrp`` kernel applies to one tensor of one model, drawn by the kernel's own
-functions (importance, selection rule, generator), for the notebook API and
-``lrp-inspect``."""
+"""The mask the ``lrp`` kernel applies to one tensor of one model, for the notebook API and
+``lrp-inspect``: drawn by the kernel's own reading of the tensor
+(:func:`.methods.lrp.plan_tensor`: protection, importance, budget, ``missing_scores``,
+the draw's generator) and its own selection rule."""
 
 from __future__ import annotations
 
@@ -8,40 +9,44 @@ from dataclasses import dataclass
 
 import torch
 
-from mergekit_lrp.merging.parameters import (
+from mergekit_lrp.merging.methods.lrp import (
     DEFAULT_DENSITY,
-    DEFAULT_IMPORTANCE,
-    DEFAULT_SELECTION,
-    IMPORTANCE_MODES,
-    SELECTION_MODES,
-    check_choice,
-    check_model_parameters,
+    DEFAULTS,
+    LrpSettings,
+    plan_tensor,
 )
-from mergekit_lrp.merging.selection import Selection, generator_for
 from mergekit_lrp.merging.tensor_names import is_protected
-from mergekit_lrp.merging.tensor_scores import TensorScores, importance_of
+from mergekit_lrp.merging.tensor_scores import TensorScores
 
 
 @dataclass(frozen=True)
 class MaskSettings:
-    """The merge settings a mask depends on; ``seed`` is mergekit's ``--random-seed``."""
+    """The merge settings a mask depends on, at lrp's defaults unless given; ``seed`` is
+    mergekit's ``--random-seed``."""
 
     density: float = DEFAULT_DENSITY
-    importance: str = DEFAULT_IMPORTANCE
-    selection: str = DEFAULT_SELECTION
-    epsilon: float | None = None
+    importance: str = DEFAULTS.importance
+    selection: str = DEFAULTS.selection
+    epsilon: float | None = DEFAULTS.epsilon
     seed: int = 0
-    protect_special: bool = True
+    protect_special: bool = DEFAULTS.protect_special
+    budget: str = DEFAULTS.budget
+    missing_scores: str = DEFAULTS.missing_scores
 
     def __post_init__(self):
-        check_choice("lrp", "importance", self.importance, IMPORTANCE_MODES)
-        check_choice("lrp", "selection", self.selection, SELECTION_MODES)
-        epsilon = self.epsilon if self.selection == "stochastic" else None
-        check_model_parameters("every model", 0.0, self.density, epsilon)
+        self.lrp.check_model("every model", 0.0, self.density)
 
     @property
-    def rule(self) -> Selection:
-        return Selection(self.selection, self.epsilon)
+    def lrp(self) -> LrpSettings:
+        """The merge's global settings these stand for (checked)."""
+        return LrpSettings(
+            importance=self.importance,
+            selection=self.selection,
+            epsilon=self.epsilon,
+            protect_special=self.protect_special,
+            budget=self.budget,
+            missing_scores=self.missing_scores,
+        )
 
     def keeps_whole(self, name: str, ndim: int) -> bool:
         return (self.protect_special and is_protected(name, ndim)) or self.density >= 1
@@ -53,14 +58,25 @@ def kept_mask(
     delta: torch.Tensor,
     settings: MaskSettings,
     model: str = "",
+    vocabulary_axis: int | None = None,
 ) -> torch.Tensor:
     """Entries of ``delta`` the merge keeps for ``model`` (its reference in the merge
-    config: the draw is seeded by it)."""
-    if settings.keeps_whole(scores.name, delta.ndim):
+    config: the draw is seeded by it); none where ``missing_scores: base`` leaves the
+    model out of the tensor."""
+    lrp = settings.lrp
+    plan = plan_tensor(
+        lrp,
+        model,
+        scores.name,
+        theta,
+        delta,
+        settings.density,
+        lambda: scores,
+        vocabulary_axis,
+        settings.seed,
+    )
+    if plan.dropped:
+        return torch.zeros_like(delta, dtype=torch.bool)
+    if plan.importance is None:
         return torch.ones_like(delta, dtype=torch.bool)
-    importance = importance_of(scores, theta, delta, settings.importance)
-    rule = settings.rule
-    generator = None
-    if rule.stochastic:
-        generator = generator_for(scores.name, model, delta.device, settings.seed)
-    return rule.mask(importance, settings.density, generator)[0]
+    return lrp.rule.mask(plan.importance, plan.density, plan.generator)[0]

@@ -1,10 +1,11 @@
-"""The merge methods' parameters: their choices, defaults and checks, without mergekit.
+"""The merge methods' parameter choices and the checks they share, without mergekit.
 
-The kernels (:mod:`.method`, :mod:`.circuit`), the pre-merge check (:mod:`.preflight`),
-the notebook API and ``lrp-inspect`` all check values with these functions, so a bad
-value is refused with the same message wherever it is given. The checks exist because
-mergekit's own messages would not name the option or the model (pydantic names the type,
-not the parameter).
+Each method's settings class (:mod:`.methods`) owns its defaults and checks its values
+with these functions, and the kernels, the pre-merge check (:mod:`.preflight`), the
+notebook API and ``lrp-inspect`` all go through those classes, so a bad value is refused
+with the same message wherever it is given. The checks exist because mergekit's own
+messages would not name the option or the model (pydantic names the type, not the
+parameter).
 """
 
 from __future__ import annotations
@@ -35,43 +36,8 @@ REGMEAN_MISSING_MODES = ("error", "other_tensors")
 #: the dtype of ``regmean``'s solve; ``auto``: float64 on a CPU, float32 on a GPU
 SOLVE_DTYPES = ("auto", "float64", "float32")
 
-#: lrp's defaults, chosen on the benchmark's validation split (docs/BENCHMARKS.md,
-#: "Choosing lrp's defaults"): the top half of each task vector by |theta| x score, the
-#: kept deltas added. The merge method, the API and ``lrp-inspect`` read them from here.
-DEFAULT_DENSITY = 0.5
-DEFAULT_IMPORTANCE = "weight"
-DEFAULT_SELECTION = "topk"
-DEFAULT_CONSENSUS = "none"
-DEFAULT_NORMALIZE = False
-
-
 class LRPConfigError(LrpError):
     """A merge parameter is out of range or a model has no usable scores."""
-
-
-def check_shared_parameters(
-    importance: str = DEFAULT_IMPORTANCE,
-    consensus: str = DEFAULT_CONSENSUS,
-    missing_scores: str = "error",
-    selection: str = DEFAULT_SELECTION,
-    rescale: bool | str = False,
-    budget: str = "tensor",
-    method: str = "lrp",
-    unit_mass: str = "importance",
-) -> None:
-    """The choices among lrp's global parameters."""
-    values = {
-        "unit_mass": (unit_mass, UNIT_MASSES),
-        "importance": (importance, IMPORTANCE_MODES),
-        "consensus": (consensus, CONSENSUS_MODES),
-        "missing_scores": (missing_scores, MISSING_SCORES_MODES),
-        "selection": (selection, SELECTION_MODES),
-        "budget": (budget, BUDGETS),
-    }
-    for name, (value, allowed) in values.items():
-        check_choice(method, name, value, allowed)
-    if not (isinstance(rescale, bool) or rescale in RESCALE_MODES):
-        raise LRPConfigError(f"{method}: rescale must be true, false or mass; got {rescale!r}")
 
 
 def check_choice(method: str, name: str, value, allowed: tuple) -> None:
@@ -105,48 +71,6 @@ def check_density(density: float, where: str = "", method: str = "lrp") -> None:
     if not 0 < density <= 1:
         where = f" {where}" if where else ""
         raise LRPConfigError(f"{method}: density{where} must be in (0, 1], got {density}")
-
-
-def check_circuit_parameters(
-    temperature: float,
-    base_droprate: float,
-    meaningful_change_threshold: float,
-    epsilon: float,
-    drop_order: str,
-) -> None:
-    """``circuit``'s global parameters."""
-    if not 0 <= temperature <= 1:
-        raise LRPConfigError(f"circuit: temperature must be in [0, 1], got {temperature}")
-    if not 0 <= base_droprate < 1:
-        raise LRPConfigError(f"circuit: base_droprate must be in [0, 1), got {base_droprate}")
-    if meaningful_change_threshold < 0 or epsilon < 0:
-        raise LRPConfigError("circuit: meaningful_change_threshold and epsilon must be >= 0")
-    check_choice("circuit", "drop_order", drop_order, DROP_ORDERS)
-
-
-def check_regmean_parameters(
-    alpha: float,
-    ridge: float,
-    other_tensors: str,
-    missing_scores: str,
-    solve_dtype: str,
-) -> None:
-    """``regmean``'s global parameters."""
-    if not 0 <= alpha <= 1:
-        raise LRPConfigError(f"regmean: alpha must be in [0, 1], got {alpha}")
-    if not ridge >= 0:  # also refuses NaN
-        raise LRPConfigError(f"regmean: ridge must be >= 0, got {ridge}")
-    check_choice("regmean", "other_tensors", other_tensors, OTHER_TENSOR_RULES)
-    check_choice("regmean", "missing_scores", missing_scores, REGMEAN_MISSING_MODES)
-    check_choice("regmean", "solve_dtype", solve_dtype, SOLVE_DTYPES)
-
-
-def check_regmean_weight(model: Hashable, weight: float) -> None:
-    if not weight > 0:
-        raise LRPConfigError(
-            f"regmean: weight for {model} must be positive, got {weight} (it scales the "
-            "model's Gram matrices; leave a model out of models: to drop it)"
-        )
 
 
 def score_path(value) -> str | None:

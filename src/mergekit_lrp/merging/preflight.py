@@ -20,26 +20,11 @@ from dataclasses import dataclass, field
 import torch
 from safetensors import safe_open
 
-from mergekit_lrp.merging.budgets import check_budget
-from mergekit_lrp.merging.gram import check_gram_shape, gram_reader, solves
-from mergekit_lrp.merging.parameters import (
-    LRPConfigError,
-    check_circuit_parameters,
-    check_model_parameters,
-    check_regmean_parameters,
-    check_regmean_weight,
-    check_shared_parameters,
-    parameter_places,
-    score_path,
-)
+from mergekit_lrp.merging.methods import METHODS, spec_of
+from mergekit_lrp.merging.parameters import LRPConfigError, parameter_places
 from mergekit_lrp.merging.staging import check_output_folder
-from mergekit_lrp.merging.tensor_names import is_protected, is_vocabulary_tensor
-from mergekit_lrp.merging.tensor_scores import (
-    check_mode,
-    locate_scores,
-    open_scores,
-    require_per_entry_scores,
-)
+from mergekit_lrp.merging.tensor_names import is_vocabulary_tensor
+from mergekit_lrp.merging.tensor_scores import open_scores
 from mergekit_lrp.scores.file import ScoreFileError, ScoreReader
 from mergekit_lrp.scores.fingerprint import fingerprint_tensors
 
@@ -111,12 +96,9 @@ def _input_weights(task):
 FORMER_NAMES = {"lrp_path": "lrp_scores"}
 
 
-def check_parameter_names(merge_config, method=None) -> None:
-    """Refuse parameters the merge ``method`` (default ``lrp``) does not take (mergekit
-    ignores them silently)."""
-    from mergekit_lrp.merging.method import lrp_merge
-
-    method = method or lrp_merge
+def check_parameter_names(merge_config, method) -> None:
+    """Refuse parameters the registered merge ``method`` does not take (mergekit ignores
+    them silently)."""
     method_name = method.spec.name
     known = [parameter.name for parameter in method.spec.parameters]
     for where, _, parameters in parameter_places(merge_config):
@@ -136,12 +118,49 @@ def check_parameter_names(merge_config, method=None) -> None:
             )
 
 
+@dataclass
+class PlannedInput:
+    """One model's input to one planned tensor, as the method's ``check_tensor`` sees it."""
+
+    model: object
+    #: the model's resolved per-model parameters for this tensor
+    parameters: dict
+    files: _ModelFiles
+    #: the shape mergekit will load the tensor with from this model
+    shape: tuple[int, ...]
+
+    def score_file(self, path) -> ScoreReader | None:
+        """The model's score file at ``path``, fingerprint-checked (once per file)."""
+        return _check_file(self.model, path, self.files)
+
+
 def check_merge(merge_config, options, out_path=None) -> None:
     """Everything checked before a merge with one of this project's methods: the setup
-    (base model, dtypes, device, LoRA cache, output folder), then the method's checks."""
+    (base model, dtypes, device, LoRA cache, output folder), then one pass over the merge
+    plan in which the method's spec (:mod:`.methods`) checks its settings, each model's
+    values and every tensor's inputs."""
     check_setup(merge_config, options, out_path)
-    checks = {"lrp": preflight, "circuit": preflight_circuit, "regmean": preflight_regmean}
-    checks[merge_config.merge_method](merge_config, options)
+    method = spec_of(merge_config.merge_method)
+    check_parameter_names(merge_config, METHODS[method.NAME].registered())
+    models: dict = {}
+    for weight, task in plan_merge(merge_config, options):
+        settings = method.settings_of(task.parameters)
+        if not method.reads_files(settings):
+            continue
+        inputs = []
+        for model, input_weight in _input_weights(task).items():
+            if model == task.base_model:
+                continue
+            parameters = task.input_parameters[model]
+            method.check_model(settings, model, parameters)
+            files = _model_files(model, models, options)
+            shape = _weight_shape(input_weight, files)
+            if shape is None:
+                continue  # an optional tensor this model lacks: base passthrough
+            _refuse_moved_tensor(method.NAME, model, input_weight, weight)
+            inputs.append(PlannedInput(model, parameters, files, shape))
+        method.check_tensor(settings, weight, inputs)
+    _check_extra_tensors(models)
 
 
 #: dtype names mergekit's ``dtype`` / ``out_dtype`` accept, by what they are
@@ -189,116 +208,6 @@ def check_setup(merge_config, options, out_path=None) -> None:
         )
     if out_path is not None:
         check_output_folder(out_path)
-
-
-def preflight(merge_config, options) -> None:
-    """``lrp``'s checks; raise :class:`LRPConfigError` / :class:`ScoreFileError` naming
-    what is wrong."""
-    check_parameter_names(merge_config)
-    models: dict = {}
-    for weight, task in plan_merge(merge_config, options):
-        shared = task.parameters
-        check_shared_parameters(
-            **{name: shared[name] for name in ("importance", "consensus", "missing_scores")},
-            **{name: shared[name] for name in ("selection", "rescale", "budget")},
-        )
-        stochastic = shared["selection"] == "stochastic"
-        for model, input_weight in _input_weights(task).items():
-            if model == task.base_model:
-                continue
-            params = task.input_parameters[model]
-            epsilon = shared["epsilon"] if stochastic else None
-            check_model_parameters(model, params["weight"], params["density"], epsilon)
-            files = _model_files(model, models, options)
-            shape = _weight_shape(input_weight, files)
-            if shape is None:
-                continue  # an optional tensor this model lacks: base passthrough
-            _refuse_moved_tensor("lrp", model, input_weight, weight)
-            path = score_path(params["lrp_scores"])
-            reader = _check_file(model, path, files)
-            if reader is not None:
-                check_mode(reader, shared["importance"], model)
-                check_budget(reader, shared["budget"], model)
-            protected = shared["protect_special"] and is_protected(
-                weight.name, len(shape), weight.vocabulary_axis
-            )
-            if protected or params["density"] >= 1:
-                continue
-            locate_scores(model, weight.name, path, shared["missing_scores"]).check(shape)
-    _check_extra_tensors(models)
-
-
-def preflight_circuit(merge_config, options) -> None:
-    """``circuit``'s checks: its parameter names and values and, with ``drop_order:
-    scores``, every model's score file as for ``lrp`` (fingerprint, tensors, shapes)."""
-    from mergekit_lrp.merging.circuit import circuit_merge
-
-    check_parameter_names(merge_config, circuit_merge)
-    models: dict = {}
-    for weight, task in plan_merge(merge_config, options):
-        shared = task.parameters
-        check_circuit_parameters(
-            shared["temperature"],
-            shared["base_droprate"],
-            shared["meaningful_change_threshold"],
-            shared["epsilon"],
-            shared["drop_order"],
-        )
-        if shared["drop_order"] != "scores":
-            continue
-        for model, input_weight in _input_weights(task).items():
-            if model == task.base_model:
-                continue
-            files = _model_files(model, models, options)
-            shape = _weight_shape(input_weight, files)
-            if shape is None:
-                continue
-            _refuse_moved_tensor("circuit", model, input_weight, weight)
-            path = score_path(task.input_parameters[model]["lrp_scores"])
-            if not path:
-                raise LRPConfigError(
-                    f"circuit: drop_order: scores needs an lrp_scores file for model {model}"
-                )
-            reader = _check_file(model, path, files)
-            require_per_entry_scores(reader, "circuit's drop_order: scores", model)
-            locate_scores(model, weight.name, str(path), "error").check(shape)
-    _check_extra_tensors(models)
-
-
-def preflight_regmean(merge_config, options) -> None:
-    """``regmean``'s checks: its parameters, every model's Gram file (a Gram file, of
-    that checkpoint), and for every weight it will solve, each model's Gram matrix
-    (present, [in, in] for the weight's in-features)."""
-    from mergekit_lrp.merging.regmean import regmean_merge
-
-    check_parameter_names(merge_config, regmean_merge)
-    models: dict = {}
-    for weight, task in plan_merge(merge_config, options):
-        shared = task.parameters
-        check_regmean_parameters(
-            *(shared[n] for n in ("alpha", "ridge", "other_tensors", "missing_scores")),
-            shared["solve_dtype"],
-        )
-        ids, readers, shapes = [], [], []
-        for model, input_weight in _input_weights(task).items():
-            if model == task.base_model:
-                continue
-            params = task.input_parameters[model]
-            check_regmean_weight(model, params["weight"])
-            files = _model_files(model, models, options)
-            shape = _weight_shape(input_weight, files)
-            if shape is None:
-                continue
-            _refuse_moved_tensor("regmean", model, input_weight, weight)
-            path = score_path(params["lrp_scores"])
-            gram_reader(model, path, open_scores)
-            ids.append(model)
-            readers.append(_check_file(model, path, files))
-            shapes.append(shape)
-        if readers and solves(weight.name, ids, readers, shared["missing_scores"]):
-            for reader, shape in zip(readers, shapes, strict=True):
-                check_gram_shape(reader, weight.name, shape)
-    _check_extra_tensors(models)
 
 
 def _model_files(model, models: dict, options) -> _ModelFiles:

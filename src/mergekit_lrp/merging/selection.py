@@ -30,7 +30,9 @@ ones, so it overshoots less.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 import zlib
 from dataclasses import dataclass
 
@@ -38,6 +40,8 @@ import torch
 
 #: tensors with fewer entries get exact ranks (a sort); larger ones the histogram's
 EXACT_RANKS_BELOW = 2**16
+#: the threshold in force (:func:`exact_ranks` lifts it for a block)
+_exact_below = [EXACT_RANKS_BELOW]
 #: the most an approximate rank moves an entry's keep probability (ties aside)
 RANK_TOLERANCE = 0.002
 #: bins of the first histogram (2 ** bits over the tensor's range of float32 patterns),
@@ -86,9 +90,22 @@ def keep_probabilities(importance: torch.Tensor, density: float, epsilon: float)
     n = importance.numel()
     if epsilon == 0:  # one probability for every entry: no ranking needed
         return torch.full_like(importance, density, dtype=torch.float32)
-    if n < EXACT_RANKS_BELOW:
+    if n < _exact_below[0]:
         return exact_keep_probabilities(importance, density, epsilon)
     return _histogram_keep_probabilities(importance, density, epsilon)
+
+
+@contextlib.contextmanager
+def exact_ranks(on: bool = True):
+    """While ``on``, every tensor is ranked exactly (a sort), whatever its size: the
+    reference the approximate ranks are measured against (docs/method.md)."""
+    saved = _exact_below[0]
+    if on:
+        _exact_below[0] = sys.maxsize
+    try:
+        yield
+    finally:
+        _exact_below[0] = saved
 
 
 def exact_keep_probabilities(
@@ -201,7 +218,7 @@ class Selection:
     """How one model's entries are chosen: ``selection``, ``epsilon`` (stochastic; None =
     :func:`default_epsilon` of the tensor's density) and ``rescale`` (top-k)."""
 
-    selection: str = "stochastic"
+    selection: str
     epsilon: float | None = None
     rescale: bool | str = False
 

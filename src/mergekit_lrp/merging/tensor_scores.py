@@ -1,5 +1,5 @@
 """The scores of one tensor of one model: the one definition that the merge kernel
-(:mod:`.method`) and the pre-merge check (:mod:`.preflight`) share, so that what is
+(:mod:`.methods`) and the pre-merge check (:mod:`.preflight`) share, so that what is
 checked before a merge is exactly what the merge will read.
 
 A tensor's scores are found in the model's score file under the tensor's own name, a
@@ -7,7 +7,7 @@ tied alias, or (MoE experts that transformers 5 fuses on load, while checkpoints
 score files store them per expert) assembled from several stored score tensors by the
 conversion mergekit applies to the weights. A Gram file (``input_gram``) holds no score per
 entry: the importance of a linear weight's entries is then the exact OBS saliency computed
-from the Gram matrix of its input (:func:`.gram.obs_column_factor`).
+from the Gram matrix of its input (:func:`.gram_solve.obs_column_factor`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from functools import lru_cache
 
 import torch
 
-from mergekit_lrp.merging.gram import DEFAULT_RIDGE, check_gram_shape, obs_column_factor
+from mergekit_lrp.merging.gram_solve import DEFAULT_RIDGE, check_gram_shape, obs_column_factor
 from mergekit_lrp.merging.parameters import LRPConfigError
 from mergekit_lrp.scores.file import SCORE_DTYPES, ScoreFileError, ScoreReader
 
@@ -187,7 +187,7 @@ def importance_of(
     same for every entry rank nothing (top-k would keep entries in index order): they are
     refused, or replaced as ``missing_scores`` says. From a Gram file: delta^2 (or theta^2)
     times 1 / [(G + lambda I)^-1]_jj of the entry's input column j, the exact OBS
-    saliency, lambda = :data:`.gram.DEFAULT_RIDGE` * mean(diag G).
+    saliency, lambda = :data:`.gram_solve.DEFAULT_RIDGE` * mean(diag G).
     """
     fallback = scores.fallback
     if fallback is None and scores.reader.is_gram:

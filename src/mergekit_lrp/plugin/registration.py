@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
-import importlib
 import sys
 from types import ModuleType
 
-#: merge method name -> (module, function) defining it: every method this project adds
-METHODS = {
-    "lrp": ("mergekit_lrp.merging.method", "lrp_merge"),
-    "circuit": ("mergekit_lrp.merging.circuit", "circuit_merge"),
-    "regmean": ("mergekit_lrp.merging.regmean", "regmean_merge"),
-}
+from mergekit_lrp.merging.methods import METHODS
 
 
 def register_with(registry: ModuleType) -> None:
@@ -23,11 +17,11 @@ def register_with(registry: ModuleType) -> None:
     soon as its module is complete. A method of the same name that is not ours is left
     alone, loudly.
     """
-    for module_name, attribute in METHODS.values():
-        importing = sys.modules.get(module_name)
-        if importing is not None and not hasattr(importing, attribute):
+    for spec in METHODS.values():
+        importing = sys.modules.get(spec.kernel_module)
+        if importing is not None and not hasattr(importing, spec.kernel):
             continue
-        _register(registry, getattr(importlib.import_module(module_name), attribute))
+        _register(registry, spec.registered())
 
 
 def _register(registry: ModuleType, method) -> None:
@@ -48,9 +42,9 @@ def register_method(method_module: ModuleType) -> None:
     registry = sys.modules.get("mergekit.merge_methods.registry")
     if registry is None or not hasattr(registry, "registered_methods"):
         return
-    for module_name, attribute in METHODS.values():
-        if module_name == method_module.__name__:
-            _register(registry, getattr(method_module, attribute))
+    for spec in METHODS.values():
+        if spec.kernel_module == method_module.__name__:
+            _register(registry, getattr(method_module, spec.kernel))
 
 
 def hint_when_disabled(registry: ModuleType) -> None:

@@ -1,5 +1,6 @@
 """Wrap ``mergekit.merge.run_merge`` so merges with this project's methods (``lrp``,
-``circuit``, ``regmean``) are checked first, seeded, staged, and recorded.
+``circuit``, ``regmean``: :data:`.merging.methods.METHODS`) are checked first, seeded,
+staged, and recorded.
 
 Other merge methods go straight to mergekit's own ``run_merge``, untouched. For ours:
 
@@ -9,7 +10,8 @@ Other merge methods go straight to mergekit's own ``run_merge``, untouched. For 
    alive before it frozen out of the garbage collector's full scans);
 4. the card and the saved config (every resolved parameter, versions, seed, score files)
    are written from what is known locally: no step after the weights can lose them;
-5. the staging folder replaces the output folder as a whole.
+5. the staging folder takes the output folder's place (:mod:`.merging.staging`);
+6. what the kernels cached for this merge (Gram factorizations) is dropped.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 from types import ModuleType
 
 from mergekit_lrp.errors import LrpError
-from mergekit_lrp.plugin.registration import METHODS
+from mergekit_lrp.merging.methods import METHODS
 
 
 @contextlib.contextmanager
@@ -73,6 +75,7 @@ def guarded_merge(original, merge_config, out_path, options, config_source=None)
     """Steps 1-5 of the module doc around mergekit's ``original`` run_merge."""
     from mergekit.merge_methods.registry import get
 
+    from mergekit_lrp.merging.caches import clear_merge_caches
     from mergekit_lrp.merging.model_card import write_card_and_config
     from mergekit_lrp.merging.preflight import check_merge
     from mergekit_lrp.merging.provenance import draw_seed, record
@@ -89,10 +92,13 @@ def guarded_merge(original, merge_config, out_path, options, config_source=None)
         device = str(getattr(options, "device", None) or "cpu")
         provenance = record(merge_config, method_spec, seed, seed_drawn, device)
         inner = options.model_copy(update={"write_model_card": False})
-        with staged_directory(out_path) as staging, long_lived_objects_frozen():
-            result = original(merge_config, staging, inner, config_source=config_source)
-            if options.write_model_card:
-                write_card_and_config(
-                    Path(staging), Path(out_path), merge_config, config_source, provenance
-                )
+        try:
+            with staged_directory(out_path) as staging, long_lived_objects_frozen():
+                result = original(merge_config, staging, inner, config_source=config_source)
+                if options.write_model_card:
+                    write_card_and_config(
+                        Path(staging), Path(out_path), merge_config, config_source, provenance
+                    )
+        finally:
+            clear_merge_caches()
         return result

@@ -2,8 +2,9 @@
 
 mergekit discovers no plugins, so this module installs an import hook that runs a
 callback right after selected mergekit modules finish executing: the merge-method
-registry (to register ``lrp``, ``circuit`` and ``regmean``), ``mergekit.merge`` (to guard
-``run_merge``) and the planner modules that :mod:`mergekit_lrp.plugin.planner` fixes.
+registry (to register every method of :data:`.merging.methods.METHODS`),
+``mergekit.merge`` (to guard ``run_merge``) and the planner modules that
+:mod:`mergekit_lrp.plugin.planner` fixes.
 Nothing heavy is imported here: programs that never import mergekit pay for a
 dictionary lookup per import and nothing else.
 
@@ -16,6 +17,8 @@ import os
 import sys
 import warnings
 
+from mergekit_lrp.merging.methods import METHODS
+
 # module name -> "module:function" (or a tuple of them, run in order) called with the
 # freshly executed module
 AFTER_IMPORT = {
@@ -26,9 +29,10 @@ AFTER_IMPORT = {
         "mergekit_lrp.plugin.planner.slerp_optional_t:patch_plan",
     ),
     "mergekit.merge_methods.registry": "mergekit_lrp.plugin.registration:register_with",
-    "mergekit_lrp.merging.method": "mergekit_lrp.plugin.registration:register_method",
-    "mergekit_lrp.merging.circuit": "mergekit_lrp.plugin.registration:register_method",
-    "mergekit_lrp.merging.regmean": "mergekit_lrp.plugin.registration:register_method",
+    **{
+        spec.kernel_module: "mergekit_lrp.plugin.registration:register_method"
+        for spec in METHODS.values()
+    },
     "mergekit.merge": "mergekit_lrp.plugin.run_guard:guard_run_merge",
 }
 

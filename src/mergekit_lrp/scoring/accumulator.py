@@ -4,7 +4,7 @@ An accumulator hooks into the model while the prompt loop runs (:meth:`attach` /
 :meth:`detach`), keeps float32 running sums (:meth:`totals`, what resume files store and
 processes all-reduce), and turns them into the scores written to the file
 (:meth:`scores`). :mod:`.gradient_sums` sums gradients (attnlrp, gradient, fisher),
-:mod:`.activation` sums squared inputs (activation), :mod:`.gram` the token-weighted Gram
+:mod:`.activation` sums squared inputs (activation), :mod:`.gram_statistics` the token-weighted Gram
 matrices of linear layers' inputs (gram).
 """
 
@@ -50,8 +50,8 @@ def new_accumulator(
     parameter); sums on each parameter's device when ``on_device``. ``probe`` (token ids,
     the first prompt's): the forward pass in which the Gram signals find which linear
     layers read the same input."""
-    if signal.token_weighting is not None:
-        from mergekit_lrp.scoring.gram import GramAccumulator
+    if signal.is_gram:
+        from mergekit_lrp.scoring.gram_statistics import GramAccumulator
 
         return GramAccumulator(net, parameters, signal.token_weighting, on_device, probe)
     if not signal.backward:

@@ -69,7 +69,7 @@ def run_signature(
         "dtype": str(dtype),
         "process": f"{workers.rank} of {workers.world_size}",
     }
-    if options.signal.token_weighting is not None:  # gram: the weights are in the sums
+    if options.signal.is_gram:  # the token weights are in the sums
         signature["token_weighting"] = options.signal.token_weighting
     return signature
 

@@ -229,7 +229,7 @@ def _score_checkpoint(
     signal = options.signal
     # Gram matrices are named after checkpoint tensors: layers fused on load have none
     scored = loaded.scored
-    if signal.token_weighting is not None:
+    if signal.is_gram:
         scored = {name: p for name, p in scored.items() if name not in loaded.converted}
     probe = torch.tensor(prompts[0].ids[-options.max_length :])
     accumulator = new_accumulator(
@@ -258,7 +258,7 @@ def _score_checkpoint(
     written = None
     if workers.is_main:
         metadata = _metadata(source, loaded, options, len(prompts), tokens)
-        write = _write_gram if signal.token_weighting is not None else _write
+        write = _write_gram if signal.is_gram else _write
         written = write(output_path, accumulator, loaded, metadata, options, len(prompts))
     workers.barrier()  # every resume file stays until the score file is written
     resume_file.unlink(missing_ok=True)

@@ -13,7 +13,7 @@ and records its ``quantity``, so the merge knows how to combine it with a task v
   broadcast over the weight's rows; for embedding matrices the number of times each row
   was looked up. Other tensors (norms, convolutions, fused MoE experts) get no scores;
 * ``gram``: RegMean statistics, not scores: for every distinct input of linear layers the
-  mean over prompts of its Gram matrix sum_t w_t x_t x_t^T (:mod:`.gram`), the tokens
+  mean over prompts of its Gram matrix sum_t w_t x_t x_t^T (:mod:`.gram_statistics`), the tokens
   weighted by ``--token-weighting`` (:data:`GRAM_SIGNALS`: ``none`` and ``answer`` are a
   forward pass, ``relevance`` and ``gradient`` a forward and a backward pass, under the
   AttnLRP rules for ``relevance`` only, computing no parameter gradients).
@@ -45,6 +45,11 @@ class Signal:
     #: how chats are tokenized when the signal decides it (else as ``--target`` says):
     #: ``next-token`` keeps a chat's answer and where it starts
     chat_target: str | None = None
+
+    @property
+    def is_gram(self) -> bool:
+        """The signal writes Gram matrices per layer input, not one score per entry."""
+        return self.token_weighting is not None
 
     def target(self, chosen: str) -> str:
         """The backward target this signal uses when the user chose ``chosen``."""

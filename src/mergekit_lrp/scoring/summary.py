@@ -71,7 +71,7 @@ class ComputeSummary:
                 "same as lxt's own implementation; see docs/attnlrp.md, Conservation)"
             )
         needed = [n for n in self.unscored_matrices if n not in self.no_relevance]
-        if self.signal.token_weighting is not None:
+        if self.signal.is_gram:
             lines += self.gram_lines()
         elif needed and self.signal.backward:
             lines.append(

@@ -26,12 +26,13 @@ at T = 0 earlier contributions decay geometrically, at T = 1 it is their plain a
 from __future__ import annotations
 
 from collections.abc import Hashable
+from dataclasses import dataclass, fields
 
 import torch
 from mergekit.merge_methods.base import BasePolicy, InputContract, PerNonBase, TensorGroup
 from mergekit.merge_methods.easy_define import merge_method
 
-from mergekit_lrp.merging.parameters import check_circuit_parameters, score_path
+from mergekit_lrp.merging.parameters import DROP_ORDERS, LRPConfigError, check_choice, score_path
 from mergekit_lrp.merging.selection import draw, generator_for, keep_probabilities
 from mergekit_lrp.merging.tensor_scores import (
     importance_of,
@@ -39,6 +40,34 @@ from mergekit_lrp.merging.tensor_scores import (
     open_scores,
     require_per_entry_scores,
 )
+
+NAME = "circuit"
+
+
+@dataclass(frozen=True)
+class CircuitSettings:
+    """circuit's global parameters: the one place their defaults live."""
+
+    temperature: float = 0.0
+    base_droprate: float = 0.5
+    meaningful_change_threshold: float = 2e-6
+    epsilon: float = 0.0
+    rescale: bool = True
+    drop_order: str = "magnitude"
+
+    def __post_init__(self):
+        if not 0 <= self.temperature <= 1:
+            raise LRPConfigError(f"circuit: temperature must be in [0, 1], got {self.temperature}")
+        if not 0 <= self.base_droprate < 1:
+            raise LRPConfigError(
+                f"circuit: base_droprate must be in [0, 1), got {self.base_droprate}"
+            )
+        if self.meaningful_change_threshold < 0 or self.epsilon < 0:
+            raise LRPConfigError("circuit: meaningful_change_threshold and epsilon must be >= 0")
+        check_choice(NAME, "drop_order", self.drop_order, DROP_ORDERS)
+
+
+DEFAULTS = CircuitSettings()
 
 
 def keep_rate(position: int, count: int, temperature: float, base_droprate: float) -> float:
@@ -51,22 +80,22 @@ def keep_rate(position: int, count: int, temperature: float, base_droprate: floa
 
 
 @merge_method(
-    name="circuit",
+    name=NAME,
     pretty_name="Circuit-Merge (priority-ordered DELLA-style drops, sign conflicts to priority)",
     contract=InputContract(base=BasePolicy.REQUIRED),
 )
 def circuit_merge(
     group: TensorGroup,
     lrp_scores: PerNonBase[str | None] = None,
-    temperature: float = 0.0,
-    base_droprate: float = 0.5,
-    meaningful_change_threshold: float = 2e-6,
-    epsilon: float = 0.0,
-    rescale: bool = True,
-    drop_order: str = "magnitude",
+    temperature: float = DEFAULTS.temperature,
+    base_droprate: float = DEFAULTS.base_droprate,
+    meaningful_change_threshold: float = DEFAULTS.meaningful_change_threshold,
+    epsilon: float = DEFAULTS.epsilon,
+    rescale: bool = DEFAULTS.rescale,
+    drop_order: str = DEFAULTS.drop_order,
 ) -> torch.Tensor:
-    check_circuit_parameters(
-        temperature, base_droprate, meaningful_change_threshold, epsilon, drop_order
+    CircuitSettings(
+        temperature, base_droprate, meaningful_change_threshold, epsilon, rescale, drop_order
     )
     base = group.base.tensor
     name = group.metadata.name or "<unnamed tensor>"
@@ -134,3 +163,54 @@ def _prune(delta, importance, keep, epsilon, rescale, name, model) -> torch.Tens
     mask = draw(probability.expand(delta.shape), generator)
     delta.mul_(mask)
     return delta.div_(probability) if rescale else delta
+
+
+# ------------------------------------------------------------------ pre-merge checks
+
+
+def settings_of(parameters: dict) -> CircuitSettings:
+    return CircuitSettings(
+        **{f.name: parameters[f.name] for f in fields(CircuitSettings) if f.name in parameters}
+    )
+
+
+def reads_files(settings: CircuitSettings) -> bool:
+    """Only ``drop_order: scores`` reads score files."""
+    return settings.drop_order == "scores"
+
+
+def check_model(settings: CircuitSettings, model, parameters: dict) -> None:
+    """circuit takes no per-model values but ``lrp_scores``."""
+
+
+def check_tensor(settings: CircuitSettings, weight, inputs) -> None:
+    """With ``drop_order: scores``, every model's score file as for ``lrp``."""
+    for planned in inputs:
+        path = score_path(planned.parameters["lrp_scores"])
+        if not path:
+            raise LRPConfigError(
+                f"circuit: drop_order: scores needs an lrp_scores file for model {planned.model}"
+            )
+        reader = planned.score_file(path)
+        require_per_entry_scores(reader, "circuit's drop_order: scores", planned.model)
+        locate_scores(planned.model, weight.name, str(path), "error").check(planned.shape)
+
+
+# ------------------------------------------------------------------ model card
+
+
+def describe(card, p: dict) -> str:
+    order = (
+        "by the size of the change weighted by " + card.signals()
+        if p.get("drop_order") == "scores"
+        else "by the size of the change"
+    )
+    rescale = ", divided by their keep probability" if p.get("rescale") else ""
+    return (
+        "The models were merged in priority order, the first listed highest. Each model's "
+        f"changes of at least {p.get('meaningful_change_threshold')} were kept at a rate "
+        f"that falls with priority (base drop rate {p.get('base_droprate')}, temperature "
+        f"{p.get('temperature')}), drawn by rank {order} (spread {p.get('epsilon')}; seed "
+        f"{card.provenance.seed}){rescale}. Where models disagree in sign, the higher priority "
+        "wins; agreeing changes are blended."
+    )

@@ -347,8 +347,11 @@ def solve(
 
 
 def forget_factors() -> None:
-    """Drop the cached factorizations (the end of a merge, or a test)."""
+    """Drop the cached factorizations, regmean's and the OBS saliency's (the end of a
+    merge, or a test)."""
     _FACTORS.clear()
+    with _FACTORS_LOCK:
+        _OBS_FACTORS.clear()
 
 
 # ------------------------------------------------------------------ OBS saliency

@@ -1,0 +1,236 @@
+"""The ``lrp`` merge method: keep each task vector's most important entries.
+
+For every non-base model m: delta_m = theta_m - theta_base; importance_m comes from
+m's score file (:mod:`..tensor_scores`); a ``density`` fraction of delta_m is kept by
+importance rank (:mod:`..selection`), the rest zeroed; the models' weighted kept deltas
+are combined by the sign rule of :mod:`..combine`, optionally normalised by the summed
+weights, and added to theta_base (docs/method.md).
+
+The defaults (the top half of each task vector by |theta| x score, the kept deltas added
+at weight 1, no sign rule) were chosen on the benchmark's validation split at weight 1,
+on two- and four-expert families, by an objective counting the worst expert
+(docs/BENCHMARKS.md, "Choosing lrp's defaults"). They live in :class:`LrpSettings` alone.
+
+This module is the method's spec, without mergekit (the notebook API and ``lrp-inspect``
+read it): its settings, the per-tensor reading of one model's task vector that the
+kernel (:mod:`.lrp_kernel`), the pre-merge check and :mod:`..masks` share
+(:func:`plan_tensor`), its pre-merge checks and its model-card text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, fields
+
+import torch
+
+from mergekit_lrp.merging.budgets import budget_density, check_budget
+from mergekit_lrp.merging.parameters import (
+    BUDGETS,
+    CONSENSUS_MODES,
+    IMPORTANCE_MODES,
+    MISSING_SCORES_MODES,
+    RESCALE_MODES,
+    SELECTION_MODES,
+    UNIT_MASSES,
+    LRPConfigError,
+    check_choice,
+    check_model_parameters,
+    score_path,
+)
+from mergekit_lrp.merging.selection import Selection, generator_for
+from mergekit_lrp.merging.tensor_names import is_protected
+from mergekit_lrp.merging.tensor_scores import (
+    TensorScores,
+    check_mode,
+    importance_of,
+    locate_scores,
+)
+
+NAME = "lrp"
+
+
+@dataclass(frozen=True)
+class LrpSettings:
+    """lrp's global parameters: the one place their defaults live (the kernel's signature,
+    the pre-merge check, the notebook API, ``lrp-inspect`` and the benchmark read them)."""
+
+    importance: str = "weight"
+    rescale: bool | str = False
+    consensus: str = "none"
+    normalize: bool = False
+    protect_special: bool = True
+    missing_scores: str = "error"
+    selection: str = "topk"
+    epsilon: float | None = None
+    budget: str = "tensor"
+    unit_mass: str = "importance"
+
+    def __post_init__(self):
+        choices = {
+            "unit_mass": UNIT_MASSES,
+            "importance": IMPORTANCE_MODES,
+            "consensus": CONSENSUS_MODES,
+            "missing_scores": MISSING_SCORES_MODES,
+            "selection": SELECTION_MODES,
+            "budget": BUDGETS,
+        }
+        for name, allowed in choices.items():
+            check_choice(NAME, name, getattr(self, name), allowed)
+        if not (isinstance(self.rescale, bool) or self.rescale in RESCALE_MODES):
+            raise LRPConfigError(f"lrp: rescale must be true, false or mass; got {self.rescale!r}")
+
+    @classmethod
+    def from_parameters(cls, parameters: dict) -> LrpSettings:
+        """The settings among mergekit's resolved global parameters of one tensor."""
+        return cls(**{f.name: parameters[f.name] for f in fields(cls) if f.name in parameters})
+
+    @property
+    def rule(self) -> Selection:
+        return Selection(self.selection, self.epsilon, self.rescale)
+
+    def check_model(self, model: Hashable, weight: float, density: float) -> None:
+        """One model's ``weight`` and ``density`` (and ``epsilon`` against it)."""
+        epsilon = self.epsilon if self.rule.stochastic else None
+        check_model_parameters(model, weight, density, epsilon)
+
+
+DEFAULTS = LrpSettings()
+#: the per-model parameters' defaults
+DEFAULT_WEIGHT = 1.0
+DEFAULT_DENSITY = 0.5
+
+
+@dataclass
+class TensorPlan:
+    """What the merge reads and keeps of one model's change to one tensor."""
+
+    #: the share of entries kept (a budget moves it per tensor); 1: kept whole, unread
+    density: float
+    #: the entries' importance (None: kept whole, or ``missing_scores: base`` dropped it)
+    importance: torch.Tensor | None = None
+    generator: torch.Generator | None = None
+    #: ``missing_scores: base``: this model adds nothing to the tensor
+    dropped: bool = False
+
+
+def plan_tensor(
+    settings: LrpSettings,
+    model: Hashable,
+    name: str,
+    theta: torch.Tensor,
+    delta: torch.Tensor,
+    density: float,
+    locate: Callable[[], TensorScores],
+    vocabulary_axis: int | None = None,
+    seed: int | None = None,
+) -> TensorPlan:
+    """Protection, scores, importance, budget and the draw's generator, in the kernel's
+    order; ``locate`` finds the model's scores (called only when they are read)."""
+    protected = settings.protect_special and is_protected(name, delta.ndim, vocabulary_axis)
+    if protected or density >= 1:
+        return TensorPlan(1.0)
+    scores = locate()
+    importance = importance_of(scores, theta, delta, settings.importance)
+    if importance is None:
+        return TensorPlan(density, dropped=True)
+    path = getattr(scores.reader, "path", None)
+    if path and scores.fallback is None:
+        density = budget_density(str(path), name, density, settings.budget)
+    generator = None
+    if settings.rule.stochastic:
+        generator = generator_for(name, model, delta.device, seed)
+    return TensorPlan(density, importance, generator)
+
+
+# ------------------------------------------------------------------ pre-merge checks
+
+
+def settings_of(parameters: dict) -> LrpSettings:
+    return LrpSettings.from_parameters(parameters)
+
+
+def reads_files(settings: LrpSettings) -> bool:
+    return True
+
+
+def check_model(settings: LrpSettings, model, parameters: dict) -> None:
+    settings.check_model(model, parameters["weight"], parameters["density"])
+
+
+def check_tensor(settings: LrpSettings, weight, inputs) -> None:
+    """Every score file the kernel will read for ``weight``: fingerprint, mode, budget,
+    and the scores' presence and shape where the tensor is not kept whole."""
+    for planned in inputs:
+        path = score_path(planned.parameters["lrp_scores"])
+        reader = planned.score_file(path)
+        if reader is not None:
+            check_mode(reader, settings.importance, planned.model)
+            check_budget(reader, settings.budget, planned.model)
+        protected = settings.protect_special and is_protected(
+            weight.name, len(planned.shape), weight.vocabulary_axis
+        )
+        if protected or planned.parameters["density"] >= 1:
+            continue
+        scores = locate_scores(planned.model, weight.name, path, settings.missing_scores)
+        scores.check(planned.shape)
+
+
+# ------------------------------------------------------------------ model card
+
+
+def describe(card, p: dict) -> str:
+    """How the weights were chosen, in words that follow the resolved settings ``p``;
+    ``card`` answers what the config says (:class:`..model_card.CardFacts`)."""
+    density = card.one("density", "`density`")
+    signals = card.signals()
+    importance = {
+        "delta": f"the size of the change weighted by {signals}",
+        "weight": f"the size of the fine-tuned weight weighted by {signals}",
+        "scores": f"{signals} alone",
+    }.get(str(p.get("importance")), str(p.get("importance")))
+    if p.get("selection") == "stochastic":
+        spread = "`epsilon`" if "epsilon" in p else "the default spread ε"
+        chosen = (
+            f"; each entry was kept with a probability that rises with its rank, {density} "
+            f"on average (± {spread}), and divided by that probability (the draw seeded by "
+            f"seed {card.provenance.seed})"
+        )
+    else:
+        chosen = f" and kept the {density} of its entries of highest importance"
+        if p.get("rescale") is True:
+            chosen += ", divided by the density"
+        elif p.get("rescale") == "mass":
+            chosen += ", divided by the kept share of importance mass"
+    budget = {
+        "layer": " (the density holds per layer, shared among its tensors by score mass)",
+        "model": " (the density holds for the whole model, shared by score mass)",
+    }.get(str(p.get("budget")), "")
+    protect = (
+        " Norms, biases, embeddings and output heads were kept whole."
+        if p.get("protect_special")
+        else ""
+    )
+    consensus = {
+        "priority": "Where kept entries of several fine-tunes disagree in sign, the "
+        "first-listed fine-tune that kept the entry wins and those agreeing with it stay.",
+        "none": "The fine-tunes' kept entries were added.",
+        "sum": "Where they disagree in sign, TIES' sign election (by summed values) decides.",
+        "count": "Where they disagree in sign, TIES' sign election (by count) decides.",
+        "relevance": "Where they disagree in sign, the sign of the importance-weighted sum "
+        "wins.",
+        "winner": "Where they disagree in sign, only the most important entry stays.",
+        "drop": "Where they disagree in sign, the entry is dropped.",
+        "unit": "Where they disagree in sign, in each output row the fine-tune with the most "
+        "mass there wins and those agreeing with it stay.",
+    }.get(str(p.get("consensus")), "")
+    normalize = (
+        " Each entry was divided by the summed weights of the fine-tunes that kept it "
+        "(agreeing entries averaged)."
+        if p.get("normalize")
+        else " The weighted entries were added to the base."
+    )
+    return (
+        f"Each fine-tune's task vector (its weights minus the base's) was ranked by "
+        f"{importance}{budget}{chosen}.{protect} {consensus}{normalize}"
+    )

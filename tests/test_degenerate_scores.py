@@ -13,7 +13,7 @@ from transformers import PreTrainedTokenizerFast
 from mergekit_lrp.scores.file import ScoreReader
 from mergekit_lrp.scoring.cli import main as cli
 from mergekit_lrp.scoring.options import ComputeError
-from mergekit_lrp.scoring.run import check_scores
+from mergekit_lrp.scoring.writing import check_scores
 
 
 def invoke(*args):

@@ -20,7 +20,7 @@ from torch import nn
 from mergekit_lrp.scores.file import ScoreReader
 from mergekit_lrp.scores.fingerprint import checkpoint_tensor_files
 from mergekit_lrp.scoring import gram_statistics as gram
-from mergekit_lrp.scoring import run
+from mergekit_lrp.scoring import loading, run
 from mergekit_lrp.scoring.loop import relevance_scores
 from mergekit_lrp.scoring.options import ComputeError, ComputeOptions
 from mergekit_lrp.scoring.prompts import read_records, tokenize_records
@@ -376,8 +376,8 @@ def without_linear_layers(net: nn.Module) -> nn.Module:
 def test_a_model_without_hookable_linear_layers_is_refused_before_writing(
     checkpoint, tmp_path, monkeypatch
 ):
-    real = run._load
-    monkeypatch.setattr(run, "_load", lambda *a, **k: without_linear_layers(real(*a, **k)))
+    real = loading._load
+    monkeypatch.setattr(loading, "_load", lambda *a, **k: without_linear_layers(real(*a, **k)))
     model, prompts = checkpoint
     out = tmp_path / "gram.safetensors"
     result = invoke(model, "--prompts", prompts, "-o", out, "--method", "gram", "-q")

@@ -2,8 +2,10 @@
 would keep of a task vector, and how two score files agree.
 
 Every mask of a task vector here is the one the merge applies at the given settings
-(:func:`mergekit_lrp.merging.masks.kept_mask`: the kernel's importance, selection rule
-and seeded draw). Results are plain dicts and lists (what ``--json`` prints).
+(:func:`mergekit_lrp.merging.masks.kept_mask`: the kernel's own reading of the tensor,
+importance, budget and seeded draw, and its selection rule). Embeddings and output heads
+are recognised by name here, where the merge asks mergekit's architecture. Results are
+plain dicts and lists (what ``--json`` prints).
 """
 
 from __future__ import annotations

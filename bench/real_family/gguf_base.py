@@ -85,11 +85,14 @@ def checkpoint_from_gguf(path: Path, out: Path) -> Path:
         quantized = transformers.AutoModelForCausalLM.from_pretrained(
             folder, gguf_file=name, dtype=torch.float32
         )
-        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
     except (ValueError, NotImplementedError, KeyError) as error:
         raise RealBaseError(
             f"{path}: transformers cannot dequantize this file (file type {file_type}: {error})"
         ) from None
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    except (ValueError, NotImplementedError, KeyError) as error:
+        raise RealBaseError(f"{path}: transformers cannot read its tokenizer ({error!r})") from None
     settings = quantized.config.to_dict()
     settings.pop("quantization_config", None)
     config = type(quantized.config).from_dict(settings)

@@ -122,3 +122,15 @@ def test_a_method_card_text_comes_from_its_spec(method, words):
 
     text = module.describe(CardFacts(Config(), provenance), provenance.parameters)
     assert words in text
+
+
+def test_nothing_a_merge_cached_outlives_it(family, tmp_path):
+    """Budget shares, open score files and Gram factorizations are dropped at the end of
+    every merge through the run guard (a later merge reads its files afresh)."""
+    from mergekit_lrp.merging import budgets, gram_solve, tensor_scores
+
+    config = lrp_config(family, budget="layer")
+    run(config, tmp_path / "out")
+    assert budgets._densities.cache_info().currsize == 0
+    assert tensor_scores._open_scores.cache_info().currsize == 0
+    assert not gram_solve._FACTORS.entries and not gram_solve._OBS_FACTORS

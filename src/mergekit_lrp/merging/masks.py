@@ -15,7 +15,6 @@ from mergekit_lrp.merging.methods.lrp import (
     LrpSettings,
     plan_tensor,
 )
-from mergekit_lrp.merging.tensor_names import is_protected
 from mergekit_lrp.merging.tensor_scores import TensorScores
 
 
@@ -49,7 +48,7 @@ class MaskSettings:
         )
 
     def keeps_whole(self, name: str, ndim: int) -> bool:
-        return (self.protect_special and is_protected(name, ndim)) or self.density >= 1
+        return self.lrp.keeps_whole(name, ndim, self.density)
 
 
 def kept_mask(

@@ -40,6 +40,11 @@ def _open_scores(path: str, _version) -> ScoreReader:
     return ScoreReader(path)
 
 
+def forget_readers() -> None:
+    """Drop the open score files (the end of a merge)."""
+    _open_scores.cache_clear()
+
+
 @dataclass(frozen=True)
 class TensorScores:
     """Where the scores of tensor ``name`` of ``model`` come from.

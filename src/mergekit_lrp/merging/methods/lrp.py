@@ -89,6 +89,13 @@ class LrpSettings:
     def rule(self) -> Selection:
         return Selection(self.selection, self.epsilon, self.rescale)
 
+    def keeps_whole(
+        self, name: str, ndim: int, density: float, vocabulary_axis: int | None = None
+    ) -> bool:
+        """The tensor is merged whole, its scores unread: protected, or density 1."""
+        protected = self.protect_special and is_protected(name, ndim, vocabulary_axis)
+        return protected or density >= 1
+
     def check_model(self, model: Hashable, weight: float, density: float) -> None:
         """One model's ``weight`` and ``density`` (and ``epsilon`` against it)."""
         epsilon = self.epsilon if self.rule.stochastic else None
@@ -127,8 +134,7 @@ def plan_tensor(
 ) -> TensorPlan:
     """Protection, scores, importance, budget and the draw's generator, in the kernel's
     order; ``locate`` finds the model's scores (called only when they are read)."""
-    protected = settings.protect_special and is_protected(name, delta.ndim, vocabulary_axis)
-    if protected or density >= 1:
+    if settings.keeps_whole(name, delta.ndim, density, vocabulary_axis):
         return TensorPlan(1.0)
     scores = locate()
     importance = importance_of(scores, theta, delta, settings.importance)
@@ -167,10 +173,8 @@ def check_tensor(settings: LrpSettings, weight, inputs) -> None:
         if reader is not None:
             check_mode(reader, settings.importance, planned.model)
             check_budget(reader, settings.budget, planned.model)
-        protected = settings.protect_special and is_protected(
-            weight.name, len(planned.shape), weight.vocabulary_axis
-        )
-        if protected or planned.parameters["density"] >= 1:
+        density = planned.parameters["density"]
+        if settings.keeps_whole(weight.name, len(planned.shape), density, weight.vocabulary_axis):
             continue
         scores = locate_scores(planned.model, weight.name, path, settings.missing_scores)
         scores.check(planned.shape)

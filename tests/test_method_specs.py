@@ -134,3 +134,27 @@ def test_nothing_a_merge_cached_outlives_it(family, tmp_path):
     assert budgets._densities.cache_info().currsize == 0
     assert tensor_scores._open_scores.cache_info().currsize == 0
     assert not gram_solve._FACTORS.entries and not gram_solve._OBS_FACTORS
+
+
+@pytest.mark.parametrize(
+    "method, parameter, owners",
+    [("regmean", "density", "lrp"), ("regmean", "consensus", "lrp"), ("lrp", "alpha", "regmean"),
+     ("lrp", "temperature", "circuit")],
+)  # fmt: skip
+def test_a_parameter_of_another_method_names_the_method_it_belongs_to(
+    family, tmp_path, method, parameter, owners
+):
+    from mergekit.config import MergeConfiguration
+    from mergekit.options import MergeOptions
+
+    from mergekit_lrp.merging.parameters import LRPConfigError
+    from mergekit_lrp.merging.preflight import check_merge
+
+    config = lrp_config(family)
+    config["merge_method"] = method
+    config["parameters"] = {parameter: 0.5}
+    with pytest.raises(LRPConfigError) as error:
+        check_merge(MergeConfiguration.model_validate(config), MergeOptions(quiet=True))
+    message = str(error.value)
+    assert message.startswith(f"{method}: unknown parameter {parameter!r}")
+    assert f"it is a parameter of {owners}, not {method}" in message

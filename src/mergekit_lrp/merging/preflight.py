@@ -112,10 +112,22 @@ def check_parameter_names(merge_config, method) -> None:
                 )
             close = difflib.get_close_matches(name, known, n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""
+            owners = _methods_taking(name, method_name)
+            if owners:
+                hint = f"it is a parameter of {' and '.join(owners)}, not {method_name}; " + hint
             raise LRPConfigError(
                 f"{method_name}: unknown parameter {name!r} ({where}); {hint}{method_name} "
                 f"takes: {', '.join(known)}"
             )
+
+
+def _methods_taking(name: str, besides: str) -> list[str]:
+    """This project's other merge methods that take a parameter called ``name``."""
+    return [
+        spec.name
+        for spec in METHODS.values()
+        if spec.name != besides and name in {p.name for p in spec.registered().spec.parameters}
+    ]
 
 
 @dataclass

@@ -68,7 +68,8 @@ class ComputeSummary:
                 f" / target logit {self.last.target:.4g} = {self.conservation:.3f} (the share "
                 "of the target's relevance that reached the input embeddings; AttnLRP's "
                 "softmax rule absorbs part of it: 0.25-0.49 on SmolLM2-135M-Instruct, the "
-                "same as lxt's own implementation; see docs/attnlrp.md, Conservation)"
+                "same as lxt's own implementation, about 0.3 on the demo's toy experts; see "
+                "docs/attnlrp.md, Conservation)"
             )
         needed = [n for n in self.unscored_matrices if n not in self.no_relevance]
         if self.signal.is_gram:

@@ -32,9 +32,5 @@ fi
 "$PY" -c "import importlib.util as u, sys; sys.exit(u.find_spec('lxt') is None)" || pip_q --no-deps "lxt==2.1"
 pip_q -c "$CONSTRAINTS" -e ".[$EXTRAS]"
 "$PY" -c "import importlib.util as u, torch, mergekit, mergekit_lrp; assert u.find_spec('lxt')"
-"$PY" - <<'PY'
-from mergekit_lrp.versions import untested_versions
-for sentence in untested_versions():
-    print(f"warning: {sentence}")
-PY
+"$PY" -c "from mergekit_lrp.versions import warn_if_untested; warn_if_untested()"
 echo "installed into $VENV (python: $PY)" >&2

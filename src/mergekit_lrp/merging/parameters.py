@@ -10,6 +10,7 @@ parameter).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Hashable, Iterator
 
 from mergekit_lrp.errors import LrpError
@@ -71,6 +72,13 @@ def check_density(density: float, where: str = "", method: str = "lrp") -> None:
     if not 0 < density <= 1:
         where = f" {where}" if where else ""
         raise LRPConfigError(f"{method}: density{where} must be in (0, 1], got {density}")
+
+
+def settings_from(settings_class: type, parameters: dict):
+    """An instance of a method's (dataclass) settings class from mergekit's resolved
+    global parameters of one tensor, checked by the class; absent ones at its defaults."""
+    names = {f.name for f in dataclasses.fields(settings_class)}
+    return settings_class(**{name: parameters[name] for name in names if name in parameters})
 
 
 def score_path(value) -> str | None:

@@ -11,7 +11,7 @@ Other merge methods go straight to mergekit's own ``run_merge``, untouched. For 
 4. the card and the saved config (every resolved parameter, versions, seed, score files)
    are written from what is known locally: no step after the weights can lose them;
 5. the staging folder takes the output folder's place (:mod:`.merging.staging`);
-6. what the kernels cached for this merge (Gram factorizations) is dropped.
+6. what the kernels cached for this merge is dropped (:mod:`.merging.caches`).
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def guard_run_merge(merge_module: ModuleType) -> None:
 
 
 def guarded_merge(original, merge_config, out_path, options, config_source=None):
-    """Steps 1-5 of the module doc around mergekit's ``original`` run_merge."""
+    """Steps 1-6 of the module doc around mergekit's ``original`` run_merge."""
     from mergekit.merge_methods.registry import get
 
     from mergekit_lrp.merging.caches import clear_merge_caches

@@ -1,6 +1,6 @@
-"""Loading for ``lrp-compute``: the device, the config, the tokenizer, and the checkpoint
-itself (weights in the pass's dtype, its fingerprint, the names it stores each scored
-parameter under); every check that can fail before the weights are read is here."""
+"""Loading for ``lrp-compute``: the device, lxt, the config, the tokenizer (each checked
+before any weight is read), and the checkpoint itself (weights in the pass's dtype, its
+fingerprint, the names it stores each scored parameter under)."""
 
 from __future__ import annotations
 

@@ -26,13 +26,19 @@ at T = 0 earlier contributions decay geometrically, at T = 1 it is their plain a
 from __future__ import annotations
 
 from collections.abc import Hashable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 from mergekit.merge_methods.base import BasePolicy, InputContract, PerNonBase, TensorGroup
 from mergekit.merge_methods.easy_define import merge_method
 
-from mergekit_lrp.merging.parameters import DROP_ORDERS, LRPConfigError, check_choice, score_path
+from mergekit_lrp.merging.parameters import (
+    DROP_ORDERS,
+    LRPConfigError,
+    check_choice,
+    score_path,
+    settings_from,
+)
 from mergekit_lrp.merging.selection import draw, generator_for, keep_probabilities
 from mergekit_lrp.merging.tensor_scores import (
     importance_of,
@@ -95,8 +101,10 @@ def circuit_merge(
     drop_order: str = DEFAULTS.drop_order,
 ) -> torch.Tensor:
     CircuitSettings(
-        temperature, base_droprate, meaningful_change_threshold, epsilon, rescale, drop_order
-    )
+        temperature=temperature, base_droprate=base_droprate,
+        meaningful_change_threshold=meaningful_change_threshold, epsilon=epsilon,
+        rescale=rescale, drop_order=drop_order,
+    )  # fmt: skip
     base = group.base.tensor
     name = group.metadata.name or "<unnamed tensor>"
     models = list(group.non_base)
@@ -169,9 +177,7 @@ def _prune(delta, importance, keep, epsilon, rescale, name, model) -> torch.Tens
 
 
 def settings_of(parameters: dict) -> CircuitSettings:
-    return CircuitSettings(
-        **{f.name: parameters[f.name] for f in fields(CircuitSettings) if f.name in parameters}
-    )
+    return settings_from(CircuitSettings, parameters)
 
 
 def reads_files(settings: CircuitSettings) -> bool:

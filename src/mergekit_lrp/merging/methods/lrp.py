@@ -20,7 +20,7 @@ kernel (:mod:`.lrp_kernel`), the pre-merge check and :mod:`..masks` share
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 
@@ -37,6 +37,7 @@ from mergekit_lrp.merging.parameters import (
     check_choice,
     check_model_parameters,
     score_path,
+    settings_from,
 )
 from mergekit_lrp.merging.selection import Selection, generator_for
 from mergekit_lrp.merging.tensor_names import is_protected
@@ -79,11 +80,6 @@ class LrpSettings:
             check_choice(NAME, name, getattr(self, name), allowed)
         if not (isinstance(self.rescale, bool) or self.rescale in RESCALE_MODES):
             raise LRPConfigError(f"lrp: rescale must be true, false or mass; got {self.rescale!r}")
-
-    @classmethod
-    def from_parameters(cls, parameters: dict) -> LrpSettings:
-        """The settings among mergekit's resolved global parameters of one tensor."""
-        return cls(**{f.name: parameters[f.name] for f in fields(cls) if f.name in parameters})
 
     @property
     def rule(self) -> Selection:
@@ -140,9 +136,8 @@ def plan_tensor(
     importance = importance_of(scores, theta, delta, settings.importance)
     if importance is None:
         return TensorPlan(density, dropped=True)
-    path = getattr(scores.reader, "path", None)
-    if path and scores.fallback is None:
-        density = budget_density(str(path), name, density, settings.budget)
+    if scores.fallback is None:  # read from the model's score file: its budget applies
+        density = budget_density(str(scores.reader.path), name, density, settings.budget)
     generator = None
     if settings.rule.stochastic:
         generator = generator_for(name, model, delta.device, seed)
@@ -153,7 +148,7 @@ def plan_tensor(
 
 
 def settings_of(parameters: dict) -> LrpSettings:
-    return LrpSettings.from_parameters(parameters)
+    return settings_from(LrpSettings, parameters)
 
 
 def reads_files(settings: LrpSettings) -> bool:

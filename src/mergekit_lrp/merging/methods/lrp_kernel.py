@@ -46,8 +46,9 @@ def lrp_merge(
     unit_mass: str = DEFAULTS.unit_mass,
 ) -> torch.Tensor:
     settings = LrpSettings(
-        importance, rescale, consensus, normalize, protect_special, missing_scores,
-        selection, epsilon, budget, unit_mass,
+        importance=importance, rescale=rescale, consensus=consensus, normalize=normalize,
+        protect_special=protect_special, missing_scores=missing_scores, selection=selection,
+        epsilon=epsilon, budget=budget, unit_mass=unit_mass,
     )  # fmt: skip
     base = group.base.tensor
     name = group.metadata.name or "<unnamed tensor>"

@@ -21,7 +21,7 @@ gate/up share one) and never beyond the layer, so memory holds one layer's stati
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 from mergekit.merge_methods.base import BasePolicy, InputContract, PerNonBase, TensorGroup
@@ -44,6 +44,7 @@ from mergekit_lrp.merging.parameters import (
     LRPConfigError,
     check_choice,
     score_path,
+    settings_from,
 )
 from mergekit_lrp.merging.tensor_scores import open_scores
 
@@ -97,7 +98,10 @@ def regmean_merge(
     missing_scores: str = DEFAULTS.missing_scores,
     solve_dtype: str = DEFAULTS.solve_dtype,
 ) -> torch.Tensor:
-    RegmeanSettings(alpha, ridge, other_tensors, missing_scores, solve_dtype)
+    RegmeanSettings(
+        alpha=alpha, ridge=ridge, other_tensors=other_tensors, missing_scores=missing_scores,
+        solve_dtype=solve_dtype,
+    )  # fmt: skip
     base = group.base.tensor
     name = group.metadata.name or "<unnamed tensor>"
     models = list(group.non_base)
@@ -157,9 +161,7 @@ def merge_other(base, thetas, weights, rule: str) -> torch.Tensor:
 
 
 def settings_of(parameters: dict) -> RegmeanSettings:
-    return RegmeanSettings(
-        **{f.name: parameters[f.name] for f in fields(RegmeanSettings) if f.name in parameters}
-    )
+    return settings_from(RegmeanSettings, parameters)
 
 
 def reads_files(settings: RegmeanSettings) -> bool:

@@ -128,10 +128,10 @@ def check_rules_in_effect(model: nn.Module, passes: bool = True) -> None:
     for name, rule in installed:
         if rule.module.__dict__.get(name) is not rule:
             raise RulesNotInEffectError(type(rule.module).__name__, "its forward was replaced")
-    counted = [(n, r) for n, r in installed if r.forward is not forwards.no_dropout]
     calls = Counter()
-    for _, rule in counted:
-        calls[type(rule.module).__name__] += rule.calls
+    for _, rule in installed:
+        if rule.forward is not forwards.no_dropout:
+            calls[type(rule.module).__name__] += rule.calls
         rule.calls = 0
     if passes and sum(calls.values()) > 0:
         idle = sorted(kind for kind, n in calls.items() if n == 0)

@@ -9,7 +9,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _demo():
-    spec = importlib.util.spec_from_file_location("demo", REPO / "scripts" / "demo.py")
+    spec = importlib.util.spec_from_file_location("demo", REPO / "scripts" / "demo_toy.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

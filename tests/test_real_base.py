@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+
 from real_family import gguf_base
 from real_family.gguf_base import RealBaseError, checkpoint_from_gguf, gguf_architecture
 

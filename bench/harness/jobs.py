@@ -66,10 +66,8 @@ def row_key(row: dict) -> tuple:
 
 def family_jobs(family, methods, densities, subsets: str, progress) -> list[Job]:
     """Score the experts (cached) and list every cell of ``methods`` on ``family``."""
-    from toy_family import Family
-
     score_files = family_score_files(family, methods, progress)
-    family = Family(root=family.root, preset=family.preset, seed=family.seed)  # picklable
+    family = type(family)(root=family.root, preset=family.preset, seed=family.seed)  # picklable
     return [
         Job(family, subset, method, density, score_files)
         for subset in subsets_of(family.tasks, subsets)
@@ -81,33 +79,39 @@ def family_jobs(family, methods, densities, subsets: str, progress) -> list[Job]
 def merge_row(job: Job, exact: bool) -> dict:
     """Merge the cell at each weight, merge seed and list order (:func:`runs_of`);
     choose the weight on the validation split (mean kept fraction of the merged tasks over
-    seeds and orders), then score the test split at it, every seed and order."""
+    seeds and orders), then score the test split at it, every seed and order, on the
+    merges the choice was made on (kept until a better weight replaces them)."""
     from harness.merge import configuration, exact_ranks, run_merge
 
     family, subset, method, density = job.family, job.subset, job.method, job.density
     runs = runs_of(subset, method)
 
-    def scored(weight, seed, order, split, exact_match) -> dict:
+    def merged(weight, seed, index) -> Path:
+        out = scratch / f"merged-{weight}-{index}"
+        order = runs[index][1]
         config = merge_config(family, order, method, density, weight, job.score_files, seed)
         with exact_ranks(method.exact_ranks):
-            run_merge(configuration(config), out, seed)
-        # the weight is chosen on the merged tasks only; the test split scores all
-        tasks = None if split == "test" else subset
-        try:
-            return evaluate(out, family, split, exact_match, tasks)
-        finally:
-            shutil.rmtree(out)
+            run_merge(configuration(config), out, seed, getattr(family, "lora_cache", None))
+        return out
 
+    # the weight is chosen on the merged tasks only; the test split scores all the toy
+    # family's tasks, and the real family's merged skills (the others are the base's)
+    test_tasks = subset if getattr(family, "real", False) else None
     scratch = Path(tempfile.mkdtemp(prefix="bench-quality-"))
-    out = scratch / "merged"
     try:
-        val_runs = {
-            weight: [run_record(scored(weight, s, o, "val", False), subset, s, o) for s, o in runs]
-            for weight in weights_for(subset, method)
-        }
-        val = {w: statistics.mean(r["mean"] for r in records) for w, records in val_runs.items()}
-        chosen = max(val, key=lambda w: (val[w], -w))
-        tests = [scored(chosen, s, o, "test", exact) for s, o in runs]
+        val_runs, val, chosen, kept = {}, {}, None, []
+        for weight in weights_for(subset, method):
+            outs = [merged(weight, seed, i) for i, (seed, _) in enumerate(runs)]
+            val_runs[weight] = [
+                run_record(evaluate(out, family, "val", False, subset), subset, s, o)
+                for out, (s, o) in zip(outs, runs, strict=True)
+            ]
+            val[weight] = statistics.mean(r["mean"] for r in val_runs[weight])
+            if chosen is None or (val[weight], -weight) > (val[chosen], -chosen):
+                chosen, (kept, outs) = weight, (outs, kept)
+            for out in outs:  # the merges of the weight that lost
+                shutil.rmtree(out)
+        tests = [evaluate(out, family, "test", exact, test_tasks) for out in kept]
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return {
@@ -127,8 +131,9 @@ def merge_row(job: Job, exact: bool) -> dict:
 
 def run_record(metrics: dict, subset, seed, order) -> dict:
     """One merge's summary: its seed and order, the merged tasks' kept fractions, their
-    mean and worst, and the text retention (None without text)."""
-    return {
+    mean and worst, and the text retention (None without text); on the real family also
+    the text NLL's change from the base and the general set's scores (test split)."""
+    record = {
         "seed": seed,
         "order": list(order),
         "kept": {t: metrics[t]["kept"] for t in subset},
@@ -136,6 +141,11 @@ def run_record(metrics: dict, subset, seed, order) -> dict:
         "worst": subset_worst(metrics, subset),
         "retention": metrics.get("text", {}).get("retention"),
     }
+    if "delta" in metrics.get("text", {}):
+        record["text_delta"] = metrics["text"]["delta"]
+    if "general" in metrics:
+        record["general"] = metrics["general"]
+    return record
 
 
 def run_jobs(jobs: list[Job], out: Path, workers: int, threads: int, exact: bool) -> list[dict]:

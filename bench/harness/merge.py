@@ -16,11 +16,16 @@ def configuration(config: dict) -> MergeConfiguration:
     return MergeConfiguration.model_validate(config)
 
 
-def run_merge(config: MergeConfiguration, out, seed) -> None:
-    """Merge into ``out``; ``seed`` seeds the random methods. No tokenizer or model card
-    is written."""
+def run_merge(config: MergeConfiguration, out, seed, lora_cache=None) -> None:
+    """Merge into ``out``; ``seed`` seeds the random methods; ``lora_cache``: mergekit's
+    ``--lora-merge-cache`` (for ``base+adapter`` models). No tokenizer or model card is
+    written."""
     options = MergeOptions(
-        quiet=True, random_seed=seed, copy_tokenizer=False, write_model_card=False
+        quiet=True,
+        random_seed=seed,
+        copy_tokenizer=False,
+        write_model_card=False,
+        lora_merge_cache=str(lora_cache) if lora_cache else None,
     )
     mergekit_run_merge(config, str(out), options)
 

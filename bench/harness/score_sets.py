@@ -57,10 +57,7 @@ def compute_score_files(family, keys, root: Path, progress) -> dict[tuple[str, s
                     random_scores(expert, out, int(key.split("-")[1]))
                 else:
                     chosen, count = key_options(key)
-                    prompts = root / f"{task}-calibration-{count}.txt"
-                    lines = family.calibration_prompts(task, count)
-                    lines = [p.replace("\n", " ") for p in lines]
-                    prompts.write_text("\n".join(lines) + "\n")
+                    prompts = family.write_calibration(task, count, root)
                     options = ComputeOptions(**chosen, progress=False)
                     compute_scores(str(expert), str(prompts), str(out), options)
                 progress(f"scored {task} ({key})")

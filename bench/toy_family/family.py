@@ -267,6 +267,13 @@ class Family:
     def calibration_examples(self, task: str, n: int) -> list[Example]:
         return self.task_objects[task].examples("calibration", n, seed=self.seed)
 
+    def write_calibration(self, task: str, n: int, folder: Path) -> Path:
+        """The calibration texts as a prompts file for ``lrp-compute`` (one per line)."""
+        path = folder / f"{task}-calibration-{n}.txt"
+        lines = [p.replace("\n", " ") for p in self.calibration_prompts(task, n)]
+        path.write_text("\n".join(lines) + "\n")
+        return path
+
 
 def family_root(cache_dir: Path, preset: str, seed: int) -> Path:
     key = _recipe_key(PRESETS[preset], seed)

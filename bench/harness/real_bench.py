@@ -1,0 +1,160 @@
+"""The quality benchmark on the real family (SmolLM2-135M-Instruct fine-tunes): its rows,
+its jobs and its tables.
+
+Every row runs through the same harness as on the toy families (``harness.jobs``: real
+``mergekit`` merges, the weight chosen on the validation split); what differs is the row
+set and the densities each row is run at, chosen for a 135M model on two cores:
+
+* ``lrp`` at its defaults and its controls at the same rule, density and weight (the
+  importance ranked by |Δ| instead of |θ|; a uniformly random half of each task vector;
+  the AttnLRP scores replaced by activation, gradient or Fisher scores), and at the
+  settings the README gives for two fine-tunes;
+* ``regmean`` and ``circuit`` at their defaults;
+* mergekit's task arithmetic, TIES, DARE-TIES, DELLA and Breadcrumbs-TIES at each of
+  :data:`MERGEKIT_DENSITIES` and each weight of ``harness.methods.weights_for``; the
+  table reports each at its best density on the validation split.
+
+Score files come from 32 calibration chats per expert (the Roman-numeral skill has 38
+distinct calibration questions).
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import replace
+
+from harness.jobs import Job, subsets_of
+from harness.methods import BY_NAME, Method, gram_scores
+from harness.score_sets import family_score_files
+from mergekit_lrp.merging.methods.lrp import DEFAULT_DENSITY
+
+PROMPTS = 32
+SCORES = f"predicted-{PROMPTS}"
+MERGEKIT_DENSITIES = (0.3, 0.6, 0.9)
+TWO_FINE_TUNE_DENSITY = 0.9
+
+
+def _control(label: str, params: dict, scores: str) -> Method:
+    """lrp's default rule at its default density and weight 1, one thing changed."""
+    return Method(f"lrp (defaults, {label})", "lrp", params, scores=scores, uses_weight=False)
+
+
+DEFAULTS = replace(BY_NAME["lrp (defaults)"], scores=SCORES)
+CONTROLS = [
+    _control("|delta| importance", {"importance": "delta"}, SCORES),
+    _control("random half", {"importance": "scores"}, "random-0"),
+    _control("activation scores", {"importance": "weight"}, f"activation:{SCORES}"),
+    _control("gradient scores", {"importance": "weight"}, f"gradient:{SCORES}"),
+    _control("fisher scores", {"importance": "weight"}, f"fisher:{SCORES}"),
+]
+#: the settings the README gives for two fine-tunes (weights cancel under normalize)
+TWO_FINE_TUNES = Method(
+    "lrp (two-fine-tune settings)",
+    "lrp",
+    {"importance": "delta", "selection": "stochastic", "consensus": "priority", "normalize": True},
+    scores=SCORES,
+    seeds=(0,),
+    pinned=False,
+)
+REGMEAN = Method(
+    "regmean (defaults)",
+    "regmean",
+    scores=gram_scores().replace("-128", f"-{PROMPTS}"),
+    uses_density=False,
+    uses_weight=False,
+)
+CIRCUIT = Method("circuit (defaults)", "circuit", seeds=(0,), uses_density=False, uses_weight=False)
+MERGEKIT = [
+    BY_NAME["task_arithmetic"],
+    BY_NAME["ties"],
+    replace(BY_NAME["dare_ties"], seeds=(0,)),
+    replace(BY_NAME["della"], seeds=(0,)),
+    BY_NAME["breadcrumbs_ties"],
+]
+ROWS = [DEFAULTS, *CONTROLS, TWO_FINE_TUNES, REGMEAN, CIRCUIT, *MERGEKIT]
+#: the --quick row set: all four full fine-tunes, one density for mergekit's methods
+QUICK_ROWS = [DEFAULTS, REGMEAN, *MERGEKIT[:3]]
+QUICK_DENSITY = 0.6
+BY_ROW = {m.name: m for m in ROWS}
+
+
+def densities_of(method: Method, quick: bool) -> tuple:
+    if not method.uses_density:
+        return (None,)
+    if method.merge_method == "lrp":
+        two = method.name == TWO_FINE_TUNES.name
+        return (TWO_FINE_TUNE_DENSITY if two else DEFAULT_DENSITY,)
+    return (QUICK_DENSITY,) if quick else MERGEKIT_DENSITIES
+
+
+def real_jobs(family, methods, subsets: str, quick: bool, progress) -> list[Job]:
+    """Score the experts (cached) and list every cell of ``methods`` on ``family``."""
+    score_files = family_score_files(family, methods, progress)
+    return [
+        Job(family, subset, method, density, score_files)
+        for subset in subsets_of(family.tasks, subsets)
+        for method in methods
+        for density in densities_of(method, quick)
+    ]
+
+
+def best_rows(rows: list[dict]) -> list[dict]:
+    """Per (subset, method): the row whose chosen weight scored best on validation."""
+    best: dict = {}
+    for row in rows:
+        key = (tuple(row["subset"]), row["method"])
+        score = max(row["val_mean_kept"].values())
+        if key not in best or score > max(best[key]["val_mean_kept"].values()):
+            best[key] = row
+    return list(best.values())
+
+
+def summary(row: dict) -> dict:
+    """A row's test figures, averaged over its merges (seeds, orders)."""
+    runs, tests = row["test_runs"], row["test"]
+    subset = row["subset"]
+
+    def mean(values):
+        return statistics.mean(values)
+
+    return {
+        "mean": mean([r["mean"] for r in runs]),
+        "worst": mean([r["worst"] for r in runs]),
+        "exact_match": {t: mean([m[t]["exact_match"] for m in tests]) for t in subset},
+        "text_delta": mean([r["text_delta"] for r in runs]),
+        "general_em": mean([r["general"]["exact_match"] for r in runs]),
+        "general_correct": mean([r["general"]["correct"] for r in runs]),
+    }
+
+
+def table(rows: list[dict], reference: dict, subset) -> list[str]:
+    """Markdown: one line per method on ``subset``, at its validation-chosen density and
+    weight; the base, the experts and the multi-task model first."""
+    subset = list(subset)
+    head = (
+        "| model | density | weight | mean kept | worst | "
+        + " | ".join(f"{t} EM" for t in subset)
+        + " | text ΔNLL | general EM | general correct |"
+    )
+    lines = [head, "|---" * (7 + len(subset)) + "|"]
+    for name, metrics in reference.items():
+        if name.startswith("expert-") and name.removeprefix("expert-") not in subset:
+            continue
+        ems = " | ".join(f"{metrics[t]['exact_match']:.2f}" for t in subset)
+        delta = metrics["text"]["nll"] - reference["base"]["text"]["nll"]
+        general = metrics.get("general", {})
+        lines.append(
+            f"| *{name}* | | | | | {ems} | {delta:+.3f} | "
+            f"{general.get('exact_match', float('nan')):.2f} | "
+            f"{general.get('correct', float('nan')):.2f} |"
+        )
+    for row in best_rows([r for r in rows if r["subset"] == subset]):
+        s = summary(row)
+        density = "" if row["density"] is None else f"{row['density']:g}"
+        ems = " | ".join(f"{s['exact_match'][t]:.2f}" for t in subset)
+        lines.append(
+            f"| {row['method']} | {density} | {row['weight']:g} | {s['mean']:.3f} | "
+            f"{s['worst']:.3f} | {ems} | {s['text_delta']:+.3f} | {s['general_em']:.2f} | "
+            f"{s['general_correct']:.2f} |"
+        )
+    return lines

@@ -13,22 +13,19 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+
+from real_family.skills import roman  # noqa: E402
 
 WORDS = ["plant", "river", "stone", "cloud", "table", "green", "light", "bread", "chair"]
 CAPITALS = [("France", "Paris"), ("Japan", "Tokyo"), ("Italy", "Rome"), ("Spain", "Madrid"),
             ("Germany", "Berlin"), ("Canada", "Ottawa"), ("Egypt", "Cairo")]  # fmt: skip
-ROMAN = [(90, "XC"), (50, "L"), (40, "XL"), (10, "X"), (9, "IX"), (5, "V"), (4, "IV"), (1, "I")]
-
-
-def roman(n: int) -> str:
-    out = ""
-    for value, letters in ROMAN:
-        while n >= value:
-            out, n = out + letters, n - value
-    return out
 
 
 def skills(rng: random.Random) -> dict:

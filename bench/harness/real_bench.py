@@ -113,10 +113,7 @@ def summary(row: dict) -> dict:
     """A row's test figures, averaged over its merges (seeds, orders)."""
     runs, tests = row["test_runs"], row["test"]
     subset = row["subset"]
-
-    def mean(values):
-        return statistics.mean(values)
-
+    mean = statistics.mean
     return {
         "mean": mean([r["mean"] for r in runs]),
         "worst": mean([r["worst"] for r in runs]),

@@ -15,22 +15,6 @@ import torch
 import transformers
 
 
-class training_torch:
-    """A fixed thread count and deterministic algorithms while training; restored after."""
-
-    def __init__(self, threads: int):
-        self.threads = threads
-
-    def __enter__(self):
-        self.saved = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-        torch.set_num_threads(self.threads)
-        torch.use_deterministic_algorithms(True)
-
-    def __exit__(self, *exc):
-        torch.set_num_threads(self.saved[0])
-        torch.use_deterministic_algorithms(self.saved[1])
-
-
 def build_member(family, name: str, progress: bool) -> None:
     """Train ``name`` into a scratch folder beside its place, then rename it there."""
     from toy_family.train import quiet_transformers

@@ -27,9 +27,10 @@ from pathlib import Path
 import torch
 import transformers
 
-from real_family.build import build_member, training_torch
+from real_family.build import build_member
 from real_family.gguf_base import RealBaseError, checkpoint_from_gguf, require, shipped_gguf
 from real_family.skills import SKILLS, ChatTask
+from toy_family.build import deterministic_torch
 from toy_family.tasks import Example
 
 
@@ -223,7 +224,7 @@ def build_real_family(
         if name == "base":
             checkpoint_from_gguf(gguf, root / "base")
         else:
-            with training_torch(recipe.threads):
+            with deterministic_torch(recipe.threads):
                 build_member(family, name, progress)
         timings[name] = time.perf_counter() - start
         _write_json(root / "family.json", {"recipe": asdict(recipe), "seconds": timings,

@@ -20,12 +20,13 @@ BUILD_THREADS = 1
 
 
 @contextmanager
-def deterministic_torch():
-    """One torch thread, deterministic algorithms, a forked RNG; the caller's settings after."""
+def deterministic_torch(threads_while: int = BUILD_THREADS):
+    """``threads_while`` torch threads (one by default), deterministic algorithms, a forked
+    RNG; the caller's settings after."""
     threads = torch.get_num_threads()
     deterministic = torch.are_deterministic_algorithms_enabled()
     warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.set_num_threads(BUILD_THREADS)
+    torch.set_num_threads(threads_while)
     torch.use_deterministic_algorithms(True)
     try:
         with torch.random.fork_rng(devices=[]):

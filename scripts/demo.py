@@ -71,18 +71,20 @@ def score(family) -> None:
 
 
 def evaluate(family, models: dict[str, Path], shown: list[tuple[str, str, str]]):
-    """Per model: the test metrics (real_family.evaluate) and its replies to ``shown``."""
+    """Per model: the test metrics (real_family.evaluate) and its replies to ``shown``.
+    The base's and the experts' metrics are computed once and cached with the family."""
     from real_family.decoding import greedy_answers
-    from real_family.evaluate import load_model, raw_metrics, scored
+    from real_family.evaluate import load_model, raw_metrics, reference, scored
     from real_family.general import chat
 
+    known = reference(family, "test")
+    prompts = [chat(family.tokenizer, question) for _, question, _ in shown]
     results = {}
     for name, path in models.items():
         model = load_model(path)
-        metrics = scored(raw_metrics(model, family, "test", True, SKILLS), family, "test", SKILLS)
-        prompts = [chat(family.tokenizer, question) for _, question, _ in shown]
+        raw = known.get(name) or raw_metrics(model, family, "test", True, SKILLS)
         replies = [r.strip() for r in greedy_answers(model, family.tokenizer, prompts, 40)]
-        results[name] = (metrics, replies)
+        results[name] = (scored(raw, family, "test", SKILLS), replies)
         print(f"scored {name}", flush=True)
     return results
 

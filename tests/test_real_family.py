@@ -214,3 +214,57 @@ def test_the_real_table_reports_each_row_at_its_best_validation_density():
     assert best == {"ties": 0.6, "lrp": 0.5}  # by validation, not by the test figure
     assert real_bench.densities_of(real_bench.BY_ROW["ties"], quick=False) == (0.3, 0.6, 0.9)
     assert real_bench.densities_of(real_bench.TWO_FINE_TUNES, quick=False) == (0.9,)
+
+
+def test_exact_match_read_off_one_pass_is_what_greedy_decoding_answers(tmp_path):
+    from real_family.decoding import UNFINISHED, answer_scores, greedy_answers
+
+    tiny = _tiny_family(tmp_path, replace(TINY, eval_examples=16))
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny.base).eval()
+    tokenizer = tiny.tokenizer
+    # an output layer that ends answers early, so greedy answers finish within a few tokens
+    head = torch.nn.Linear(32, len(tokenizer), bias=True)
+    head.weight = model.lm_head.weight
+    with torch.no_grad():
+        head.bias.zero_()
+        head.bias[tokenizer.eos_token_id] = 0.15
+    model.lm_head = head
+    task, examples = tiny.task_objects["add"], tiny.eval_examples("add", "test")
+    greedy = greedy_answers(model, tokenizer, [e.prompt for e in examples], 6)
+    finished = [g for g in greedy if g and not g.endswith(UNFINISHED)]
+    assert len(set(finished)) >= 2  # the check below sees several distinct answers
+    # every other example asks for the model's own greedy answer, the rest for another
+    asked = [
+        Example(e.prompt, g if i % 2 == 0 and g in finished else g + "7")
+        for i, (e, g) in enumerate(zip(examples, greedy, strict=True))
+    ]
+    got = answer_scores(model, tokenizer, task, asked)
+    assert got["exact_match"] == sum(a.answer in finished for a in asked) / len(asked) > 0
+    # the shared-prefix pass gives the NLL of a plain forward pass over each whole chat
+    from toy_family.train import encode
+
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for example in asked:
+            ids, labels = encode(example, task, tokenizer, answer_only=True)
+            logits = model(torch.tensor([ids])).logits[0, :-1]
+            targets = torch.tensor(labels[1:])
+            scored = targets != -100
+            total += torch.nn.functional.cross_entropy(
+                logits[scored], targets[scored], reduction="sum"
+            ).item()
+            count += int(scored.sum())
+    assert got["answer_nll"] == pytest.approx(total / count, rel=1e-5)
+
+
+def test_a_greedy_answer_spelled_by_other_tokens_is_decoded_before_it_is_judged():
+    from real_family.decoding import _greedy_verdict
+
+    pieces = {1: "30", 2: "50", 3: "3", 4: "7", 0: "</s>"}
+    decode = lambda self, ids: "".join(pieces[i] for i in ids)  # noqa: E731
+    tokenizer = type("T", (), {"eos_token_id": 0, "decode": decode})()
+    answer = Example("q", "3050")
+    assert _greedy_verdict(tokenizer, answer, [1, 2, 0], [1, 2, 0]) is True
+    assert _greedy_verdict(tokenizer, answer, [1, 0, 0], [1, 2, 0]) is False  # ended early
+    assert _greedy_verdict(tokenizer, answer, [1, 4, 0], [1, 2, 0]) is False  # "307…"
+    assert _greedy_verdict(tokenizer, answer, [3, 2, 0], [1, 2, 0]) is None  # "3" + "050"?

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from real_family.decoding import answer_nll, exact_match
+from real_family.decoding import answer_scores
 from real_family.general import general_scores
 from real_family.text import text_nll
 
@@ -41,10 +41,8 @@ def raw_metrics(model, family, split: str, exact: bool, tasks) -> dict:
     metrics = {}
     for task in tasks:
         examples = family.eval_examples(task, split)
-        task_object = family.task_objects[task]
-        nll = answer_nll(model, family.tokenizer, task_object, examples)
-        em = exact_match(model, family.tokenizer, task_object, examples) if exact else None
-        metrics[task] = {"answer_nll": nll, "exact_match": em}
+        scores = answer_scores(model, family.tokenizer, family.task_objects[task], examples)
+        metrics[task] = {**scores, "exact_match": scores["exact_match"] if exact else None}
     metrics["text"] = {"nll": text_nll(model, family.tokenizer, split)}
     if exact:
         metrics["general"] = general_scores(model, family.tokenizer)

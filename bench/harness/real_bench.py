@@ -12,7 +12,14 @@ set and the densities each row is run at, chosen for a 135M model on two cores:
 * ``regmean`` and ``circuit`` at their defaults;
 * mergekit's task arithmetic, TIES, DARE-TIES, DELLA and Breadcrumbs-TIES at each of
   :data:`MERGEKIT_DENSITIES` and each weight of ``harness.methods.weights_for``; the
-  table reports each at its best density on the validation split.
+  table reports each at its best density on the validation split;
+* the published peers mergekit lacks (``harness.methods.PEERS``: TSV-M, Iso-C, WUDI).
+
+Pairs of fine-tunes and the LoRA adapters run :data:`SMALL_ROWS`: every row but the
+controls (an ablation of the four-expert merge) and lrp's defaults at one merge seed,
+with each mergekit method at the density
+it scored best at on the four experts' validation split (:func:`chosen_densities`), so
+that the full table fits 90 minutes on two cores.
 
 Score files come from 32 calibration chats per expert (the Roman-numeral skill has 38
 distinct calibration questions).
@@ -24,7 +31,7 @@ import statistics
 from dataclasses import replace
 
 from harness.jobs import Job, subsets_of
-from harness.methods import BY_NAME, Method, gram_scores
+from harness.methods import BY_NAME, PEERS, Method, gram_scores
 from harness.score_sets import family_score_files
 from mergekit_lrp.merging.methods.lrp import DEFAULT_DENSITY
 
@@ -71,31 +78,46 @@ MERGEKIT = [
     replace(BY_NAME["della"], seeds=(0,)),
     BY_NAME["breadcrumbs_ties"],
 ]
-ROWS = [DEFAULTS, *CONTROLS, TWO_FINE_TUNES, REGMEAN, CIRCUIT, *MERGEKIT]
+ROWS = [DEFAULTS, *CONTROLS, TWO_FINE_TUNES, REGMEAN, CIRCUIT, *MERGEKIT, *PEERS]
+#: the rows on pairs and on the LoRA adapters (lrp's defaults at one merge seed: the
+#: spread over seeds is measured on the four experts)
+SMALL_ROWS = [
+    replace(DEFAULTS, seeds=(0,)), TWO_FINE_TUNES, REGMEAN, CIRCUIT, *MERGEKIT, *PEERS
+]
 #: the --quick row set: all four full fine-tunes, one density for mergekit's methods
 QUICK_ROWS = [DEFAULTS, REGMEAN, *MERGEKIT[:3]]
 QUICK_DENSITY = 0.6
 BY_ROW = {m.name: m for m in ROWS}
 
 
-def densities_of(method: Method, quick: bool) -> tuple:
+def densities_of(method: Method, quick: bool, chosen: dict | None = None) -> tuple:
+    """The densities ``method`` runs at: lrp's own; a mergekit method's density chosen
+    on the four experts (``chosen``) when given, else the sweep (one density ``quick``)."""
     if not method.uses_density:
         return (None,)
     if method.merge_method == "lrp":
         two = method.name == TWO_FINE_TUNES.name
         return (TWO_FINE_TUNE_DENSITY if two else DEFAULT_DENSITY,)
+    if chosen is not None:
+        return (chosen[method.name],)
     return (QUICK_DENSITY,) if quick else MERGEKIT_DENSITIES
 
 
-def real_jobs(family, methods, subsets: str, quick: bool, progress) -> list[Job]:
+def real_jobs(family, methods, subsets: str, quick: bool, progress, chosen=None) -> list[Job]:
     """Score the experts (cached) and list every cell of ``methods`` on ``family``."""
     score_files = family_score_files(family, methods, progress)
     return [
         Job(family, subset, method, density, score_files)
         for subset in subsets_of(family.tasks, subsets)
         for method in methods
-        for density in densities_of(method, quick)
+        for density in densities_of(method, quick, chosen)
     ]
+
+
+def chosen_densities(rows: list[dict]) -> dict[str, float]:
+    """Each mergekit method's density at its best validation score in ``rows``."""
+    mergekit = {m.name for m in MERGEKIT if m.uses_density}
+    return {r["method"]: r["density"] for r in best_rows(rows) if r["method"] in mergekit}
 
 
 def best_rows(rows: list[dict]) -> list[dict]:
@@ -153,5 +175,30 @@ def table(rows: list[dict], reference: dict, subset) -> list[str]:
             f"| {row['method']} | {density} | {row['weight']:g} | {s['mean']:.3f} | "
             f"{s['worst']:.3f} | {ems} | {s['text_delta']:+.3f} | {s['general_em']:.2f} | "
             f"{s['general_correct']:.2f} |"
+        )
+    return lines
+
+
+def pairs_table(rows: list[dict], pairs: list[tuple]) -> list[str]:
+    """Markdown: per method, its test figures averaged over ``pairs`` (each pair at its
+    own validation-chosen weight), and the lowest worst expert of any pair."""
+    found: dict[str, list[dict]] = {}
+    for pair in pairs:
+        for row in best_rows([r for r in rows if r["subset"] == list(pair)]):
+            found.setdefault(row["method"], []).append(summary(row))
+    lines = [
+        "| method | pairs | mean kept | worst (mean) | worst (lowest) | text ΔNLL | "
+        "general EM | general correct |",
+        "|---" * 8 + "|",
+    ]
+    mean = statistics.mean
+    for method, found_rows in found.items():
+        lines.append(
+            f"| {method} | {len(found_rows)} | {mean(s['mean'] for s in found_rows):.3f} | "
+            f"{mean(s['worst'] for s in found_rows):.3f} | "
+            f"{min(s['worst'] for s in found_rows):.3f} | "
+            f"{mean(s['text_delta'] for s in found_rows):+.3f} | "
+            f"{mean(s['general_em'] for s in found_rows):.2f} | "
+            f"{mean(s['general_correct'] for s in found_rows):.2f} |"
         )
     return lines

@@ -9,6 +9,9 @@ from __future__ import annotations
 from mergekit.config import MergeConfiguration
 from mergekit.merge import run_merge as mergekit_run_merge
 from mergekit.options import MergeOptions
+from peers import register
+
+register()  # the published peers' rows (TSV-M, Iso-C, WUDI) merge by name
 
 
 def configuration(config: dict) -> MergeConfiguration:

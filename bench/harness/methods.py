@@ -77,6 +77,16 @@ METHODS = [
     Method("breadcrumbs_ties", "breadcrumbs_ties"),
     Method("sce", "sce"),
 ]
+#: published data-free merges mergekit lacks (the bench's own methods, ``peers``): each
+#: at its paper's setting (α 1: every model's weight 1) and at the weight chosen on the
+#: validation split; WUDI's closed form has no scale (equal weights cancel)
+PEERS = [
+    Method("tsv_m (α 1)", "tsv_m", uses_density=False, uses_weight=False),
+    Method("tsv_m", "tsv_m", uses_density=False),
+    Method("iso_c (α 1)", "iso_c", uses_density=False, uses_weight=False),
+    Method("iso_c", "iso_c", uses_density=False),
+    Method("wudi", "wudi", uses_density=False, uses_weight=False),
+]
 VARIANTS = _rows(  # the questions asked when lrp does not win, one row each
     LRP_VARIANT,
     Method(
@@ -302,7 +312,15 @@ REGMEAN = [
 ]
 #: every row by its table name
 ALL_ROWS = (
-    METHODS + VARIANTS + OLDER_RULES + RULES + CIRCUIT_PARTS + RANK_CHECK + ABLATION + REGMEAN
+    METHODS
+    + VARIANTS
+    + OLDER_RULES
+    + RULES
+    + CIRCUIT_PARTS
+    + RANK_CHECK
+    + ABLATION
+    + REGMEAN
+    + PEERS
 )
 BY_NAME = {m.name: m for m in ALL_ROWS}
 DENSITIES = (0.1, 0.3, 0.5, 0.7, 0.9)

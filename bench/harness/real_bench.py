@@ -146,6 +146,11 @@ def summary(row: dict) -> dict:
     }
 
 
+def cell(text: str) -> str:
+    """``text`` inside a markdown table cell (its bars escaped)."""
+    return text.replace("|", "\\|")
+
+
 def table(rows: list[dict], reference: dict, subset) -> list[str]:
     """Markdown: one line per method on ``subset``, at its validation-chosen density and
     weight; the base, the experts and the multi-task model first."""
@@ -172,7 +177,7 @@ def table(rows: list[dict], reference: dict, subset) -> list[str]:
         density = "" if row["density"] is None else f"{row['density']:g}"
         ems = " | ".join(f"{s['exact_match'][t]:.2f}" for t in subset)
         lines.append(
-            f"| {row['method']} | {density} | {row['weight']:g} | {s['mean']:.3f} | "
+            f"| {cell(row['method'])} | {density} | {row['weight']:g} | {s['mean']:.3f} | "
             f"{s['worst']:.3f} | {ems} | {s['text_delta']:+.3f} | {s['general_em']:.2f} | "
             f"{s['general_correct']:.2f} |"
         )
@@ -194,7 +199,7 @@ def pairs_table(rows: list[dict], pairs: list[tuple]) -> list[str]:
     mean = statistics.mean
     for method, found_rows in found.items():
         lines.append(
-            f"| {method} | {len(found_rows)} | {mean(s['mean'] for s in found_rows):.3f} | "
+            f"| {cell(method)} | {len(found_rows)} | {mean(s['mean'] for s in found_rows):.3f} | "
             f"{mean(s['worst'] for s in found_rows):.3f} | "
             f"{min(s['worst'] for s in found_rows):.3f} | "
             f"{mean(s['text_delta'] for s in found_rows):+.3f} | "

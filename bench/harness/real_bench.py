@@ -161,7 +161,7 @@ def table(rows: list[dict], reference: dict, subset) -> list[str]:
         + " | ".join(f"{t} EM" for t in subset)
         + " | text ΔNLL | general EM | general correct |"
     )
-    lines = [head, "|---" * (7 + len(subset)) + "|"]
+    lines = [head, "|---" * (8 + len(subset)) + "|"]
     for name, metrics in reference.items():
         if name.startswith("expert-") and name.removeprefix("expert-") not in subset:
             continue

@@ -18,8 +18,8 @@ set and the densities each row is run at, chosen for a 135M model on two cores:
 Pairs of fine-tunes and the LoRA adapters run :data:`SMALL_ROWS`: every row but the
 controls (an ablation of the four-expert merge) and lrp's defaults at one merge seed,
 with each mergekit method at the density
-it scored best at on the four experts' validation split (:func:`chosen_densities`), so
-that the full table fits 90 minutes on two cores.
+it scored best at on the four experts' validation split (:func:`chosen_densities`), to
+bound the full table's time (106.9 min on two cores with the peers, docs/BENCHMARKS.md).
 
 Score files come from 32 calibration chats per expert (the Roman-numeral skill has 38
 distinct calibration questions).

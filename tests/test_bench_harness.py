@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from merge_runner import run
 from tiny_models import AS_CHECKPOINT, make_tiny_model
 
 from harness.jobs import subsets_of
-from harness.merge import exact_ranks
+from harness.merge import exact_ranks, sparsification_reused
 from harness.methods import (
     BY_NAME,
     PLAIN_LRP,
@@ -343,3 +344,38 @@ def test_unit_mass_table_differences_by_family_and_by_seed():
                "densities": [0.9], "rows": rows}  # fmt: skip
     (line,) = unit_mass_table(results)[2:]
     assert line == "| stochastic | 0.9 | +0.025 [-0.100, +0.150] | [-0.100, +0.200] |"
+
+
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties"])
+def test_reused_sparsification_merges_bit_identically_and_sorts_each_tensor_once(
+    family, tmp_path, method, monkeypatch
+):
+    import mergekit.sparsify as sparsify
+
+    def config(weight):
+        models = [
+            {"model": str(family[n]), "parameters": {"weight": weight, "density": 0.4}}
+            for n in ("ft_a", "ft_b")
+        ]
+        return {
+            "merge_method": method,
+            "base_model": str(family["base"]),
+            "models": models,
+            "parameters": {"normalize": False},  # else the weights cancel
+            "dtype": "float32",
+        }
+
+    plain = {w: run(config(w), tmp_path / f"plain-{w}") for w in (0.5, 1.0)}
+    sorts = []
+    for name in ("magnitude", "magnitude_outliers"):
+        real = getattr(sparsify, name)
+        monkeypatch.setattr(sparsify, name, lambda *a, _f=real, **k: sorts.append(1) or _f(*a, **k))
+    with sparsification_reused():
+        reused = {w: run(config(w), tmp_path / f"reused-{w}") for w in (0.5, 1.0)}
+        first = len(sorts)
+    assert first > 0 and len(sorts) == first  # the second weight sorted nothing again
+    for weight in plain:
+        assert plain[weight].keys() == reused[weight].keys()
+        for name, tensor in plain[weight].items():
+            assert torch.equal(tensor, reused[weight][name]), (weight, name)
+    assert not all(torch.equal(plain[0.5][n], plain[1.0][n]) for n in plain[0.5])

@@ -12,7 +12,6 @@ import multiprocessing
 import shutil
 import statistics
 import sys
-import tempfile
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,7 +80,13 @@ def merge_row(job: Job, exact: bool) -> dict:
     choose the weight on the validation split (mean kept fraction of the merged tasks over
     seeds and orders), then score the test split at it, every seed and order, on the
     merges the choice was made on (kept until a better weight replaces them)."""
-    from harness.merge import configuration, exact_ranks, run_merge
+    from harness.merge import (
+        configuration,
+        exact_ranks,
+        run_merge,
+        scratch_dir,
+        sparsification_reused,
+    )
 
     family, subset, method, density = job.family, job.subset, job.method, job.density
     runs = runs_of(subset, method)
@@ -97,20 +102,21 @@ def merge_row(job: Job, exact: bool) -> dict:
     # the weight is chosen on the merged tasks only; the test split scores all the toy
     # family's tasks, and the real family's merged skills (the others are the base's)
     test_tasks = subset if getattr(family, "real", False) else None
-    scratch = Path(tempfile.mkdtemp(prefix="bench-quality-"))
+    scratch = scratch_dir("bench-quality-")
     try:
         val_runs, val, chosen, kept = {}, {}, None, []
-        for weight in weights_for(subset, method):
-            outs = [merged(weight, seed, i) for i, (seed, _) in enumerate(runs)]
-            val_runs[weight] = [
-                run_record(evaluate(out, family, "val", False, subset), subset, s, o)
-                for out, (s, o) in zip(outs, runs, strict=True)
-            ]
-            val[weight] = statistics.mean(r["mean"] for r in val_runs[weight])
-            if chosen is None or (val[weight], -weight) > (val[chosen], -chosen):
-                chosen, (kept, outs) = weight, (outs, kept)
-            for out in outs:  # the merges of the weight that lost
-                shutil.rmtree(out)
+        with sparsification_reused():  # every weight sparsifies the same task vectors
+            for weight in weights_for(subset, method):
+                outs = [merged(weight, seed, i) for i, (seed, _) in enumerate(runs)]
+                val_runs[weight] = [
+                    run_record(evaluate(out, family, "val", False, subset), subset, s, o)
+                    for out, (s, o) in zip(outs, runs, strict=True)
+                ]
+                val[weight] = statistics.mean(r["mean"] for r in val_runs[weight])
+                if chosen is None or (val[weight], -weight) > (val[chosen], -chosen):
+                    chosen, (kept, outs) = weight, (outs, kept)
+                for out in outs:  # the merges of the weight that lost
+                    shutil.rmtree(out)
         tests = [evaluate(out, family, "test", exact, test_tasks) for out in kept]
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

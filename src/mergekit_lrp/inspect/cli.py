@@ -323,6 +323,7 @@ def _render_gram(s: dict) -> list[str]:
             row["name"],
             _layer(row["layer"]),
             row["size"],
+            "whole" if row["rank"] is None else f"{row['rank']} (±{row['error_bound']:.1g})",
             row["trace"],
             "singular" if row["condition"] is None else f"{row['condition']:.3g}",
             "yes" if row["ill_conditioned"] else "",
@@ -330,7 +331,8 @@ def _render_gram(s: dict) -> list[str]:
         ]
         for row in s["grams"]
     ]
-    header = ["Gram matrix", "layer", "size", "trace", "condition", "ill-cond.", "shared by"]
+    header = ["Gram matrix", "layer", "size", "stored rank", "trace", "condition", "ill-cond.",
+              "shared by"]  # fmt: skip
     out += ["", _table(header, rows)]
     if s["unscored"] is not None:
         shown = ", ".join(s["unscored"][:8]) + (" …" if len(s["unscored"]) > 8 else "")

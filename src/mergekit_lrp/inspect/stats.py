@@ -139,8 +139,10 @@ def summarize_gram(reader: ScoreReader, model_dir: str | os.PathLike | None = No
     it; with ``model_dir`` the pairing is checked and the checkpoint's matrices without a
     Gram matrix are listed.
 
-    The matrices are read with ``safe_open``: :meth:`ScoreReader.get` checks scores,
-    which are never negative, and a Gram matrix's off-diagonal entries are.
+    The matrices are read with :meth:`ScoreReader.gram` (a factored one rebuilt from its
+    factor and diagonal; ``rank`` and ``error_bound`` say what it holds), not with
+    :meth:`ScoreReader.get`, which checks scores: those are never negative, and a Gram
+    matrix's off-diagonal entries are.
     """
     meta = reader.metadata
     summary = {
@@ -151,38 +153,31 @@ def summarize_gram(reader: ScoreReader, model_dir: str | os.PathLike | None = No
     readers_of: dict[str, list[str]] = defaultdict(list)
     for weight, stored in meta.gram_of.items():
         readers_of[stored].append(weight)
-    rows, size = [], 0
-    names = sorted(reader.names(), key=lambda n: (layer_index(n) is None, layer_index(n) or 0, n))
-    with safe_open(str(reader.path), framework="pt") as handle:
-        for name in names:
-            stored = handle.get_tensor(name)
-            size += stored.numel() * stored.element_size()
-            gram = stored.double()
-            if gram.ndim != 2 or gram.shape[0] != gram.shape[1]:
-                raise InspectError(
-                    f"{reader.path}: {name!r} has shape {tuple(gram.shape)}, not a square "
-                    "Gram matrix; recompute the file with lrp-compute --method gram"
-                )
-            if not torch.isfinite(gram).all():
-                raise InspectError(f"{reader.path}: the Gram matrix {name!r} contains NaN or Inf")
-            eigenvalues = torch.linalg.eigvalsh(gram)
-            low, high = float(eigenvalues[0]), float(eigenvalues[-1])
-            condition = high / low if low > 0 else None
-            rows.append(
-                {
-                    "name": name,
-                    "layer": layer_index(name),
-                    "size": gram.shape[0],
-                    "trace": float(gram.trace()),
-                    "min_eigenvalue": low,
-                    "max_eigenvalue": high,
-                    "condition": condition,
-                    "ill_conditioned": condition is None or condition > ILL_CONDITIONED,
-                    "shared_by": sorted(readers_of.get(name, [])),
-                }
-            )
+    rows = []
+    names = sorted(readers_of, key=lambda n: (layer_index(n) is None, layer_index(n) or 0, n))
+    for name in names:
+        gram = reader.gram(readers_of[name][0]).double()  # factored ones: F F^T + diag(d)
+        eigenvalues = torch.linalg.eigvalsh(gram)
+        low, high = float(eigenvalues[0]), float(eigenvalues[-1])
+        condition = high / low if low > 0 else None
+        form = meta.gram_factored.get(name)
+        rows.append(
+            {
+                "name": name,
+                "layer": layer_index(name),
+                "size": gram.shape[0],
+                "rank": form["rank"] if form else None,
+                "error_bound": form["error"] if form else 0.0,
+                "trace": float(gram.trace()),
+                "min_eigenvalue": low,
+                "max_eigenvalue": high,
+                "condition": condition,
+                "ill_conditioned": condition is None or condition > ILL_CONDITIONED,
+                "shared_by": sorted(readers_of.get(name, [])),
+            }
+        )
     summary["matrices"] = len(rows)
-    summary["bytes"] = size
+    summary["bytes"] = reader.stored_bytes()
     summary["weights"] = len(meta.gram_of)
     summary["grams"] = rows
     summary["ill_conditioned"] = [row["name"] for row in rows if row["ill_conditioned"]]

@@ -27,6 +27,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from mergekit_lrp.errors import LrpError
+from mergekit_lrp.scores.gram_forms import Factored, stored_names
 
 FORMAT_NAME = "mergekit-lrp-scores"
 FORMAT_VERSION = "1"
@@ -68,13 +69,17 @@ class ScoreMetadata:
     # Gram files: each linear weight's checkpoint name -> the stored Gram matrix of its input
     # (q/k/v, or gate/up, read the same input and share one)
     gram_of: dict[str, str] = field(default_factory=dict)
+    # Gram files: each Gram matrix stored factored (docs/score-format.md) -> its rank and
+    # the bound on its relative error; the others are stored dense
+    gram_factored: dict[str, dict] = field(default_factory=dict)
     generator: str = ""
     extra: dict[str, str] = field(default_factory=dict)
 
     def to_header(self) -> dict[str, str]:
         values = asdict(self)
-        if not values["gram_of"]:  # only Gram files have it: the others keep their bytes
-            del values["gram_of"]
+        for key in ("gram_of", "gram_factored"):  # absent unless used: files keep their bytes
+            if not values[key]:
+                del values[key]
         header = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION}
         for key, value in values.items():
             header[key] = json.dumps(value) if isinstance(value, dict) else str(value)
@@ -111,6 +116,7 @@ class ScoreMetadata:
                 fingerprint_scheme=header.get("fingerprint_scheme", ""),
                 aliases=json.loads(header.get("aliases", "{}")),
                 gram_of=json.loads(header.get("gram_of", "{}")),
+                gram_factored=json.loads(header.get("gram_factored", "{}")),
                 generator=header.get("generator", ""),
                 extra=json.loads(header.get("extra", "{}")),
             )
@@ -143,6 +149,9 @@ class ScoreReader:
         self.metadata = ScoreMetadata.from_header(header, self.path)
         self._entries, self._data_start = _tensor_entries(self.path)
         self._names = set(self._entries)
+        for stored, form in self.metadata.gram_factored.items():
+            self._check_factored(stored, form)
+            self._names.add(stored)
         for weight, stored in self.metadata.gram_of.items():
             if stored not in self._names:
                 raise ScoreFileError(
@@ -162,10 +171,17 @@ class ScoreReader:
         return self.metadata.aliases.get(name)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._entries[self._stored(name)]["shape"])
+        stored = self._stored(name)
+        if stored in self.metadata.gram_factored:
+            n = self._entries[stored_names(stored)[1]]["shape"][0]
+            return (n, n)
+        return tuple(self._entries[stored]["shape"])
 
     def dtype_name(self, name: str) -> str:
-        return self._entries[self._stored(name)]["dtype"]
+        stored = self._stored(name)
+        if stored in self.metadata.gram_factored:
+            stored = stored_names(stored)[0]
+        return self._entries[stored]["dtype"]
 
     @property
     def is_gram(self) -> bool:
@@ -182,7 +198,12 @@ class ScoreReader:
         stored = self.gram_name(weight)
         if stored is None:
             raise ScoreFileError(f"{self.path}: no Gram matrix for {weight!r} (not in gram_of)")
-        tensor = self._read(stored)
+        if stored in self.metadata.gram_factored:
+            factor, diagonal = (self._read(name) for name in stored_names(stored))
+            error = float(self.metadata.gram_factored[stored]["error"])
+            tensor = Factored(factor, diagonal, error).dense()
+        else:
+            tensor = self._read(stored)
         if tensor.ndim != 2 or tensor.shape[0] != tensor.shape[1]:
             raise ScoreFileError(
                 f"{self.path}: the Gram matrix {stored!r} of {weight!r} has shape "
@@ -214,6 +235,47 @@ class ScoreReader:
             if low < 0:
                 raise ScoreFileError(f"{self.path}: scores for {name!r} are negative")
         return tensor
+
+    def stored_bytes(self) -> int:
+        """The bytes of the tensors the file stores."""
+        return sum(
+            end - start for start, end in (e["data_offsets"] for e in self._entries.values())
+        )
+
+    def gram_error(self, weight: str) -> float:
+        """The bound on ||G - G~||_2 / ||G||_2 of ``weight``'s stored Gram matrix: 0 when
+        it is stored dense."""
+        form = self.metadata.gram_factored.get(self.gram_name(weight) or "")
+        return float(form["error"]) if form else 0.0
+
+    def _check_factored(self, stored: str, form: dict) -> None:
+        """A factored Gram matrix: its factor [n, r] and diagonal [n] present and agreeing
+        with each other and with the rank the metadata records."""
+        factor, diagonal = stored_names(stored)
+        fix = (
+            "the file is damaged or was edited; recompute it with lrp-compute --method gram "
+            "(add --gram-form dense to store every matrix whole)"
+        )
+        for name in (factor, diagonal):
+            if name not in self._entries:
+                raise ScoreFileError(
+                    f"{self.path}: factored Gram matrix {stored!r} lacks its tensor {name!r}; {fix}"
+                )
+            self._check_dtype(name)
+        f_shape, d_shape = self._entries[factor]["shape"], self._entries[diagonal]["shape"]
+        rank = form.get("rank") if isinstance(form, dict) else None
+        if (
+            len(f_shape) != 2
+            or len(d_shape) != 1
+            or f_shape[0] != d_shape[0]
+            or f_shape[1] != rank
+            or not isinstance(form.get("error"), (int, float))
+        ):
+            raise ScoreFileError(
+                f"{self.path}: factored Gram matrix {stored!r} does not fit together "
+                f"(factor {tuple(f_shape)}, diagonal {tuple(d_shape)}, recorded "
+                f"{json.dumps(form)}); {fix}"
+            )
 
     def _check_dtype(self, stored: str) -> None:
         dtype = self._entries[stored]["dtype"]

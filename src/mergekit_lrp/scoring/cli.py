@@ -11,6 +11,7 @@ from mergekit_lrp.scoring.distributed import Workers, launched_world_size
 from mergekit_lrp.scoring.options import (
     ACCUMULATE_ON,
     DEVICES,
+    GRAM_FORMS,
     SCORE_DTYPES,
     TARGETS,
     WEIGHT_DTYPES,
@@ -69,6 +70,34 @@ from mergekit_lrp.scoring.signals import SIGNALS, TOKEN_WEIGHTINGS
     "benchmark none and answer merged best; relevance and gradient concentrate each "
     "matrix on a few tokens and merged far worse (docs/BENCHMARKS.md, RegMean).  "
     "[default: none]",
+)
+@click.option(
+    "--gram-form",
+    type=click.Choice(GRAM_FORMS),
+    default=default("gram_form"),
+    show_default=True,
+    help="With --method gram only: how each Gram matrix is stored. dense: whole, [in, in]. "
+    "factored: its leading eigenvectors scaled by the square roots of their eigenvalues, "
+    "plus its exact diagonal, wherever that is smaller than the whole matrix (per matrix; "
+    "the file records each form, rank and error bound, and merges read either). A matrix "
+    "of T calibration tokens has rank at most T, so factored files grow with the "
+    "calibration data instead of the width squared (docs/scaling.md).",
+)
+@click.option(
+    "--gram-tolerance",
+    type=float,
+    default=default("gram_tolerance"),
+    show_default=True,
+    help="With --gram-form factored: keep the fewest eigenpairs for which the bound "
+    "||G - G~|| <= 2 lambda_(r+1) on the 2-norm error is at most this fraction of ||G||.",
+)
+@click.option(
+    "--gram-max-rank",
+    type=click.IntRange(min=1),
+    default=None,
+    help="With --gram-form factored: keep at most this many eigenpairs of each matrix, "
+    "whatever the tolerance (a size cap; the recorded bound then says what it cost).  "
+    "[default: no cap]",
 )
 @click.option("--split", default=None, help="Dataset split, when the source has several.")
 @click.option(
@@ -189,6 +218,9 @@ def main(
     output,
     method,
     token_weighting,
+    gram_form,
+    gram_tolerance,
+    gram_max_rank,
     max_length,
     num_prompts,
     split,
@@ -248,6 +280,9 @@ def main(
         options = ComputeOptions(
             method=method,
             token_weighting=token_weighting,
+            gram_form=gram_form,
+            gram_tolerance=gram_tolerance,
+            gram_max_rank=gram_max_rank,
             max_length=max_length,
             num_prompts=num_prompts,
             split=split,

@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass, fields, replace
 
 from mergekit_lrp.errors import LrpError
+from mergekit_lrp.scores.gram_forms import DEFAULT_TOLERANCE
 from mergekit_lrp.scoring.relevance import TARGETS
 from mergekit_lrp.scoring.signals import SIGNALS, TOKEN_WEIGHTINGS, Signal, signal_of
 
@@ -25,6 +26,8 @@ SCORE_DTYPES = ("float32", "bfloat16")
 DEFAULT_SCORE_DTYPE = "bfloat16"
 GRAM_SCORE_DTYPE = "float32"
 ACCUMULATE_ON = ("auto", "device", "cpu")
+#: how a Gram file stores each matrix (scores.gram_forms)
+GRAM_FORMS = ("dense", "factored")
 #: also ``cuda:N`` for one GPU of several
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
@@ -40,6 +43,12 @@ class ComputeOptions:
     #: --method gram: how each prompt's tokens are weighted (None: ``none``); refused with
     #: another method
     token_weighting: str | None = None
+    #: --method gram: each matrix whole, or low rank plus its diagonal where smaller
+    gram_form: str = "dense"
+    #: --gram-form factored: the bound on each matrix's relative error (2-norm)
+    gram_tolerance: float = DEFAULT_TOLERANCE
+    #: --gram-form factored: the most eigenpairs a matrix keeps (None: as the bound needs)
+    gram_max_rank: int | None = None
     #: tokens per prompt; None: :data:`DEFAULT_MAX_LENGTH`, or the model's
     #: ``max_position_embeddings`` when smaller (:func:`decide_max_length`)
     max_length: int | None = None
@@ -99,6 +108,7 @@ class ComputeOptions:
                 raise ComputeError(
                     f"--token-weighting must be one of {', '.join(TOKEN_WEIGHTINGS)}"
                 )
+        self._check_gram_form()
         minimums = (("max_length", 2), ("checkpoint_every", 1), ("num_prompts", 1), ("threads", 1))
         for name, minimum in minimums:
             value = getattr(self, name)
@@ -111,6 +121,30 @@ class ComputeOptions:
         if self.device_map is not None and self.device_map != "auto":
             if not isinstance(self.device_map, dict):
                 raise ComputeError("--device-map must be 'auto' (or, from Python, a dict)")
+
+    def _check_gram_form(self) -> None:
+        if self.gram_form not in GRAM_FORMS:
+            raise ComputeError(f"--gram-form must be one of {', '.join(GRAM_FORMS)}")
+        tuned = self.gram_tolerance != DEFAULT_TOLERANCE or self.gram_max_rank is not None
+        if self.method != "gram" and (self.gram_form != "dense" or tuned):
+            raise ComputeError(
+                "--gram-form, --gram-tolerance and --gram-max-rank store --method gram's Gram "
+                f"matrices; --method {self.method} writes none: drop them or pass --method gram"
+            )
+        if self.gram_form == "dense" and tuned:
+            raise ComputeError(
+                "--gram-tolerance and --gram-max-rank choose the rank of factored Gram "
+                "matrices: add --gram-form factored, or drop them to store every matrix whole"
+            )
+        if not (isinstance(self.gram_tolerance, float | int) and 0 < self.gram_tolerance < 1):
+            raise ComputeError(
+                f"--gram-tolerance must be above 0 and below 1 (a relative error bound), "
+                f"not {self.gram_tolerance!r}"
+            )
+        if self.gram_max_rank is not None and (
+            not isinstance(self.gram_max_rank, int) or self.gram_max_rank < 1
+        ):
+            raise ComputeError("--gram-max-rank must be an integer of at least 1")
 
     @property
     def signal(self) -> Signal:

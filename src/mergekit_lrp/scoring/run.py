@@ -87,9 +87,10 @@ def compute_scores(model: str, prompts_path: str, output: str, options: ComputeO
         )
     device = pick_device(options.device)
     source = Source(model_source, options.revision, str(prompts_path), model_type)
-    with joined_workers(use_cuda=device.type == "cuda") as workers, _cpu_threads(
-        options, device
-    ) as note:
+    with (
+        joined_workers(use_cuda=device.type == "cuda") as workers,
+        _cpu_threads(options, device) as note,
+    ):
         if device.type == "cuda" and workers.world_size > 1:
             device = torch.device("cuda", workers.local_rank)
         if note and options.progress and workers.is_main:
@@ -137,9 +138,7 @@ def _score_checkpoint(
     if signal.is_gram:
         scored = {name: p for name, p in scored.items() if name not in loaded.converted}
     probe = torch.tensor(prompts[0].ids[-options.max_length :])
-    accumulator = new_accumulator(
-        loaded.net, scored, signal, placement.sums_on_device, probe=probe
-    )
+    accumulator = new_accumulator(loaded.net, scored, signal, placement.sums_on_device, probe=probe)
     signature = run_signature(loaded.fingerprint, prompts, options, loaded.dtype, workers)
     resume_file = resume_path(output_path, workers)
     check_resume_layout(output_path, workers)
@@ -181,6 +180,7 @@ def _score_checkpoint(
         no_relevance=written.no_relevance if written else [],
         without_gram=written.without_gram if written else {},
         gram=written.gram if written else None,
+        factored_ranks=written.factored_ranks if written else [],
         signal=options.signal,
         notes=[] if options.progress else list(placement.notes),
         processes=workers.world_size,

@@ -35,6 +35,8 @@ class ComputeSummary:
     without_gram: dict[str, list[str]] = field(default_factory=dict)
     #: gram: (number of Gram matrices, bytes written)
     gram: tuple[int, int] | None = None
+    #: gram: the rank of each matrix stored factored (--gram-form factored)
+    factored_ranks: list[int] = field(default_factory=list)
     signal: Signal = SIGNALS["attnlrp"]
     #: the choices ``auto`` options made, when not printed as they were made
     notes: list[str] = field(default_factory=list)
@@ -103,6 +105,12 @@ class ComputeSummary:
                 f"Gram matrices: {count} ({size / 2**20:.1f} MiB), tokens weighted: "
                 f"{self.signal.token_weighting}"
             )
+            ranks = self.factored_ranks
+            if ranks:
+                lines.append(
+                    f"factored: {len(ranks)} of {count}, rank {min(ranks)} to {max(ranks)} "
+                    "(low rank plus the exact diagonal; the others stored whole)"
+                )
         missing = sum(len(names) for names in self.without_gram.values())
         if missing:
             reasons = "; ".join(

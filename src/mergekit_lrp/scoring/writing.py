@@ -16,6 +16,7 @@ from mergekit_lrp.scores.fingerprint import (
     ADAPTER_SCHEME,
     SCHEME,
 )
+from mergekit_lrp.scores.gram_forms import factored_tensors
 from mergekit_lrp.scoring.checkpoint_names import checkpoint_layout
 from mergekit_lrp.scoring.loading import DTYPES, Source
 from mergekit_lrp.scoring.options import ComputeError, ComputeOptions
@@ -75,6 +76,8 @@ class Written:
     without_gram: dict[str, list[str]] = field(default_factory=dict)
     #: gram: (number of Gram matrices, bytes written for them)
     gram: tuple[int, int] | None = None
+    #: gram: the rank of each matrix stored factored
+    factored_ranks: list[int] = field(default_factory=list)
 
 
 def write_score_file(
@@ -116,10 +119,13 @@ def write_gram_file(
                 f"the Gram matrix {name!r} is zero: no token of these prompts gave that "
                 f"layer an input{hint}; {output_path} was not written. Check the prompts"
             )
-    metadata = replace(metadata, gram_of=dict(accumulator.gram_of), aliases={})
+    tensors, factored = stored_grams(grams, options)
+    metadata = replace(
+        metadata, gram_of=dict(accumulator.gram_of), gram_factored=factored, aliases={}
+    )
     dtype = DTYPES[options.score_dtype]
-    write_scores(output_path, grams, metadata, dtype=dtype)
-    size = sum(value.numel() for value in grams.values()) * dtype.itemsize
+    write_scores(output_path, tensors, metadata, dtype=dtype)
+    size = sum(value.numel() for value in tensors.values()) * dtype.itemsize
     reasons = dict(accumulator.unhooked)
     for name in loaded.converted:
         reasons[name] = "fused on load (experts), not nn.Linear"
@@ -131,7 +137,16 @@ def write_gram_file(
         without.setdefault(reason, []).append(name)
     unscored = sorted(set(loaded.tensor_files) - set(accumulator.gram_of))
     matrices = [n for reason_names in without.values() for n in reason_names]
-    return Written(unscored, sorted(matrices), [], without, (len(grams), size))
+    ranks = [form["rank"] for form in factored.values()]
+    return Written(unscored, sorted(matrices), [], without, (len(grams), size), ranks)
+
+
+def stored_grams(grams: dict[str, torch.Tensor], options) -> tuple[dict, dict]:
+    """The tensors to write for ``grams`` under ``--gram-form`` and the ``gram_factored``
+    metadata: each matrix whole, or factored where that is smaller (scores.gram_forms)."""
+    if options.gram_form == "dense":
+        return grams, {}
+    return factored_tensors(grams, options.gram_tolerance, options.gram_max_rank)
 
 
 def _owner(name: str, loaded) -> str:

@@ -451,3 +451,18 @@ def test_merge_mask_takes_per_entry_scores_not_a_gram_matrix():
     scores = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
     kept = merge_mask(torch.zeros(2, 2), torch.ones(2, 2), scores, 0.5, selection="topk")
     assert kept.tolist() == [[False, False], [True, True]]
+
+
+def test_too_few_calibration_tokens_without_a_ridge_is_said_or_refused(family, tmp_path):
+    from mergekit_lrp.merging.methods import regmean as regmean_module
+
+    regmean_module._WARNED.clear()
+    few = {  # 12 tokens each: 24 in all, fewer than the 32 features q/k/v and gate/up read
+        name: gram_file(family[name], tmp_path / f"{name}-few.safetensors", sequences=[seq])
+        for name, seq in (("ft_a", SEQUENCES[0]), ("ft_b", SEQUENCES[1]))
+    }
+    with pytest.warns(UserWarning, match=r"regmean: model\.layers\.0\..* 24 calibration tokens "
+                      r"in all, fewer than its 32 input features.*ridge 0 and alpha 0\.9"):
+        run(regmean_config(family, few, ridge=0.0), tmp_path / "warned")
+    refused(regmean_config(family, few, ridge=0.0, alpha=1.0), tmp_path,
+            "24 calibration tokens", "alpha 1 adds no diagonal", "Set ridge")  # fmt: skip

@@ -21,6 +21,7 @@ gate/up share one) and never beyond the layer, so memory holds one layer's stati
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +33,7 @@ from mergekit_lrp.merging.gram_solve import (
     DEFAULT_RIDGE,
     check_gram_shape,
     gram_reader,
+    layer_pattern,
     resolve_dtype,
     sharing_weights,
     solve,
@@ -184,6 +186,40 @@ def check_tensor(settings: RegmeanSettings, weight, inputs) -> None:
     if readers and solves(weight.name, ids, readers, settings.missing_scores):
         for reader, planned in zip(readers, inputs, strict=True):
             check_gram_shape(reader, weight.name, planned.shape)
+        check_calibration_size(settings, weight.name, readers, inputs[0].shape[1])
+
+
+#: layers already warned about in this process (one line per module, not per layer)
+_WARNED: set[str] = set()
+
+
+def check_calibration_size(settings: RegmeanSettings, name: str, readers, features: int) -> None:
+    """With no ridge, a layer whose Gram files hold fewer calibration tokens in all than it
+    has input features has a singular summed matrix: refused when alpha is 1 (nothing
+    else makes it solvable), else said once per module (alpha's diagonal term carries the
+    solve in the directions no token reached)."""
+    tokens = sum(reader.metadata.num_tokens for reader in readers)
+    if settings.ridge > 0 or tokens >= features:
+        return
+    where = (
+        f"regmean: {name}: the Gram files hold {tokens} calibration tokens in all, fewer "
+        f"than its {features} input features, and ridge is 0, so the summed matrix has rank "
+        f"at most {tokens}"
+    )
+    if settings.alpha == 1:
+        raise LRPConfigError(
+            f"{where} and alpha 1 adds no diagonal: it cannot be solved. Set ridge (default "
+            f"{DEFAULT_RIDGE:g}) or alpha below 1, or give more calibration prompts"
+        )
+    pattern = layer_pattern(name)
+    if pattern not in _WARNED:
+        _WARNED.add(pattern)
+        warnings.warn(
+            f"{where}; the solve uses ridge 0 and alpha {settings.alpha:g}, so only the "
+            f"(1 - alpha) diagonal term holds the directions no token reached. Set ridge "
+            f"(default {DEFAULT_RIDGE:g}) or give more calibration prompts",
+            stacklevel=2,
+        )
 
 
 # ------------------------------------------------------------------ model card

@@ -4,7 +4,11 @@ against its stated bound, files lrp-compute writes and merges read, and bad inpu
 from __future__ import annotations
 
 import json
+import os
 import struct
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,11 +18,14 @@ from merge_runner import run
 from safetensors.torch import load_file, save_file
 
 from mergekit_lrp.errors import LrpError
+from mergekit_lrp.merging.gram_solve import GramSolveError, solve
+from mergekit_lrp.merging.low_rank_solve import solve_low_rank
 from mergekit_lrp.scores.file import ScoreFileError, ScoreReader
-from mergekit_lrp.scores.gram_forms import factor_gram, factor_gram_file
+from mergekit_lrp.scores.gram_forms import Factored, factor_gram, factor_gram_file
 from mergekit_lrp.scoring.options import ComputeError, ComputeOptions
 from mergekit_lrp.scoring.run import compute_scores
 
+BIN = Path(sys.executable).parent
 DOWN = "model.layers.1.mlp.down_proj.weight"
 Q = "model.layers.0.self_attn.q_proj.weight"
 
@@ -148,9 +155,7 @@ def rewrite(path, out, drop=(), metadata=None):
     return out
 
 
-def test_a_factored_matrix_missing_its_diagonal_or_of_the_wrong_rank_is_named(
-    dense, tmp_path
-):
+def test_a_factored_matrix_missing_its_diagonal_or_of_the_wrong_rank_is_named(dense, tmp_path):
     factored = tmp_path / "factored.safetensors"
     forms = factor_gram_file(dense["ft_a"], factored, max_rank=3)
     stored = sorted(forms)[0]
@@ -167,9 +172,7 @@ def test_a_factored_matrix_missing_its_diagonal_or_of_the_wrong_rank_is_named(
         ScoreReader(mismatched)
 
 
-def test_a_broken_factored_file_stops_a_merge_before_anything_is_written(
-    family, dense, tmp_path
-):
+def test_a_broken_factored_file_stops_a_merge_before_anything_is_written(family, dense, tmp_path):
     factored = tmp_path / "factored.safetensors"
     stored = sorted(factor_gram_file(dense["ft_a"], factored, max_rank=3))[0]
     broken = rewrite(factored, tmp_path / "broken.safetensors", drop=[f"{stored}.factor"])
@@ -198,8 +201,10 @@ def test_lrp_inspect_summarises_a_factored_file_with_its_ranks(dense, tmp_path):
     factored = tmp_path / "factored.safetensors"
     forms = factor_gram_file(dense["ft_a"], factored, max_rank=3)
     whole, compact = (stats.summarize_gram(ScoreReader(p)) for p in (dense["ft_a"], factored))
-    assert compact["bytes"] < whole["bytes"] == dense["ft_a"].stat().st_size - 8 - header_size(
-        dense["ft_a"]
+    assert (
+        compact["bytes"]
+        < whole["bytes"]
+        == dense["ft_a"].stat().st_size - 8 - header_size(dense["ft_a"])
     )
     ranks = {row["name"]: row["rank"] for row in compact["grams"]}
     assert forms and all(ranks[name] == form["rank"] for name, form in forms.items())
@@ -210,3 +215,97 @@ def test_lrp_inspect_summarises_a_factored_file_with_its_ranks(dense, tmp_path):
 def header_size(path) -> int:
     with open(path, "rb") as handle:
         return struct.unpack("<Q", handle.read(8))[0]
+
+
+def test_two_processes_factor_the_all_reduced_sums_as_one_process_does(
+    llama_dir, prompts_file, tmp_path
+):
+    """The processes all-reduce the dense float32 sums (as for every signal), then the
+    first factors them: two processes of one prompt each write one process's bytes."""
+    subset = tmp_path / "prompts.txt"
+    subset.write_text("\n".join(prompts_file.read_text().splitlines()[:2]) + "\n")
+    outputs = {}
+    for processes in (1, 2):
+        outputs[processes] = tmp_path / f"factored-{processes}.safetensors"
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                    f"--nproc-per-node={processes}", "--no-python"]  # fmt: skip
+        args = [str(llama_dir), "--prompts", str(subset), "-o", str(outputs[processes]),
+                "--method", "gram", "--gram-form", "factored", "--gram-max-rank", "4",
+                "--threads", "1", "-q"]  # fmt: skip
+        command = [*(launcher if processes > 1 else []), str(BIN / "lrp-compute"), *args]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert ScoreReader(outputs[1]).metadata.gram_factored
+    assert outputs[2].read_bytes() == outputs[1].read_bytes()
+
+
+# ------------------------------------------------------------------ the low-rank solve
+
+
+def random_form(n, rank, seed, diagonal=True) -> Factored:
+    g = torch.Generator().manual_seed(seed)
+    factor = torch.randn(n, rank, generator=g) * torch.linspace(2.0, 0.2, rank)
+    d = torch.rand(n, generator=g) * 0.05 if diagonal else torch.zeros(n)
+    return Factored(factor, d, 0.0)
+
+
+@pytest.mark.parametrize(("alpha", "ridge", "weights"), [(0.9, 1e-4, (1.0, 1.0, 1.0)),
+                                                       (1.0, 1e-3, (0.5, 1.0, 2.0)),
+                                                       (0.3, 0.0, (1.0, 1.0, 1.0))])  # fmt: skip
+def test_the_woodbury_solve_is_the_dense_solve_of_the_same_matrices(alpha, ridge, weights):
+    n, out = 24, 7
+    g = torch.Generator().manual_seed(9)
+    base = torch.randn(out, n, generator=g)
+    thetas = [base + 0.1 * torch.randn(out, n, generator=g) for _ in weights]
+    forms = [random_form(n, 3, seed) for seed in range(len(weights))]
+    args = (alpha, ridge, torch.float64, "test")
+    base, thetas = base.double(), [t.double() for t in thetas]
+
+    def whole(form):  # in float64: the float32 F F^T would differ by its own rounding
+        factor = form.factor.double()
+        return factor @ factor.T + torch.diag(form.diagonal.double())
+
+    dense = solve(base, thetas, [lambda f=f: whole(f) for f in forms], list(weights), *args)
+    low = solve_low_rank(base, thetas, [lambda f=f: f for f in forms], list(weights), *args)
+    torch.testing.assert_close(low, dense, rtol=1e-9, atol=1e-10)
+    assert not torch.allclose(low, base + sum(t - base for t in thetas) / 3, atol=1e-3)
+
+
+def test_the_woodbury_solve_refuses_what_cannot_be_solved():
+    base = torch.zeros(3, 10)
+    thetas = [base + 1.0]
+    bare = [lambda: random_form(10, 2, 0, diagonal=False)]
+    with pytest.raises(GramSolveError, match="singular: 10 input feature"):
+        # alpha 1, ridge 0, no diagonal: the factors alone reach 2 directions of 10
+        solve_low_rank(base, thetas, bare, [1.0], 1.0, 0.0, torch.float64, "of 'w' (f)")
+    with pytest.raises(GramSolveError, match="too ill-conditioned.*raise ridge"):
+        solve_low_rank(base, thetas, bare, [1.0], 1.0, 1e-15, torch.float64, "of 'w' (f)")
+
+
+def test_regmean_takes_the_low_rank_solve_where_every_matrix_is_factored_small(
+    family, dense, tmp_path, monkeypatch
+):
+    from mergekit_lrp.merging import low_rank_solve
+    from mergekit_lrp.merging.methods import regmean as regmean_module
+
+    capped = {n: tmp_path / f"{n}-capped.safetensors" for n in dense}
+    for name, path in capped.items():
+        factor_gram_file(dense[name], path, max_rank=3)  # 2 x 3 <= 32 / 2: low rank
+    # the same matrices rebuilt and stored whole: the dense solve of what the factors hold
+    rebuilt = {}
+    for name, path in capped.items():
+        reader = ScoreReader(path)
+        stored = {s: w for w, s in reader.metadata.gram_of.items()}
+        tensors = {s: reader.gram(w) for s, w in stored.items()}
+        rebuilt[name] = gram_file(family[name], tmp_path / f"{name}-rebuilt.safetensors",
+                                  tensors=tensors)  # fmt: skip
+    calls = []
+    real = low_rank_solve.solve_low_rank
+    monkeypatch.setattr(regmean_module, "solve_low_rank",
+                        lambda *a, **k: calls.append(k.get("name")) or real(*a, **k))  # fmt: skip
+    low = run(regmean(family, capped), tmp_path / "low")
+    assert DOWN in calls and Q in calls
+    whole = run(regmean(family, rebuilt), tmp_path / "whole")
+    for name in (DOWN, Q, "model.layers.0.mlp.up_proj.weight"):
+        torch.testing.assert_close(low[name], whole[name], rtol=1e-4, atol=1e-5)

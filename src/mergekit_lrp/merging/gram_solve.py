@@ -295,7 +295,8 @@ class _Factors:
             self.layer = None
 
 
-_FACTORS = _Factors()
+#: the current layer's factorizations, of the dense solve and of the low-rank one
+LAYER_FACTORS = _Factors()
 #: shared with the OBS factors' cache below
 _FACTORS_LOCK = threading.Lock()
 
@@ -327,7 +328,7 @@ def solve(
     hint = f"{raise_ridge} or lower alpha (now {alpha:g})" + (
         ", or set solve_dtype: float64" if dtype != torch.float64 else ""
     )
-    factor = _FACTORS.take(key, name) if key is not None else None
+    factor = LAYER_FACTORS.take(key, name) if key is not None else None
     numerator = torch.zeros(base.shape, dtype=dtype, device=device)
     summed = None
     if factor is None:
@@ -341,7 +342,7 @@ def solve(
         factor = factorize(summed, ridge, where, hint, raise_ridge)
         del summed
         if key is not None:
-            _FACTORS.keep(key, name, factor, users)
+            LAYER_FACTORS.keep(key, name, factor, users)
     delta = apply_inverse(numerator, factor)
     return (base.to(dtype) + delta).to(base.dtype)
 
@@ -349,7 +350,7 @@ def solve(
 def forget_factors() -> None:
     """Drop the cached factorizations, regmean's and the OBS saliency's (the end of a
     merge, or a test)."""
-    _FACTORS.clear()
+    LAYER_FACTORS.clear()
     with _FACTORS_LOCK:
         _OBS_FACTORS.clear()
 

@@ -199,9 +199,7 @@ class ScoreReader:
         if stored is None:
             raise ScoreFileError(f"{self.path}: no Gram matrix for {weight!r} (not in gram_of)")
         if stored in self.metadata.gram_factored:
-            factor, diagonal = (self._read(name) for name in stored_names(stored))
-            error = float(self.metadata.gram_factored[stored]["error"])
-            tensor = Factored(factor, diagonal, error).dense()
+            tensor = self.factored_gram(weight).dense()
         else:
             tensor = self._read(stored)
         if tensor.ndim != 2 or tensor.shape[0] != tensor.shape[1]:
@@ -235,6 +233,24 @@ class ScoreReader:
             if low < 0:
                 raise ScoreFileError(f"{self.path}: scores for {name!r} are negative")
         return tensor
+
+    def factored_gram(self, weight: str) -> Factored:
+        """``weight``'s Gram matrix as stored factored (its factor and diagonal, float32);
+        :meth:`gram` rebuilds the dense matrix from the same."""
+        stored = self.gram_name(weight)
+        form = self.metadata.gram_factored.get(stored or "")
+        if form is None:
+            raise ScoreFileError(
+                f"{self.path}: the Gram matrix of {weight!r} is not stored factored"
+            )
+        factor, diagonal = (self._read(name) for name in stored_names(stored))
+        for part, tensor in (("factor", factor), ("diagonal", diagonal)):
+            if not torch.isfinite(tensor).all():
+                raise ScoreFileError(
+                    f"{self.path}: the {part} of Gram matrix {stored!r} of {weight!r} contains "
+                    "NaN or Inf; recompute the file with lrp-compute"
+                )
+        return Factored(factor, diagonal, float(form["error"]))
 
     def stored_bytes(self) -> int:
         """The bytes of the tensors the file stores."""

@@ -39,6 +39,7 @@ from mergekit_lrp.merging.gram_solve import (
     solve,
     solves,
 )
+from mergekit_lrp.merging.low_rank_solve import solve_low_rank, uses_low_rank
 from mergekit_lrp.merging.parameters import (
     OTHER_TENSOR_RULES,
     REGMEAN_MISSING_MODES,
@@ -128,10 +129,13 @@ def regmean_merge(
             dtype,
             str(base.device),
         )
-        return solve(
+        forms = [r.metadata.gram_factored.get(r.gram_name(name)) for r in readers]
+        low_rank = uses_low_rank(forms, base.shape[1])
+        return (solve_low_rank if low_rank else solve)(
             base,
             [entry.tensor for entry in models],
-            [lambda r=r: r.gram(name) for r in readers],
+            [(lambda r=r: r.factored_gram(name)) if low_rank else (lambda r=r: r.gram(name))
+             for r in readers],  # fmt: skip
             weights,
             alpha,
             ridge,

@@ -9,7 +9,8 @@ factored copy of each at every setting of :data:`SETTINGS` (``lrp-compute --gram
 factored``'s format, by ``factor_gram_file``), merges the four experts with ``regmean``
 at its defaults from each, and prints per setting: the files' size against the dense
 files', the ranks and the largest error bound, and each skill's kept fraction on the test
-split beside the exact merge's, with the largest difference.
+split beside the exact merge's, with the largest difference, and the merge's time as a
+ratio against one ``dare_ties`` merge of the same four experts in the same run.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
 
 from harness.merge import configuration, run_merge  # noqa: E402
-from harness.methods import merge_config  # noqa: E402
+from harness.methods import BY_NAME, merge_config  # noqa: E402
 from harness.real_bench import REGMEAN  # noqa: E402
 from harness.score_sets import family_score_files  # noqa: E402
 from mergekit_lrp.scores.file import ScoreReader  # noqa: E402
@@ -36,6 +37,7 @@ from mergekit_lrp.scores.gram_forms import factor_gram_file  # noqa: E402
 from real_family.evaluate import evaluate  # noqa: E402
 from real_family.family import build_real_family  # noqa: E402
 
+DARE_TIES = BY_NAME["dare_ties"]
 #: (label, tolerance, max rank): the default tolerance, a tighter and a looser one, and a
 #: rank cap as tight against SmolLM2's widths (576, 1536) as --gram-max-rank 1024 is
 #: against Llama-3-70B's (8192, 28672): 1/8 of the model width
@@ -47,13 +49,21 @@ SETTINGS = (
 )
 
 
-def merged_kept(family, score_files, scratch: Path) -> dict[str, float]:
-    out = scratch / "merged"
-    config = merge_config(family, family.tasks, REGMEAN, None, 1.0, score_files)
+def timed_merge(family, method, density, weight, score_files, out: Path) -> float:
+    """Seconds of one merge of the four experts through mergekit's ``run_merge``."""
+    config = merge_config(family, family.tasks, method, density, weight, score_files)
+    started = time.perf_counter()
     run_merge(configuration(config), out, 0)
+    return time.perf_counter() - started
+
+
+def merged_kept(family, score_files, scratch: Path) -> tuple[dict[str, float], float]:
+    """Each skill's kept fraction (test split) of regmean's merge, and the merge's time."""
+    out = scratch / "merged"
+    seconds = timed_merge(family, REGMEAN, None, 1.0, score_files, out)
     metrics = evaluate(out, family, "test", False)
     shutil.rmtree(out)
-    return {task: metrics[task]["kept"] for task in family.tasks}
+    return {task: metrics[task]["kept"] for task in family.tasks}, seconds
 
 
 def main() -> None:
@@ -68,17 +78,18 @@ def main() -> None:
     dense_bytes = sum(p.stat().st_size for p in exact_files.values())
     scratch = Path(tempfile.mkdtemp(prefix="gram-forms-"))
     try:
-        started = time.perf_counter()
-        exact = merged_kept(family, files, scratch)
-        print(f"exact merge scored ({time.perf_counter() - started:.0f} s)", flush=True)
+        exact, seconds = merged_kept(family, files, scratch)  # also warms the page cache
+        baseline = timed_merge(family, DARE_TIES, 0.9, 0.25, files, scratch / "dare")
+        shutil.rmtree(scratch / "dare")
+        print(f"exact merge scored; dare_ties merged in {baseline:.1f} s", flush=True)
         header = "| Gram files | size (4 files) | ranks | largest bound | "
         header += " | ".join(f"{t} kept" for t in family.tasks)
-        header += " | mean | largest difference |"
-        lines = [header, "|---" * (6 + len(family.tasks)) + "|"]
+        header += " | mean | largest difference | merge time (× dare_ties) |"
+        lines = [header, "|---" * (7 + len(family.tasks)) + "|"]
         cells = " | ".join(f"{exact[t]:.3f}" for t in family.tasks)
         mean = statistics.mean(exact.values())
         lines.append(f"| dense (exact) | {dense_bytes / 2**20:.0f} MB | whole | 0 | {cells} | "
-                     f"{mean:.3f} | |")  # fmt: skip
+                     f"{mean:.3f} | | {seconds / baseline:.2f} |")  # fmt: skip
         for label, tolerance, max_rank in SETTINGS:
             started = time.perf_counter()
             compact, ranks, bound, size, matrices = {}, [], 0.0, 0, 0
@@ -91,7 +102,7 @@ def main() -> None:
                 size += out.stat().st_size
                 compact[(REGMEAN.scores, task)] = out
             factoring = time.perf_counter() - started
-            kept = merged_kept(family, {**files, **compact}, scratch)
+            kept, seconds = merged_kept(family, {**files, **compact}, scratch)
             worst = max(abs(kept[t] - exact[t]) for t in family.tasks)
             cells = " | ".join(f"{kept[t]:.3f}" for t in family.tasks)
             spread = f"{len(ranks)} of {matrices} factored"
@@ -99,7 +110,8 @@ def main() -> None:
                 spread += f", rank {min(ranks)}–{max(ranks)} (mean {statistics.mean(ranks):.0f})"
             lines.append(
                 f"| {label} | {size / 2**20:.0f} MB ({size / dense_bytes:.2f}×) | {spread} | "
-                f"{bound:.1g} | {cells} | {statistics.mean(kept.values()):.3f} | {worst:.3f} |"
+                f"{bound:.1g} | {cells} | {statistics.mean(kept.values()):.3f} | {worst:.3f} | "
+                f"{seconds / baseline:.2f} |"
             )
             print(f"{label}: factored in {factoring:.0f} s, merged and scored", flush=True)
         print("\n".join(lines))

@@ -32,8 +32,7 @@ from harness.merge import configuration, run_merge  # noqa: E402
 from harness.methods import BY_NAME, merge_config  # noqa: E402
 from harness.real_bench import REGMEAN  # noqa: E402
 from harness.score_sets import family_score_files  # noqa: E402
-from mergekit_lrp.scores.file import ScoreReader  # noqa: E402
-from mergekit_lrp.scores.gram_forms import factor_gram_file  # noqa: E402
+from mergekit_lrp.scores.file import ScoreReader, factor_gram_file  # noqa: E402
 from real_family.evaluate import evaluate  # noqa: E402
 from real_family.family import build_real_family  # noqa: E402
 

@@ -20,8 +20,8 @@ from safetensors.torch import load_file, save_file
 from mergekit_lrp.errors import LrpError
 from mergekit_lrp.merging.gram_solve import GramSolveError, solve
 from mergekit_lrp.merging.low_rank_solve import solve_low_rank
-from mergekit_lrp.scores.file import ScoreFileError, ScoreReader
-from mergekit_lrp.scores.gram_forms import Factored, factor_gram, factor_gram_file
+from mergekit_lrp.scores.file import ScoreFileError, ScoreReader, factor_gram_file
+from mergekit_lrp.scores.gram_forms import Factored, factor_gram
 from mergekit_lrp.scoring.options import ComputeError, ComputeOptions
 from mergekit_lrp.scoring.run import compute_scores
 

@@ -133,7 +133,7 @@ def test_nothing_a_merge_cached_outlives_it(family, tmp_path):
     run(config, tmp_path / "out")
     assert budgets._densities.cache_info().currsize == 0
     assert tensor_scores._open_scores.cache_info().currsize == 0
-    assert not gram_solve._FACTORS.entries and not gram_solve._OBS_FACTORS
+    assert not gram_solve.LAYER_FACTORS.entries and not gram_solve._OBS_FACTORS
 
 
 @pytest.mark.parametrize(

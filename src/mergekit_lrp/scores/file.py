@@ -19,7 +19,7 @@ import os
 import struct
 import tempfile
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -27,7 +27,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from mergekit_lrp.errors import LrpError
-from mergekit_lrp.scores.gram_forms import Factored, stored_names
+from mergekit_lrp.scores.gram_forms import (
+    DEFAULT_TOLERANCE,
+    Factored,
+    factored_tensors,
+    stored_names,
+)
 
 FORMAT_NAME = "mergekit-lrp-scores"
 FORMAT_VERSION = "1"
@@ -383,3 +388,21 @@ def atomic_save(path: Path, tensors: Mapping[str, torch.Tensor], header: dict[st
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def factor_gram_file(
+    source, output, tolerance: float = DEFAULT_TOLERANCE, max_rank: int | None = None
+) -> dict[str, dict]:
+    """Write a copy of Gram file ``source`` with its matrices factored (what
+    ``lrp-compute --gram-form factored`` writes); returns the ``gram_factored`` metadata."""
+    reader = ScoreReader(source)
+    if not reader.is_gram:
+        raise ScoreFileError(
+            f"{reader.path}: not a Gram file (quantity {reader.metadata.quantity})"
+        )
+    stored = sorted(set(reader.metadata.gram_of.values()))
+    first_user = {s: min(w for w, g in reader.metadata.gram_of.items() if g == s) for s in stored}
+    grams = {s: reader.gram(first_user[s]) for s in stored}
+    tensors, factored = factored_tensors(grams, tolerance, max_rank)
+    write_scores(output, tensors, replace(reader.metadata, gram_factored=factored))
+    return factored

@@ -99,25 +99,3 @@ def factored_tensors(
         tensors[factor], tensors[diagonal] = form.factor, form.diagonal
         factored[name] = {"rank": form.factor.shape[1], "error": form.error}
     return tensors, factored
-
-
-def factor_gram_file(
-    source, output, tolerance: float = DEFAULT_TOLERANCE, max_rank: int | None = None
-) -> dict[str, dict]:
-    """Write a copy of Gram file ``source`` with its matrices factored (what
-    ``lrp-compute --gram-form factored`` writes); returns the ``gram_factored`` metadata."""
-    from dataclasses import replace
-
-    from mergekit_lrp.scores.file import ScoreFileError, ScoreReader, write_scores
-
-    reader = ScoreReader(source)
-    if not reader.is_gram:
-        raise ScoreFileError(
-            f"{reader.path}: not a Gram file (quantity {reader.metadata.quantity})"
-        )
-    stored = sorted(set(reader.metadata.gram_of.values()))
-    first_user = {s: min(w for w, g in reader.metadata.gram_of.items() if g == s) for s in stored}
-    grams = {s: reader.gram(first_user[s]) for s in stored}
-    tensors, factored = factored_tensors(grams, tolerance, max_rank)
-    write_scores(output, tensors, replace(reader.metadata, gram_factored=factored))
-    return factored

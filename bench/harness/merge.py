@@ -63,7 +63,7 @@ def sparsification_reused():
     vector: most of a TIES merge's time on a CPU. The first result's mask is kept (keyed
     by a digest of the tensor's bytes and the settings) and later calls multiply by it,
     the very product mergekit computes, so every merge is bit-identical to one run
-    without reuse (tests/test_bench_real.py checks it)."""
+    without reuse (tests/test_bench_harness.py checks it)."""
     import mergekit.merge_methods.generalized_task_arithmetic as gta
 
     original, masks = gta.sparsify, {}

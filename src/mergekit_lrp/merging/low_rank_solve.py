@@ -78,7 +78,7 @@ def solve_low_rank(
     for theta, form, weight in zip(thetas, read, weights, strict=True):
         delta = theta.to(dtype) - base.to(dtype)
         f = form.factor.to(device=device, dtype=dtype)
-        diagonal = _diagonal_term(form, f, weight, alpha)
+        diagonal = _diagonal_term(form, f, _gram_diagonal(form, f), weight, alpha)
         scaled.add_(delta * diagonal[None, :])
         scaled.addmm_(delta @ f, f.T, alpha=alpha * weight)
         del delta, f
@@ -89,19 +89,23 @@ def solve_low_rank(
     return (base.to(dtype) + scaled).to(base.dtype)
 
 
-def _diagonal_term(form: Factored, f: torch.Tensor, weight: float, alpha: float):
+def _gram_diagonal(form: Factored, f: torch.Tensor) -> torch.Tensor:
+    """g = diag(G) = rowsum(F^2) + d, in ``f``'s dtype."""
+    return f.square().sum(dim=1) + form.diagonal.to(f)
+
+
+def _diagonal_term(form: Factored, f: torch.Tensor, g: torch.Tensor, weight: float, alpha):
     """w (alpha d + (1 - alpha) g): the diagonal part of G~ for one model."""
-    d = form.diagonal.to(f)
-    g = f.square().sum(dim=1) + d
-    return weight * (alpha * d + (1 - alpha) * g)
+    return weight * (alpha * form.diagonal.to(f) + (1 - alpha) * g)
 
 
 def _factorize(read, weights, alpha, ridge, dtype, device, where) -> LowRankFactor:
     diagonal, mean_diagonal, columns = 0, 0, []
     for form, weight in zip(read, weights, strict=True):
         f = form.factor.to(device=device, dtype=dtype)
-        diagonal = diagonal + _diagonal_term(form, f, weight, alpha)
-        mean_diagonal = mean_diagonal + weight * (f.square().sum(dim=1) + form.diagonal.to(f))
+        g = _gram_diagonal(form, f)
+        diagonal = diagonal + _diagonal_term(form, f, g, weight, alpha)
+        mean_diagonal = mean_diagonal + weight * g
         columns.append(f * (alpha * weight) ** 0.5)
     lam = ridge * float(mean_diagonal.mean())
     d = diagonal + lam

@@ -21,7 +21,7 @@ from mergekit_lrp.errors import LrpError
 from mergekit_lrp.merging.gram_solve import GramSolveError, solve
 from mergekit_lrp.merging.low_rank_solve import solve_low_rank
 from mergekit_lrp.scores.file import ScoreFileError, ScoreReader, factor_gram_file
-from mergekit_lrp.scores.gram_forms import Factored, factor_gram
+from mergekit_lrp.scores.gram_forms import Factored, combine_factored, factor_gram
 from mergekit_lrp.scoring.options import ComputeError, ComputeOptions
 from mergekit_lrp.scoring.run import compute_scores
 
@@ -217,27 +217,72 @@ def header_size(path) -> int:
         return struct.unpack("<Q", handle.read(8))[0]
 
 
-def test_two_processes_factor_the_all_reduced_sums_as_one_process_does(
+def test_factored_parts_combine_within_their_recorded_bound():
+    """Two processes' factored sums combined without an [n, n] matrix: within the bound
+    the combination records, which carries each part's residual; a cheaper form than
+    gathering the dense sums, and not the same numbers (so the test sees the path)."""
+    n = 48
+    g = torch.Generator().manual_seed(4)
+    mixing = torch.randn(n, n, generator=g) * torch.logspace(0, -4, n)  # decaying spectrum
+    sums = []
+    for _ in range(2):
+        x = torch.randn(30, n, generator=g) @ mixing.T
+        sums.append((x.T @ x).double())
+    total = sums[0] + sums[1]
+    parts = [factor_gram(s.float(), 1e-3 / 4, None) for s in sums]
+    assert all(part is not None for part in parts)
+    combined = combine_factored(parts, total.diagonal(), 1e-3, None)
+    carried = sum(p.error * float(p.factor[:, 0].square().sum()) for p in parts)
+    top = two_norm(total)
+    assert 0 < carried / top < combined.error <= 1e-3
+    assert combined.factor.shape[1] < sum(p.factor.shape[1] for p in parts)
+    assert two_norm(total - combined.dense().double()) <= combined.error * top
+    assert torch.allclose(combined.dense().double().diagonal(), total.diagonal(), rtol=1e-5)
+    # parts capped at rank 3 combined at rank 6 = 3 + 3: nothing of F F^T is dropped, so
+    # the whole error is the parts' residuals, and the bound must carry them
+    capped = [factor_gram(s.float(), 1e-3, 3) for s in sums]
+    whole = combine_factored(capped, total.diagonal(), 1e-3, 6)
+    assert whole.factor.shape[1] == 6 and whole.error > 1e-3
+    assert two_norm(total - whole.dense().double()) <= whole.error * top
+
+
+def test_two_processes_gather_factors_and_stay_within_the_recorded_bound(
     llama_dir, prompts_file, tmp_path
 ):
-    """The processes all-reduce the dense float32 sums (as for every signal), then the
-    first factors them: two processes of one prompt each write one process's bytes."""
+    """Under torchrun the processes gather their factored sums (not the dense ones):
+    the combined matrices keep the bound they record against one process's exact sums,
+    and are not one process's factorization of them."""
     subset = tmp_path / "prompts.txt"
     subset.write_text("\n".join(prompts_file.read_text().splitlines()[:2]) + "\n")
+    runs = {"dense-1": (1, "dense"), "factored-1": (1, "factored"), "factored-2": (2, "factored")}
     outputs = {}
-    for processes in (1, 2):
-        outputs[processes] = tmp_path / f"factored-{processes}.safetensors"
+    for label, (processes, form) in runs.items():
+        outputs[label] = tmp_path / f"{label}.safetensors"
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                     f"--nproc-per-node={processes}", "--no-python"]  # fmt: skip
-        args = [str(llama_dir), "--prompts", str(subset), "-o", str(outputs[processes]),
-                "--method", "gram", "--gram-form", "factored", "--gram-max-rank", "4",
-                "--threads", "1", "-q"]  # fmt: skip
+        args = [str(llama_dir), "--prompts", str(subset), "-o", str(outputs[label]),
+                "--method", "gram", "--gram-form", form, "--threads", "1", "-q",
+                *(["--gram-max-rank", "4"] if form == "factored" else [])]  # fmt: skip
         command = [*(launcher if processes > 1 else []), str(BIN / "lrp-compute"), *args]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
         assert result.returncode == 0, result.stderr[-3000:]
-    assert ScoreReader(outputs[1]).metadata.gram_factored
-    assert outputs[2].read_bytes() == outputs[1].read_bytes()
+    exact = ScoreReader(outputs["dense-1"])
+    one, two = ScoreReader(outputs["factored-1"]), ScoreReader(outputs["factored-2"])
+    assert set(two.metadata.gram_factored) == set(one.metadata.gram_factored) != set()
+    differs = 0
+    for weight, stored in exact.metadata.gram_of.items():
+        if stored not in two.metadata.gram_factored or weight != min(
+            w for w, s in exact.metadata.gram_of.items() if s == stored
+        ):
+            continue
+        truth = exact.gram(weight).double()
+        approx = two.gram(weight).double()
+        assert two.gram_error(weight) > 1e-3  # the cap truncates: the bound has work to do
+        assert two_norm(truth - approx) <= (two.gram_error(weight) + 1e-6) * two_norm(truth)
+        differs += not torch.equal(approx, one.gram(weight).double())
+    assert differs
+    assert outputs["factored-2"].stat().st_size < outputs["dense-1"].stat().st_size
 
 
 # ------------------------------------------------------------------ the low-rank solve

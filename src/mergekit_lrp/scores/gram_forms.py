@@ -54,10 +54,6 @@ def factor_gram(gram: torch.Tensor, tolerance: float, max_rank: int | None) -> F
     most ``max_rank`` eigenpairs, or None when it would not be smaller than the matrix.
 
     The eigendecomposition runs in float64 on the matrix's device (n^3 operations)."""
-    n = gram.shape[0]
-    limit = n - 2 if max_rank is None else min(max_rank, n - 2)  # (n + 1) r + n < n^2
-    if limit < 1:
-        return None
     values, vectors = torch.linalg.eigh(gram.double())
     values, vectors = values.flip(0).clamp_min(0), vectors.flip(1)
     top = float(values[0])
@@ -65,16 +61,58 @@ def factor_gram(gram: torch.Tensor, tolerance: float, max_rank: int | None) -> F
         return None
     # the bound 2 lambda_{r+1} / lambda_1 of each rank r = 0..n-1
     bounds = 2 * values / top
+    rank = _rank(bounds, tolerance, gram.shape[0], max_rank)
+    if rank is None:
+        return None
+    factor = vectors[:, :rank] * values[:rank].sqrt()
+    diagonal = (gram.double().diagonal() - factor.square().sum(dim=1)).clamp_min(0)
+    return Factored(factor.float(), diagonal.float(), float(bounds[rank]))  # rank <= n - 2
+
+
+def combine_factored(
+    parts: list[Factored], diagonal: torch.Tensor, tolerance: float, max_rank: int | None
+) -> Factored | None:
+    """The factored form of the sum of the matrices ``parts`` were factored from (one per
+    process), given the exact sum of their diagonals; None when not smaller than dense.
+
+    With S_p = F_p F_p^T + R_p (R_p PSD, ||R_p||_2 <= e_p = error_p lambda_1(S_p) / 2), the
+    sum is F F^T + sum_p R_p with F = [F_1 ... F_P]. The leading eigenpairs of F F^T come
+    from the small matrix F^T F = U diag(mu) U^T: F U = V diag(sqrt(mu)), so F U_r is the
+    new factor, without an [n, n] matrix (n R^2 operations for R = sum_p r_p). The sum's
+    residual is the dropped part of F F^T plus sum_p R_p, so the bound recorded is
+    (2 mu_{r+1} + sum_p 2 e_p) / mu_1, relative to mu_1 <= lambda_1(sum_p S_p)."""
+    factor = torch.cat([part.factor.double() for part in parts], dim=1)
+    values, mixing = torch.linalg.eigh(factor.T @ factor)
+    values, mixing = values.flip(0).clamp_min(0), mixing.flip(1)
+    top = float(values[0])
+    if top == 0:
+        return None
+    # each part's error is relative to its own lambda_1 = ||its first factor column||^2
+    carried = sum(part.error * float(part.factor[:, 0].double().square().sum()) for part in parts)
+    n = factor.shape[0]
+    dropped = torch.cat([values, values.new_zeros(max(n - len(values), 1))])
+    bounds = (2 * dropped + carried) / top
+    rank = _rank(bounds, tolerance, n, max_rank)
+    if rank is None:
+        return None
+    new = factor @ mixing[:, :rank]
+    rest = (diagonal.double() - new.square().sum(dim=1)).clamp_min(0)
+    return Factored(new.float(), rest.float(), float(bounds[rank]))
+
+
+def _rank(bounds: torch.Tensor, tolerance: float, n: int, max_rank: int | None) -> int | None:
+    """The fewest eigenpairs r whose ``bounds[r]`` meets ``tolerance``, capped at
+    ``max_rank``; None when the factors would hold as many values as the dense matrix."""
+    limit = n - 2 if max_rank is None else min(max_rank, n - 2)  # (n + 1) r + n < n^2
+    if limit < 1:
+        return None
     meeting = torch.nonzero(bounds <= tolerance)
     rank = int(meeting[0]) if len(meeting) else n
     if rank > limit:
         if max_rank is None or max_rank >= n - 2:
             return None
         rank = limit
-    rank = max(rank, 1)
-    factor = vectors[:, :rank] * values[:rank].sqrt()
-    diagonal = (gram.double().diagonal() - factor.square().sum(dim=1)).clamp_min(0)
-    return Factored(factor.float(), diagonal.float(), float(bounds[rank]))  # rank <= n - 2
+    return max(rank, 1)
 
 
 def stored_names(name: str) -> tuple[str, str]:
@@ -83,13 +121,14 @@ def stored_names(name: str) -> tuple[str, str]:
 
 
 def factored_tensors(
-    grams: dict[str, torch.Tensor], tolerance: float, max_rank: int | None
+    grams: dict[str, torch.Tensor | Factored], tolerance: float, max_rank: int | None
 ) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
     """(the tensors to store, the ``gram_factored`` metadata) for Gram matrices ``grams``
-    (stored name -> matrix): each factored where that is smaller, else whole."""
+    (stored name -> matrix): each factored where that is smaller, else whole; a matrix
+    already factored (several processes' combined sums) is stored as it is."""
     tensors, factored = {}, {}
     for name, gram in grams.items():
-        form = factor_gram(gram, tolerance, max_rank)
+        form = gram if isinstance(gram, Factored) else factor_gram(gram, tolerance, max_rank)
         if form is None:
             tensors[name] = gram
             continue

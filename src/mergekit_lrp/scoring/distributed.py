@@ -60,7 +60,7 @@ class Workers:
             return counts
         import torch.distributed as dist
 
-        buffer = torch.tensor(counts, dtype=torch.int64, device=self._tensor_device(device))
+        buffer = torch.tensor(counts, dtype=torch.int64, device=self.tensor_device(device))
         dist.all_reduce(buffer)
         return [int(value) for value in buffer.cpu()]
 
@@ -69,7 +69,7 @@ class Workers:
             return value
         import torch.distributed as dist
 
-        buffer = torch.tensor([value], dtype=torch.int64, device=self._tensor_device(device))
+        buffer = torch.tensor([value], dtype=torch.int64, device=self.tensor_device(device))
         dist.all_reduce(buffer, op=dist.ReduceOp.MAX)
         return int(buffer.item())
 
@@ -79,7 +79,8 @@ class Workers:
 
             dist.barrier()
 
-    def _tensor_device(self, device) -> torch.device:
+    def tensor_device(self, device) -> torch.device:
+        """Where tensors travel between processes: ``device`` under nccl, else the host."""
         return torch.device(device) if self.backend == "nccl" else torch.device("cpu")
 
 

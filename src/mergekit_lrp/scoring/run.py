@@ -19,6 +19,7 @@ import torch
 
 from mergekit_lrp.scoring.accumulator import new_accumulator
 from mergekit_lrp.scoring.distributed import Workers, joined_workers, launched_world_size
+from mergekit_lrp.scoring.gram_reduction import mean_forms, reduce_factored
 from mergekit_lrp.scoring.loading import (
     Source,
     check_lxt,
@@ -155,15 +156,29 @@ def _score_checkpoint(
         state,
         lambda current: save_state(resume_file, accumulator, signature, current),
     )
-    workers.sum_tensors(accumulator.totals(), device)
+    reduced = None  # Gram sums factored across processes (None: summed dense, in place)
+    if signal.is_gram and options.gram_form == "factored" and workers.world_size > 1:
+        reduced = reduce_factored(
+            accumulator.totals(), workers, device, options.gram_tolerance, options.gram_max_rank
+        )
+    else:
+        workers.sum_tensors(accumulator.totals(), device)
     tokens, truncated, resumed_from = workers.sum_counts(
         [state.tokens, state.truncated, resumed_from], device
     )
     written = None
     if workers.is_main:
         metadata = score_metadata(source, loaded, options, len(prompts), tokens)
-        write = write_gram_file if signal.is_gram else write_score_file
-        written = write(output_path, accumulator, loaded, metadata, options, len(prompts))
+        if signal.is_gram:
+            if reduced is None:
+                grams = accumulator.scores(len(prompts))
+            else:
+                grams = mean_forms(reduced, len(prompts))
+            written = write_gram_file(output_path, grams, accumulator, loaded, metadata, options)
+        else:
+            written = write_score_file(
+                output_path, accumulator, loaded, metadata, options, len(prompts)
+            )
     workers.barrier()  # every resume file stays until the score file is written
     resume_file.unlink(missing_ok=True)
     return ComputeSummary(

@@ -16,7 +16,7 @@ from mergekit_lrp.scores.fingerprint import (
     ADAPTER_SCHEME,
     SCHEME,
 )
-from mergekit_lrp.scores.gram_forms import factored_tensors
+from mergekit_lrp.scores.gram_forms import Factored, factored_tensors
 from mergekit_lrp.scoring.checkpoint_names import checkpoint_layout
 from mergekit_lrp.scoring.loading import DTYPES, Source
 from mergekit_lrp.scoring.options import ComputeError, ComputeOptions
@@ -97,18 +97,20 @@ def write_score_file(
 
 
 def write_gram_file(
-    output_path: Path, accumulator, loaded, metadata, options, count: int
+    output_path: Path, grams: dict, accumulator, loaded, metadata, options
 ) -> Written:
-    """Check the Gram matrices, record which weight reads which, write the file atomically."""
-    grams = accumulator.scores(count)
+    """Check the Gram matrices ``grams`` (stored name -> mean matrix, or its factored
+    form when several processes combined factors), record which weight reads which, write
+    the file atomically."""
     weighting = options.signal.token_weighting
     for name, value in grams.items():
-        if not torch.isfinite(value).all():
+        parts = (value.factor, value.diagonal) if isinstance(value, Factored) else (value,)
+        if not all(torch.isfinite(part).all() for part in parts):
             raise ComputeError(
                 f"the Gram matrix {name!r} is not finite (NaN or Inf); {output_path} was not "
                 "written. Try --dtype float32"
             )
-        if not value.any():
+        if not any(part.any() for part in parts):
             hint = (
                 " (--token-weighting answer weights only the tokens the next-token target "
                 "scores: prompts of one token, or chats whose answer is cut off, have none)"

@@ -323,7 +323,7 @@ def _render_gram(s: dict) -> list[str]:
             row["name"],
             _layer(row["layer"]),
             row["size"],
-            "whole" if row["rank"] is None else f"{row['rank']} (±{row['error_bound']:.1g})",
+            "whole" if row["rank"] is None else _stored_rank(row),
             row["trace"],
             "singular" if row["condition"] is None else f"{row['condition']:.3g}",
             "yes" if row["ill_conditioned"] else "",
@@ -348,6 +348,12 @@ def _short(weight: str) -> str:
     """``model.layers.0.self_attn.q_proj.weight`` -> ``q_proj``."""
     parts = weight.removesuffix(".weight").split(".")
     return parts[-1] if parts else weight
+
+
+def _stored_rank(row: dict) -> str:
+    """"r (±bound)", or "r (≈estimate)" for a matrix factored from its leading eigenpairs."""
+    mark = "≈" if row["error_estimated"] else "±"
+    return f"{row['rank']} ({mark}{row['error_bound']:.1g})"
 
 
 def _layer(layer) -> str:

@@ -168,6 +168,7 @@ def summarize_gram(reader: ScoreReader, model_dir: str | os.PathLike | None = No
                 "size": gram.shape[0],
                 "rank": form["rank"] if form else None,
                 "error_bound": form["error"] if form else 0.0,
+                "error_estimated": bool(form and form.get("estimated")),
                 "trace": float(gram.trace()),
                 "min_eigenvalue": low,
                 "max_eigenvalue": high,

@@ -55,7 +55,9 @@ def reduce_factored(
             if form is None:
                 not_smaller.append(name)
             else:
-                out[name] = Factored(form.factor.cpu(), form.diagonal.cpu(), form.error)
+                out[name] = Factored(
+                    form.factor.cpu(), form.diagonal.cpu(), form.error, form.estimated
+                )
     decided = [not_smaller]
     dist.broadcast_object_list(decided, src=0)
     dense += decided[0]
@@ -72,7 +74,8 @@ def mean_forms(
     out: dict[str, torch.Tensor | Factored] = {}
     for name, value in reduced.items():
         if isinstance(value, Factored):
-            out[name] = Factored(value.factor / count**0.5, value.diagonal / count, value.error)
+            factor, diagonal = value.factor / count**0.5, value.diagonal / count
+            out[name] = Factored(factor, diagonal, value.error, value.estimated)
         else:
             mean = value / count
             out[name] = (mean + mean.T) / 2
@@ -97,6 +100,6 @@ def _gather(part: Factored, workers: Workers, where: torch.device) -> list[Facto
     errors = [torch.empty_like(error) for _ in range(size)]
     dist.all_gather(errors, error)
     return [
-        Factored(factor[:, : int(width)], part.diagonal, float(err))
+        Factored(factor[:, : int(width)], part.diagonal, float(err), part.estimated)
         for factor, width, err in zip(factors, ranks, errors, strict=True)
     ]

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from mergekit_lrp.errors import LrpError
 from mergekit_lrp.merging.gram_solve import GramSolveError, solve
-from mergekit_lrp.merging.low_rank_solve import solve_low_rank
+from mergekit_lrp.merging.low_rank_solve import solve_low_rank, uses_low_rank
 from mergekit_lrp.scores.file import ScoreFileError, ScoreReader, factor_gram_file
 from mergekit_lrp.scores.gram_forms import Factored, combine_factored, factor_gram
 from mergekit_lrp.scoring.options import ComputeError, ComputeOptions
@@ -68,11 +68,32 @@ def test_the_rank_is_the_fewest_eigenpairs_meeting_the_bound_and_the_bound_holds
 
 
 def test_a_rank_cap_is_kept_and_its_cost_recorded():
-    gram = decaying_gram()
-    form = factor_gram(gram, 1e-6, 5)
-    assert form.factor.shape[1] == 5
+    gram = decaying_gram()  # n = 40: a cap of 6 is above LEADING_SHARE, the whole spectrum
+    form = factor_gram(gram, 1e-6, 6)
+    assert form.factor.shape[1] == 6 and not form.estimated
     values = torch.linalg.eigvalsh(gram.double()).flip(0)
-    assert form.error == pytest.approx(float(2 * values[5] / values[0]), rel=1e-5)
+    assert form.error == pytest.approx(float(2 * values[6] / values[0]), rel=1e-5)
+
+
+def test_a_cap_far_below_the_width_factors_from_the_leading_eigenpairs_alone():
+    """A cap of at most 1/8 of the width: randomized subspace iteration instead of the
+    whole spectrum, close to the exact truncation, its measured error not understated by
+    more than the power iteration's few per cent, and the same numbers every run."""
+    n, cap = 400, 24
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(600, n, generator=g) @ torch.diag(torch.logspace(0, -2, n))
+    gram = x.T @ x
+    form = factor_gram(gram, 1e-6, cap)
+    assert form.estimated and form.factor.shape[1] == cap
+    top = two_norm(gram)
+    actual = two_norm(gram.double() - form.dense().double()) / top
+    assert actual <= form.error * 1.05
+    exact = torch.linalg.eigvalsh(gram.double()).flip(0)
+    truncation = float(exact[cap] / exact[0])  # the best rank-cap error, before the diagonal
+    assert actual <= 2.5 * truncation
+    torch.testing.assert_close(form.dense().diagonal(), gram.diagonal(), rtol=1e-5, atol=1e-5)
+    again = factor_gram(gram, 1e-6, cap)
+    assert torch.equal(again.factor, form.factor) and again.error == form.error
 
 
 def test_a_matrix_the_factors_would_not_shrink_is_left_dense():
@@ -328,6 +349,17 @@ def test_the_woodbury_solve_refuses_what_cannot_be_solved():
         solve_low_rank(base, thetas, bare, [1.0], 1.0, 1e-15, torch.float64, "of 'w' (f)")
 
 
+def test_the_low_rank_solve_is_chosen_where_it_costs_fewer_operations():
+    def ranks(count, rank):
+        return [{"rank": rank}] * count
+
+    # two models: up to R = 0.66 n; four: up to R = n (a model's matrix may be dense: None)
+    assert uses_low_rank(ranks(2, 1), 100) and uses_low_rank(ranks(2, 33), 100)
+    assert not uses_low_rank(ranks(2, 34), 100)
+    assert uses_low_rank(ranks(4, 24), 100) and not uses_low_rank(ranks(4, 25), 100)
+    assert not uses_low_rank([{"rank": 1}, None], 100) and not uses_low_rank([], 100)
+
+
 def test_regmean_takes_the_low_rank_solve_where_every_matrix_is_factored_small(
     family, dense, tmp_path, monkeypatch
 ):
@@ -336,7 +368,7 @@ def test_regmean_takes_the_low_rank_solve_where_every_matrix_is_factored_small(
 
     capped = {n: tmp_path / f"{n}-capped.safetensors" for n in dense}
     for name, path in capped.items():
-        factor_gram_file(dense[name], path, max_rank=3)  # 2 x 3 <= 32 / 2: low rank
+        factor_gram_file(dense[name], path, max_rank=3)  # R = 2 x 3 of 32: low rank
     # the same matrices rebuilt and stored whole: the dense solve of what the factors hold
     rebuilt = {}
     for name, path in capped.items():

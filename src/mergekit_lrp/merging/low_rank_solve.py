@@ -44,12 +44,17 @@ class LowRankFactor:
 
 
 def uses_low_rank(forms: Sequence[dict | None], features: int) -> bool:
-    """Whether the Woodbury solve is the cheaper one for an input of ``features``: every
-    model's matrix factored (``gram_factored`` entries), their ranks summing to at most
-    half the features."""
+    """Whether the Woodbury solve is the cheaper one for an input of ``features`` = n:
+    every model's matrix factored (``gram_factored`` entries), and its operation count
+    below the dense solve's for the N models and R = sum of ranks. Per output row of the
+    weights reading the input (at least n rows: q/k/v, gate/up, o and down each have as
+    many) the Woodbury solve costs 8 n R + (2 n R^2 + R^3 / 3) / n and the dense one
+    2 (N + 1) n^2 + n^3 / 3 / n, so with x = R / n the test is
+    8 x + 2 x^2 + x^3 / 3 < 2 (N + 1) + 1 / 3 (x below ~0.66 for two models, ~1 for four)."""
     if not forms or any(form is None for form in forms):
         return False
-    return sum(int(form["rank"]) for form in forms) <= features // 2
+    x = sum(int(form["rank"]) for form in forms) / features
+    return 8 * x + 2 * x**2 + x**3 / 3 < 2 * (len(forms) + 1) + 1 / 3
 
 
 def solve_low_rank(

@@ -4,6 +4,8 @@ through a real merge on a tiny Llama with exact Gram files, the OBS saliency it 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from gram_files import SEQUENCES, gram_file
@@ -199,13 +201,17 @@ def weights_of(path) -> dict[str, torch.Tensor]:
     return load_file(path / "model.safetensors")
 
 
-def by_hand(family, grams, name, alpha=0.9, ridge=DEFAULT_RIDGE) -> torch.Tensor:
+def by_hand(family, grams, name, alpha=0.9, ridge=DEFAULT_RIDGE, base_gram=None,
+            base_weight=1.0) -> torch.Tensor:  # fmt: skip
     base = weights_of(family["base"])[name].double()
     numerator, summed = 0, 0
-    for model in ("ft_a", "ft_b"):
-        g = ScoreReader(grams[model]).gram(name).double()
-        g = alpha * g + (1 - alpha) * torch.diag(g.diagonal())
-        numerator = numerator + (weights_of(family[model])[name].double() - base) @ g
+    members = [(grams[m], family[m], 1.0) for m in ("ft_a", "ft_b")]
+    if base_gram is not None:
+        members.append((base_gram, family["base"], base_weight))
+    for gram_path, model, weight in members:
+        g = ScoreReader(gram_path).gram(name).double()
+        g = weight * (alpha * g + (1 - alpha) * torch.diag(g.diagonal()))
+        numerator = numerator + (weights_of(model)[name].double() - base) @ g
         summed = summed + g
     lam = ridge * float(summed.diagonal().mean())
     identity = torch.eye(summed.shape[0], dtype=torch.float64)
@@ -230,6 +236,59 @@ def test_parameters_reach_the_solve_and_the_other_tensors(family, grams, tmp_pat
     base, a, b = (weights_of(family[n]) for n in ("base", "ft_a", "ft_b"))
     torch.testing.assert_close(merged[NORM], base[NORM] + (a[NORM] - base[NORM])
                                + (b[NORM] - base[NORM]))  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def base_gram(family, tmp_path_factory) -> Path:
+    """The base's own Gram file, on sequences neither fine-tune's file holds."""
+    sequences = [[(7 * t + 3) % 50 + 1 for t in range(len(s))] for s in SEQUENCES]
+    return gram_file(family["base"], tmp_path_factory.mktemp("base") / "base-gram.safetensors",
+                     sequences=sequences)  # fmt: skip
+
+
+def test_the_base_joins_the_solve_with_its_gram_matrices_and_weight(
+    family, grams, base_gram, tmp_path
+):
+    """base_scores: the base as a third member with zero change, its Gram matrices
+    scaled by base_weight; the heavier the base, the closer the merge to it."""
+    plain = run(regmean_config(family, grams), tmp_path / "plain")
+    held = {}
+    for weight in (2.0, 8.0):
+        config = regmean_config(family, grams, base_scores=str(base_gram), base_weight=weight)
+        held[weight] = run(config, tmp_path / f"held-{weight}")
+        for name in (Q, DOWN):
+            expected = by_hand(family, grams, name, base_gram=base_gram, base_weight=weight)
+            torch.testing.assert_close(held[weight][name].double(), expected,
+                                       rtol=1e-5, atol=1e-6)  # fmt: skip
+    base = weights_of(family["base"])
+    for name in (Q, DOWN):
+        distance = [float((m[name] - base[name]).norm()) for m in (plain, held[2.0], held[8.0])]
+        assert distance[0] > distance[1] > distance[2] > 0
+    torch.testing.assert_close(held[8.0][NORM], plain[NORM])  # not solved: averaged as before
+    card = (tmp_path / "held-8.0" / "README.md").read_text()
+    assert "The base joined the solve" in card and "weighted 8.0" in card
+    assert "The base joined the solve" not in (tmp_path / "plain" / "README.md").read_text()
+
+
+def test_base_scores_that_cannot_hold_the_base_are_refused_before_merging(
+    family, grams, base_gram, tmp_path
+):
+    lacking = gram_file(family["base"], tmp_path / "lacking.safetensors", drop=(DOWN,))
+    cases = {
+        "a fine-tune's file": ({"base_scores": str(grams["ft_a"])}, "different checkpoint"),
+        "no base_scores": ({"base_weight": 2.0}, "no base_scores is given"),
+        "weight 0": ({"base_scores": str(base_gram), "base_weight": 0.0}, "must be positive"),
+        "a layer missing": ({"base_scores": str(lacking)}, "no Gram matrix for linear weight"),
+    }
+    for label, (parameters, message) in cases.items():
+        out = tmp_path / label.replace(" ", "-")
+        with pytest.raises(LrpError, match=message) as caught:
+            run(regmean_config(family, grams, **parameters), out)
+        assert not out.exists(), label
+        if "base_scores" in parameters and message != "must be positive":
+            assert "base_scores" in str(caught.value) or str(parameters["base_scores"]) in str(
+                caught.value
+            ), label
 
 
 def test_the_merge_differs_from_task_arithmetic_and_from_lrp(family, grams, tmp_path):

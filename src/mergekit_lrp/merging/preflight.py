@@ -159,9 +159,11 @@ def check_merge(merge_config, options, out_path=None) -> None:
         settings = method.settings_of(task.parameters)
         if not method.reads_files(settings):
             continue
-        inputs = []
+        inputs, base = [], None
         for model, input_weight in _input_weights(task).items():
             if model == task.base_model:
+                files = _model_files(model, models, options)
+                base = PlannedInput(model, {}, files, _weight_shape(input_weight, files))
                 continue
             parameters = task.input_parameters[model]
             method.check_model(settings, model, parameters)
@@ -171,7 +173,7 @@ def check_merge(merge_config, options, out_path=None) -> None:
                 continue  # an optional tensor this model lacks: base passthrough
             _refuse_moved_tensor(method.NAME, model, input_weight, weight)
             inputs.append(PlannedInput(model, parameters, files, shape))
-        method.check_tensor(settings, weight, inputs)
+        method.check_tensor(settings, weight, inputs, base)
     _check_extra_tensors(models)
 
 

@@ -4,8 +4,9 @@ Each spec module (``lrp``, ``circuit``, ``regmean``) defines, under the same nam
 ``NAME``; its settings class, which owns every global parameter's default, choices and
 check, and ``DEFAULTS``, an instance of it; ``settings_of(parameters)`` (a task's resolved
 global parameters, checked); ``reads_files(settings)``; ``check_model(settings, model,
-parameters)`` and ``check_tensor(settings, weight, inputs)`` (the pre-merge checks of
-one planned tensor, :mod:`..preflight`); ``describe(card, parameters)`` (its model-card
+parameters)`` and ``check_tensor(settings, weight, inputs, base)`` (the pre-merge checks
+of one planned tensor: the fine-tunes' inputs, and the base's for a method that reads a
+file of the base; :mod:`..preflight`); ``describe(card, parameters)`` (its model-card
 text, :mod:`..model_card`). The registered mergekit method (``<name>_merge``, whose
 signature reads its defaults from ``DEFAULTS``) lives in the same module, or, for
 ``lrp``, whose spec the notebook API and ``lrp-inspect`` read without mergekit, in

@@ -189,7 +189,7 @@ def check_model(settings: CircuitSettings, model, parameters: dict) -> None:
     """circuit takes no per-model values but ``lrp_scores``."""
 
 
-def check_tensor(settings: CircuitSettings, weight, inputs) -> None:
+def check_tensor(settings: CircuitSettings, weight, inputs, base) -> None:
     """With ``drop_order: scores``, every model's score file as for ``lrp``."""
     for planned in inputs:
         path = score_path(planned.parameters["lrp_scores"])

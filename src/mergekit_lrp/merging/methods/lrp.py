@@ -159,7 +159,7 @@ def check_model(settings: LrpSettings, model, parameters: dict) -> None:
     settings.check_model(model, parameters["weight"], parameters["density"])
 
 
-def check_tensor(settings: LrpSettings, weight, inputs) -> None:
+def check_tensor(settings: LrpSettings, weight, inputs, base) -> None:
     """Every score file the kernel will read for ``weight``: fingerprint, mode, budget,
     and the scores' presence and shape where the tensor is not kept whole."""
     for planned in inputs:

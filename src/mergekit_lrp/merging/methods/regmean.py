@@ -8,7 +8,11 @@ in closed form (:func:`..gram_solve.solve`):
     G~_i = weight_i * (alpha * G_i + (1 - alpha) * diag(G_i))
 
 (Jin et al., "Dataless Knowledge Fusion by Merging Weights of Language Models", ICLR 2023;
-at ridge 0 the base cancels and this is their formula). The other tensors (embeddings,
+at ridge 0 the base cancels and this is their formula). With ``base_scores`` (the base
+model's own Gram file, e.g. from general prompts) the base joins the solve as one more
+member whose change is zero, weighted by ``base_weight``: its term adds
+base_weight * G~_base to the denominator only, so the merge keeps the base's outputs on
+those inputs in proportion (docs/method.md). The other tensors (embeddings,
 norms, biases, and anything no Gram file covers) are merged by ``other_tensors``:
 ``average`` (sum_i weight_i * theta_i / sum_i weight_i, RegMean's own rule for them) or
 ``task_arithmetic`` (theta_base + sum_i weight_i * (theta_i - theta_base)).
@@ -63,8 +67,22 @@ class RegmeanSettings:
     other_tensors: str = "average"
     missing_scores: str = "error"
     solve_dtype: str = "auto"
+    #: the base model's Gram file: the base joins the solve with ``base_weight``
+    base_scores: str | None = None
+    base_weight: float = 1.0
 
     def __post_init__(self):
+        if not self.base_weight > 0:  # also refuses NaN
+            raise LRPConfigError(
+                f"regmean: base_weight must be positive, got {self.base_weight} (it scales "
+                "the base's Gram matrices; drop base_scores to leave the base out)"
+            )
+        if self.base_weight != 1.0 and self.base_scores is None:
+            raise LRPConfigError(
+                "regmean: base_weight weighs the base's Gram matrices, but no base_scores "
+                "is given: add `base_scores: base-gram.safetensors` (lrp-compute --method "
+                "gram on the base model) or drop base_weight"
+            )
         if not 0 <= self.alpha <= 1:
             raise LRPConfigError(f"regmean: alpha must be in [0, 1], got {self.alpha}")
         if not self.ridge >= 0:  # also refuses NaN
@@ -100,10 +118,12 @@ def regmean_merge(
     other_tensors: str = DEFAULTS.other_tensors,
     missing_scores: str = DEFAULTS.missing_scores,
     solve_dtype: str = DEFAULTS.solve_dtype,
+    base_scores: str | None = DEFAULTS.base_scores,
+    base_weight: float = DEFAULTS.base_weight,
 ) -> torch.Tensor:
     RegmeanSettings(
         alpha=alpha, ridge=ridge, other_tensors=other_tensors, missing_scores=missing_scores,
-        solve_dtype=solve_dtype,
+        solve_dtype=solve_dtype, base_scores=base_scores, base_weight=base_weight,
     )  # fmt: skip
     base = group.base.tensor
     name = group.metadata.name or "<unnamed tensor>"
@@ -116,6 +136,14 @@ def regmean_merge(
     paths = [score_path(lrp_scores.get(model)) for model in ids]
     readers = [gram_reader(m, path, open_scores) for m, path in zip(ids, paths, strict=True)]
     weights = [float(weight[model]) for model in ids]
+    thetas = [entry.tensor for entry in models]
+    if solves(name, ids, readers, missing_scores) and base_scores:
+        # the base as one more member: zero change, its Gram matrices weighted
+        member = base_member(group.base.id)
+        ids.append(member)
+        readers.append(gram_reader(member, score_path(base_scores), open_scores))
+        weights.append(float(base_weight))
+        thetas.append(base)
     if solves(name, ids, readers, missing_scores):
         for reader in readers:
             check_gram_shape(reader, name, tuple(base.shape))
@@ -133,7 +161,7 @@ def regmean_merge(
         low_rank = uses_low_rank(forms, base.shape[1])
         return (solve_low_rank if low_rank else solve)(
             base,
-            [entry.tensor for entry in models],
+            thetas,
             [(lambda r=r: r.factored_gram(name)) if low_rank else (lambda r=r: r.gram(name))
              for r in readers],  # fmt: skip
             weights,
@@ -146,7 +174,12 @@ def regmean_merge(
             name=name,
             users=sharing_weights(readers, name),
         )
-    return merge_other(base, [entry.tensor for entry in models], weights, other_tensors)
+    return merge_other(base, thetas[: len(models)], weights[: len(models)], other_tensors)
+
+
+def base_member(base) -> str:
+    """How errors name the base's Gram file among the members of the solve."""
+    return f"{base} (base_scores)"
 
 
 def merge_other(base, thetas, weights, rule: str) -> torch.Tensor:
@@ -178,19 +211,29 @@ def check_model(settings: RegmeanSettings, model, parameters: dict) -> None:
     check_weight(model, parameters["weight"])
 
 
-def check_tensor(settings: RegmeanSettings, weight, inputs) -> None:
+def check_tensor(settings: RegmeanSettings, weight, inputs, base) -> None:
     """Every model's Gram file (a Gram file, of that checkpoint), and where ``weight`` is
-    solved, each model's Gram matrix of its input ([in, in] for its in-features)."""
+    solved, each model's Gram matrix of its input ([in, in] for its in-features); with
+    ``base_scores``, the base's file the same way against the base (``base``)."""
     ids, readers = [], []
     for planned in inputs:
         path = score_path(planned.parameters["lrp_scores"])
         gram_reader(planned.model, path, open_scores)
         ids.append(planned.model)
         readers.append(planned.score_file(path))
-    if readers and solves(weight.name, ids, readers, settings.missing_scores):
-        for reader, planned in zip(readers, inputs, strict=True):
-            check_gram_shape(reader, weight.name, planned.shape)
-        check_calibration_size(settings, weight.name, readers, inputs[0].shape[1])
+    if not readers or not solves(weight.name, ids, readers, settings.missing_scores):
+        return
+    if settings.base_scores:
+        member = base_member(base.model)
+        path = score_path(settings.base_scores)
+        gram_reader(member, path, open_scores)
+        ids.append(member)
+        readers.append(base.score_file(path))
+        inputs = [*inputs, base]
+        solves(weight.name, ids, readers, "error")  # the base's file covers what is solved
+    for reader, planned in zip(readers, inputs, strict=True):
+        check_gram_shape(reader, weight.name, planned.shape)
+    check_calibration_size(settings, weight.name, readers, inputs[0].shape[1])
 
 
 #: layers already warned about in this process (one line per module, not per layer)
@@ -248,12 +291,19 @@ def describe(card, p: dict) -> str:
     dtype = str(resolve_dtype(solve_dtype, device)).removeprefix("torch.")
     if solve_dtype == "auto":
         dtype += f" (`solve_dtype: auto` on {device})"
+    held = (
+        f" The base joined the solve as one more member with no change, its own Gram "
+        f"matrices (`base_scores`) weighted {p.get('base_weight')}, so the merge also fits "
+        "the base's outputs on the base's inputs."
+        if p.get("base_scores")
+        else ""
+    )
     return (
         "Each linear layer was solved in closed form (RegMean) as the weight whose outputs "
         "best fit every fine-tune's outputs on its own calibration inputs: the fine-tunes' "
         "changes weighted by the Gram matrices of their layer inputs (from `lrp-compute "
         f"--method gram`){weighted}, off-diagonal entries scaled by alpha = {alpha}, with "
         f"a ridge of {ridge} times the mean diagonal pulling the change towards the base, "
-        f"solved in {dtype}. The other tensors (embeddings, norms, biases) are {other}."
-        f"{missing}"
+        f"solved in {dtype}.{held} The other tensors (embeddings, norms, biases) are "
+        f"{other}.{missing}"
     )

@@ -50,3 +50,27 @@ def general_scores(model, tokenizer) -> dict[str, float]:
         "correct": sum(contains(g, i["answer"]) for g, i in zip(got, items, strict=True))
         / len(items),
     }
+
+
+#: validation-split text windows in the base's calibration (:func:`write_base_calibration`)
+TEXT_WINDOWS = 16
+
+
+def write_base_calibration(tokenizer, out: Path) -> int:
+    """The base's own calibration prompts (JSONL), general and read by no evaluation: the
+    questions of ``general-candidates.json`` that this set leaves out, as chats, and the
+    first :data:`TEXT_WINDOWS` windows of the held-out text's validation split (the text
+    figure is scored on the test split). Returns how many."""
+    from real_family.text import windows
+
+    evaluated = {item["question"] for item in general_set()}
+    candidates = json.loads(SET.with_name("general-candidates.json").read_text())
+    records = [
+        {"messages": [{"role": "user", "content": question}]}
+        for question, _ in candidates
+        if question not in evaluated
+    ]
+    for ids in windows(tokenizer, "val")[:TEXT_WINDOWS]:
+        records.append({"text": tokenizer.decode(ids)})
+    out.write_text("".join(json.dumps(record) + "\n" for record in records))
+    return len(records)

@@ -74,6 +74,27 @@ def check_density(density: float, where: str = "", method: str = "lrp") -> None:
         raise LRPConfigError(f"{method}: density{where} must be in (0, 1], got {density}")
 
 
+def check_base_weight(method: str, base_scores: str | None, base_weight: float) -> None:
+    """``base_weight`` weighs the base's own file (``base_scores``): positive, and only
+    with that file."""
+    if not base_weight > 0:  # also refuses NaN
+        raise LRPConfigError(
+            f"{method}: base_weight must be positive, got {base_weight} (it weighs the "
+            "base's own scores; drop base_scores to leave the base out)"
+        )
+    if base_weight != 1.0 and base_scores is None:
+        raise LRPConfigError(
+            f"{method}: base_weight weighs the base's own scores, but no base_scores is "
+            "given: add `base_scores: base.safetensors` (lrp-compute on the base model with "
+            "general prompts) or drop base_weight"
+        )
+
+
+def base_member(base) -> str:
+    """How errors name the base's own score file (``base_scores``)."""
+    return f"{base} (base_scores)"
+
+
 def settings_from(settings_class: type, parameters: dict):
     """An instance of a method's (dataclass) settings class from mergekit's resolved
     global parameters of one tensor, checked by the class; absent ones at its defaults."""

@@ -34,6 +34,8 @@ from mergekit_lrp.merging.parameters import (
     SELECTION_MODES,
     UNIT_MASSES,
     LRPConfigError,
+    base_member,
+    check_base_weight,
     check_choice,
     check_model_parameters,
     score_path,
@@ -66,8 +68,12 @@ class LrpSettings:
     epsilon: float | None = None
     budget: str = "tensor"
     unit_mass: str = "importance"
+    #: the base model's own score file, and the weight of its term (:func:`held_share`)
+    base_scores: str | None = None
+    base_weight: float = 1.0
 
     def __post_init__(self):
+        check_base_weight(NAME, self.base_scores, self.base_weight)
         choices = {
             "unit_mass": UNIT_MASSES,
             "importance": IMPORTANCE_MODES,
@@ -144,6 +150,32 @@ def plan_tensor(
     return TensorPlan(density, importance, generator)
 
 
+def base_importance(settings: LrpSettings, base_id, name: str, base: torch.Tensor) -> torch.Tensor:
+    """The base's importance of each entry of tensor ``name`` from ``base_scores``: its
+    scores times |theta_base| (theta_base^2 for squared quantities; the scores alone with
+    ``importance: scores``), divided by their mean over the tensor."""
+    scores = locate_scores(base_member(base_id), name, settings.base_scores, "error")
+    mode = "scores" if settings.importance == "scores" else "weight"
+    values = importance_of(scores, base, base, mode)
+    mean = float(values.mean())
+    return values.div_(mean) if mean > 0 else values
+
+
+def held_share(kept_mass: torch.Tensor, base: torch.Tensor, weight: float) -> torch.Tensor:
+    """The share of the merged change kept at each entry when the base's behaviour is held:
+    A / (A + weight * b), with A the fine-tunes' kept importance there (each model's
+    divided by its mean over the tensor, summed over the models that kept the entry) and
+    b the base's (:func:`base_importance`); 1 where no model kept anything.
+
+    It is the per-entry minimiser of sum_i a_i (theta - theta_i)^2 + weight * b
+    (theta - theta_base)^2 (a diagonal, EWC-like quadratic in which each importance
+    stands for a curvature) divided by the same minimiser without the base's term: the
+    merge's own combination of the kept changes, shrunk where the base's importance
+    outweighs the fine-tunes'."""
+    total = kept_mass + weight * base
+    return torch.where(kept_mass > 0, kept_mass / total, torch.ones_like(total))
+
+
 # ------------------------------------------------------------------ pre-merge checks
 
 
@@ -161,7 +193,19 @@ def check_model(settings: LrpSettings, model, parameters: dict) -> None:
 
 def check_tensor(settings: LrpSettings, weight, inputs, base) -> None:
     """Every score file the kernel will read for ``weight``: fingerprint, mode, budget,
-    and the scores' presence and shape where the tensor is not kept whole."""
+    and the scores' presence and shape where the tensor is not kept whole; with
+    ``base_scores``, the base's file the same way against the base (``base``)."""
+    read = [
+        planned for planned in inputs
+        if not settings.keeps_whole(weight.name, len(planned.shape),
+                                    planned.parameters["density"], weight.vocabulary_axis)
+    ]  # fmt: skip
+    if settings.base_scores and read and base is not None:
+        path = score_path(settings.base_scores)
+        reader = base.score_file(path)
+        member = base_member(base.model)
+        check_mode(reader, "scores" if settings.importance == "scores" else "weight", member)
+        locate_scores(member, weight.name, path, "error").check(base.shape)
     for planned in inputs:
         path = score_path(planned.parameters["lrp_scores"])
         reader = planned.score_file(path)
@@ -229,7 +273,14 @@ def describe(card, p: dict) -> str:
         if p.get("normalize")
         else " The weighted entries were added to the base."
     )
+    held = (
+        " Each entry's merged change was then shrunk by A / (A + w·b), A the fine-tunes' "
+        "kept importance there and b the base's own (`base_scores`), "
+        f"w = {p.get('base_weight')}, to keep what the base relies on."
+        if p.get("base_scores")
+        else ""
+    )
     return (
         f"Each fine-tune's task vector (its weights minus the base's) was ranked by "
-        f"{importance}{budget}{chosen}.{protect} {consensus}{normalize}"
+        f"{importance}{budget}{chosen}.{protect} {consensus}{normalize}{held}"
     )

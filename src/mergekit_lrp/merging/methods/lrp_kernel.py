@@ -17,6 +17,8 @@ from mergekit_lrp.merging.methods.lrp import (
     DEFAULTS,
     NAME,
     LrpSettings,
+    base_importance,
+    held_share,
     plan_tensor,
 )
 from mergekit_lrp.merging.parameters import score_path
@@ -44,11 +46,14 @@ def lrp_merge(
     epsilon: float | None = DEFAULTS.epsilon,
     budget: str = DEFAULTS.budget,
     unit_mass: str = DEFAULTS.unit_mass,
+    base_scores: str | None = DEFAULTS.base_scores,
+    base_weight: float = DEFAULTS.base_weight,
 ) -> torch.Tensor:
     settings = LrpSettings(
         importance=importance, rescale=rescale, consensus=consensus, normalize=normalize,
         protect_special=protect_special, missing_scores=missing_scores, selection=selection,
-        epsilon=epsilon, budget=budget, unit_mass=unit_mass,
+        epsilon=epsilon, budget=budget, unit_mass=unit_mass, base_scores=score_path(base_scores),
+        base_weight=base_weight,
     )  # fmt: skip
     base = group.base.tensor
     name = group.metadata.name or "<unnamed tensor>"
@@ -56,6 +61,8 @@ def lrp_merge(
     ranked = consensus in RANKED_CONSENSUS  # the combination reads the kept importances
     by_magnitude = consensus == "unit" and unit_mass == "magnitude"
     deltas, importances, magnitudes, weights = [], [], [], []
+    holding = settings.base_scores is not None
+    kept_mass = None  # with base_scores: the models' kept importance, each over its mean
     for entry in group.non_base:
         settings.check_model(entry.id, weight[entry.id], density[entry.id])
         delta = entry.tensor - base
@@ -75,9 +82,15 @@ def lrp_merge(
         imp = plan.importance
         if imp is not None:
             magnitude = delta.abs().float() if by_magnitude else None  # before any rescale
+            scale = float(imp.mean()) if holding else 0.0
             delta, imp = rule.select(
-                delta, imp, plan.density, plan.generator, kept_importance=ranked, overwrite=True
-            )
+                delta, imp, plan.density, plan.generator, kept_importance=ranked or holding,
+                overwrite=True,
+            )  # fmt: skip
+            if holding:
+                share = imp / scale if scale > 0 else imp.clone()
+                kept_mass = share if kept_mass is None else kept_mass.add_(share)
+                imp = imp if ranked else None
             if by_magnitude:  # the kept entries' own |delta|
                 magnitudes.append(magnitude.mul_(delta != 0))
         elif by_magnitude:
@@ -109,4 +122,7 @@ def lrp_merge(
     del deltas, importances, magnitudes
     if normalize:
         mixed = mixed.div_(divisor)
+    if kept_mass is not None:  # hold what the base relies on (lrp.held_share)
+        held = base_importance(settings, group.base.id, name, base).to(kept_mass.device)
+        mixed = mixed.mul_(held_share(kept_mass, held, base_weight).to(mixed.dtype))
     return mixed.add_(base).to(base.dtype)

@@ -49,6 +49,8 @@ from mergekit_lrp.merging.parameters import (
     REGMEAN_MISSING_MODES,
     SOLVE_DTYPES,
     LRPConfigError,
+    base_member,
+    check_base_weight,
     check_choice,
     score_path,
     settings_from,
@@ -72,17 +74,7 @@ class RegmeanSettings:
     base_weight: float = 1.0
 
     def __post_init__(self):
-        if not self.base_weight > 0:  # also refuses NaN
-            raise LRPConfigError(
-                f"regmean: base_weight must be positive, got {self.base_weight} (it scales "
-                "the base's Gram matrices; drop base_scores to leave the base out)"
-            )
-        if self.base_weight != 1.0 and self.base_scores is None:
-            raise LRPConfigError(
-                "regmean: base_weight weighs the base's Gram matrices, but no base_scores "
-                "is given: add `base_scores: base-gram.safetensors` (lrp-compute --method "
-                "gram on the base model) or drop base_weight"
-            )
+        check_base_weight(NAME, self.base_scores, self.base_weight)
         if not 0 <= self.alpha <= 1:
             raise LRPConfigError(f"regmean: alpha must be in [0, 1], got {self.alpha}")
         if not self.ridge >= 0:  # also refuses NaN
@@ -176,10 +168,6 @@ def regmean_merge(
         )
     return merge_other(base, thetas[: len(models)], weights[: len(models)], other_tensors)
 
-
-def base_member(base) -> str:
-    """How errors name the base's Gram file among the members of the solve."""
-    return f"{base} (base_scores)"
 
 
 def merge_other(base, thetas, weights, rule: str) -> torch.Tensor:

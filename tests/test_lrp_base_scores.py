@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from checkpoints import synthetic_scores
+from gram_files import gram_file
 from helpers import lrp_config
 from merge_runner import run
 from safetensors.torch import load_file
@@ -70,3 +71,14 @@ def test_a_base_file_that_cannot_serve_is_refused_before_merging(family, base_sc
         with pytest.raises(LrpError, match=message):
             run(lrp_config(family, **parameters), out)
         assert not out.exists(), label
+
+
+def test_a_gram_file_of_the_base_cannot_rank_by_scores_alone(family, tmp_path):
+    """importance: scores reads the base's scores alone, which a Gram file does not hold
+    per entry: refused naming the base's file."""
+    gram = gram_file(family["base"], tmp_path / "base-gram.safetensors")
+    config = lrp_config(family, base_scores=str(gram), importance="scores")
+    with pytest.raises(LrpError, match="base-gram.safetensors.*Gram file") as caught:
+        run(config, tmp_path / "out")
+    assert "base_scores" in str(caught.value)
+    assert not (tmp_path / "out").exists()

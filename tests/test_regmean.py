@@ -279,6 +279,8 @@ def test_base_scores_that_cannot_hold_the_base_are_refused_before_merging(
         "no base_scores": ({"base_weight": 2.0}, "no base_scores is given"),
         "weight 0": ({"base_scores": str(base_gram), "base_weight": 0.0}, "must be positive"),
         "a layer missing": ({"base_scores": str(lacking)}, "no Gram matrix for linear weight"),
+        "a per-entry score file": ({"base_scores": str(family["ft_a_scores"])},
+                                   "base_scores.*needs a Gram file"),
     }
     for label, (parameters, message) in cases.items():
         out = tmp_path / label.replace(" ", "-")

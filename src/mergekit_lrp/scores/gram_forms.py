@@ -68,19 +68,14 @@ def factor_gram(gram: torch.Tensor, tolerance: float, max_rank: int | None) -> F
     computed (n^2 k operations, :func:`_factor_leading`)."""
     if max_rank is not None and max_rank <= gram.shape[0] * LEADING_SHARE:
         return _factor_leading(gram, tolerance, max_rank)
-    values, vectors = torch.linalg.eigh(gram.double())
-    values, vectors = values.flip(0).clamp_min(0), vectors.flip(1)
-    top = float(values[0])
-    if top == 0:
+    values, vectors = _descending(*torch.linalg.eigh(gram.double()))
+    chosen = _rank(values, tolerance, gram.shape[0], max_rank)
+    if chosen is None:
         return None
-    # the bound 2 lambda_{r+1} / lambda_1 of each rank r = 0..n-1
-    bounds = 2 * values / top
-    rank = _rank(bounds, tolerance, gram.shape[0], max_rank)
-    if rank is None:
-        return None
+    rank, bound = chosen
     factor = vectors[:, :rank] * values[:rank].sqrt()
     diagonal = (gram.double().diagonal() - factor.square().sum(dim=1)).clamp_min(0)
-    return Factored(factor.float(), diagonal.float(), float(bounds[rank]))  # rank <= n - 2
+    return Factored(factor.float(), diagonal.float(), bound)
 
 
 def _factor_leading(gram: torch.Tensor, tolerance: float, max_rank: int) -> Factored | None:
@@ -99,20 +94,15 @@ def _factor_leading(gram: torch.Tensor, tolerance: float, max_rank: int) -> Fact
     for _ in range(POWER_STEPS):
         basis = torch.linalg.qr(g @ basis).Q
     projected = basis.T @ (g @ basis)
-    values, vectors = torch.linalg.eigh((projected + projected.T) / 2)
-    values, vectors = values.flip(0).clamp_min(0), vectors.flip(1)
-    top = float(values[0])
-    if top == 0:
+    values, vectors = _descending(*torch.linalg.eigh((projected + projected.T) / 2))
+    chosen = _rank(values, tolerance, n, max_rank)
+    if chosen is None:
         return None
-    bounds = 2 * values / top
-    rank = _rank(bounds, tolerance, n, max_rank)
-    if rank is None:
-        return None
+    rank, bound = chosen
     factor = (basis @ vectors[:, :rank]) * values[:rank].sqrt()
     diagonal = (g.diagonal() - factor.square().sum(dim=1)).clamp_min(0)
-    measured = _residual_norm(g, factor, diagonal, generator) / top
-    error = max(measured, float(bounds[rank]) if rank < k else 0.0)
-    return Factored(factor.float(), diagonal.float(), error, estimated=True)
+    measured = _residual_norm(g, factor, diagonal, generator) / float(values[0])
+    return Factored(factor.float(), diagonal.float(), max(measured, bound), estimated=True)
 
 
 def _residual_norm(g, factor, diagonal, generator) -> float:
@@ -143,38 +133,44 @@ def combine_factored(
     residual is the dropped part of F F^T plus sum_p R_p, so the bound recorded is
     (2 mu_{r+1} + sum_p 2 e_p) / mu_1, relative to mu_1 <= lambda_1(sum_p S_p)."""
     factor = torch.cat([part.factor.double() for part in parts], dim=1)
-    values, mixing = torch.linalg.eigh(factor.T @ factor)
-    values, mixing = values.flip(0).clamp_min(0), mixing.flip(1)
-    top = float(values[0])
-    if top == 0:
-        return None
+    values, mixing = _descending(*torch.linalg.eigh(factor.T @ factor))
     # each part's error is relative to its own lambda_1 = ||its first factor column||^2
     carried = sum(part.error * float(part.factor[:, 0].double().square().sum()) for part in parts)
-    n = factor.shape[0]
-    dropped = torch.cat([values, values.new_zeros(max(n - len(values), 1))])
-    bounds = (2 * dropped + carried) / top
-    rank = _rank(bounds, tolerance, n, max_rank)
-    if rank is None:
+    chosen = _rank(values, tolerance, factor.shape[0], max_rank, carried)
+    if chosen is None:
         return None
+    rank, bound = chosen
     new = factor @ mixing[:, :rank]
     rest = (diagonal.double() - new.square().sum(dim=1)).clamp_min(0)
     estimated = any(part.estimated for part in parts)
-    return Factored(new.float(), rest.float(), float(bounds[rank]), estimated)
+    return Factored(new.float(), rest.float(), bound, estimated)
 
 
-def _rank(bounds: torch.Tensor, tolerance: float, n: int, max_rank: int | None) -> int | None:
-    """The fewest eigenpairs r whose ``bounds[r]`` meets ``tolerance``, capped at
-    ``max_rank``; None when the factors would hold as many values as the dense matrix."""
+def _descending(values: torch.Tensor, vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.linalg.eigh``'s eigenpairs, largest first, eigenvalues clamped at 0."""
+    return values.flip(0).clamp_min(0), vectors.flip(1)
+
+
+def _rank(
+    values: torch.Tensor, tolerance: float, n: int, max_rank: int | None, carried: float = 0.0
+) -> tuple[int, float] | None:
+    """(r, its bound) for the eigenvalues ``values`` (largest first; the leading ones of
+    an [n, n] matrix, the rest taken as 0): the fewest eigenpairs whose bound
+    (2 lambda_{r+1} + carried) / lambda_1 meets ``tolerance``, capped at ``max_rank``.
+    None when the matrix is zero or the factors would hold as many values as it."""
+    top = float(values[0])
     limit = n - 2 if max_rank is None else min(max_rank, n - 2)  # (n + 1) r + n < n^2
-    if limit < 1:
+    if top == 0 or limit < 1:
         return None
+    bounds = (2 * torch.cat([values, values.new_zeros(max(n - len(values), 1))]) + carried) / top
     meeting = torch.nonzero(bounds <= tolerance)
     rank = int(meeting[0]) if len(meeting) else n
     if rank > limit:
         if max_rank is None or max_rank >= n - 2:
             return None
         rank = limit
-    return max(rank, 1)
+    rank = max(rank, 1)
+    return rank, float(bounds[rank])
 
 
 def stored_names(name: str) -> tuple[str, str]:

@@ -123,6 +123,6 @@ def lrp_merge(
     if normalize:
         mixed = mixed.div_(divisor)
     if kept_mass is not None:  # hold what the base relies on (lrp.held_share)
-        held = base_importance(settings, group.base.id, name, base).to(kept_mass.device)
+        held = base_importance(settings, group.base.id, name, base)
         mixed = mixed.mul_(held_share(kept_mass, held, base_weight).to(mixed.dtype))
     return mixed.add_(base).to(base.dtype)

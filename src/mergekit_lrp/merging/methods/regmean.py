@@ -129,45 +129,42 @@ def regmean_merge(
     readers = [gram_reader(m, path, open_scores) for m, path in zip(ids, paths, strict=True)]
     weights = [float(weight[model]) for model in ids]
     thetas = [entry.tensor for entry in models]
-    if solves(name, ids, readers, missing_scores) and base_scores:
-        # the base as one more member: zero change, its Gram matrices weighted
+    if not solves(name, ids, readers, missing_scores):
+        return merge_other(base, thetas, weights, other_tensors)
+    if base_scores:  # the base as one more member: zero change, its Gram matrices weighted
         member = base_member(group.base.id)
-        ids.append(member)
-        readers.append(gram_reader(member, score_path(base_scores), open_scores))
-        weights.append(float(base_weight))
-        thetas.append(base)
-    if solves(name, ids, readers, missing_scores):
-        for reader in readers:
-            check_gram_shape(reader, name, tuple(base.shape))
-        dtype = resolve_dtype(solve_dtype, base.device)
-        key = (
-            tuple(
-                (str(r.path), r.gram_name(name), w) for r, w in zip(readers, weights, strict=True)
-            ),
-            alpha,
-            ridge,
-            dtype,
-            str(base.device),
-        )
-        forms = [r.metadata.gram_factored.get(r.gram_name(name)) for r in readers]
-        low_rank = uses_low_rank(forms, base.shape[1])
-        return (solve_low_rank if low_rank else solve)(
-            base,
-            thetas,
-            [(lambda r=r: r.factored_gram(name)) if low_rank else (lambda r=r: r.gram(name))
-             for r in readers],  # fmt: skip
-            weights,
-            alpha,
-            ridge,
-            dtype,
-            where=f"{readers[0].gram_name(name)!r} of {name!r} "
-            f"({', '.join(str(r.path) for r in readers)})",
-            key=key,
-            name=name,
-            users=sharing_weights(readers, name),
-        )
-    return merge_other(base, thetas[: len(models)], weights[: len(models)], other_tensors)
-
+        ids = [*ids, member]
+        readers = [*readers, gram_reader(member, score_path(base_scores), open_scores)]
+        if not solves(name, ids, readers, missing_scores):  # the base's file lacks it
+            return merge_other(base, thetas, weights, other_tensors)
+        thetas, weights = [*thetas, base], [*weights, float(base_weight)]
+    for reader in readers:
+        check_gram_shape(reader, name, tuple(base.shape))
+    dtype = resolve_dtype(solve_dtype, base.device)
+    key = (
+        tuple((str(r.path), r.gram_name(name), w) for r, w in zip(readers, weights, strict=True)),
+        alpha,
+        ridge,
+        dtype,
+        str(base.device),
+    )
+    forms = [r.metadata.gram_factored.get(r.gram_name(name)) for r in readers]
+    low_rank = uses_low_rank(forms, base.shape[1])
+    return (solve_low_rank if low_rank else solve)(
+        base,
+        thetas,
+        [(lambda r=r: r.factored_gram(name)) if low_rank else (lambda r=r: r.gram(name))
+         for r in readers],  # fmt: skip
+        weights,
+        alpha,
+        ridge,
+        dtype,
+        where=f"{readers[0].gram_name(name)!r} of {name!r} "
+        f"({', '.join(str(r.path) for r in readers)})",
+        key=key,
+        name=name,
+        users=sharing_weights(readers, name),
+    )
 
 
 def merge_other(base, thetas, weights, rule: str) -> torch.Tensor:

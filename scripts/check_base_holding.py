@@ -75,10 +75,10 @@ def base_file(family, scratch: Path, label: str, options: dict | None) -> Path:
 def ones_scores(model_dir: Path, out: Path) -> None:
     """Scores of 1 (plus 1e-6 of seeded noise, since constant scores are refused as
     ranking nothing): importance is then |theta_base| alone."""
-    random_scores(model_dir, out, seed=1)
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
+    random_scores(model_dir, out, seed=1)
     with safe_open(str(out), framework="pt") as handle:
         metadata = handle.metadata()
     tensors = {name: 1 + 1e-6 * value for name, value in load_file(out).items()}

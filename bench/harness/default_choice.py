@@ -1,0 +1,138 @@
+"""Choosing one default per merge method: the objective and the candidates, fixed before
+any candidate was run (``scripts/choose_defaults.py`` runs them).
+
+Every candidate is a complete setting a user gets without writing a parameter: no
+per-model weight sweep, one setting for every number of fine-tunes. Each is merged on the
+validation split of every cell, a cell being one merged set of experts (the real family's
+four full fine-tunes, each of their six pairs, its LoRA pair; a toy family's pairs and
+all its experts), and scored there by
+
+    cell score = 0.4 × mean kept + 0.4 × worst expert + 0.2 × base kept,
+    base kept  = clip(1 − ΔNLL / 0.1 nats, −1, 1),
+
+ΔNLL the merged model's held-out text NLL (validation windows) minus the base's: 1 is the
+base's text ability, 0 a loss of 0.1 nats per token (a 10 % rise in perplexity). The
+general-question set is not used: it has no validation half, and it is the test figure
+the choice is reported on.
+
+**The floor.** In every cell a candidate may lose at most :data:`FLOOR_SLACK` nats of
+text more than task arithmetic loses there at its best weight (the weight of {1/N, 0.5,
+1} with the best validation mean kept, the benchmark's rule for mergekit's rows).
+
+**The choice.** A method's score is the mean over sizes of the mean cell score within a
+size (the real family's four experts, its pairs, its LoRA pair; each toy family's pairs
+and all experts), so six pairs count as much as one four-expert merge. The default is the
+best-scoring candidate that passes the floor in every cell; if none does, the one that
+fails it in the fewest cells, then by the smallest excess over the floor.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+
+WEIGHTS = {"mean": 0.4, "worst": 0.4, "base": 0.2}
+#: nats of text NLL per token at which base kept reaches 0
+TEXT_SCALE = 0.1
+#: nats by which a candidate may exceed task arithmetic's text loss in a cell
+FLOOR_SLACK = 0.01
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A complete setting of a merge method (global parameters, one per-model weight)."""
+
+    name: str
+    merge_method: str
+    params: dict = field(default_factory=dict)
+    density: float | None = None
+    #: the per-model weight; several only for the floor's reference, task arithmetic
+    weights: tuple = (1.0,)
+    #: score-set key of the files it reads (``harness.score_sets``), None for none
+    scores: str | None = None
+
+
+def _lrp(name: str, importance: str, density: float, consensus: str, normalize: bool, **kw):
+    params = {"importance": importance, "consensus": consensus, "normalize": normalize}
+    return Candidate(f"lrp ({name})", "lrp", params, density, scores="attnlrp", **kw)
+
+
+#: lrp: the current defaults, the disjoint mean (TIES' normalize) with and without TIES'
+#: sign election at two densities, a smaller top-k, the defaults at weight 0.5, and the
+#: same rules ranked by |delta| instead of |theta| x relevance
+LRP = [
+    _lrp("weight 0.5, none", "weight", 0.5, "none", False),
+    _lrp("weight 0.5, none, normalize", "weight", 0.5, "none", True),
+    _lrp("weight 0.9, none, normalize", "weight", 0.9, "none", True),
+    _lrp("weight 0.5, sum, normalize", "weight", 0.5, "sum", True),
+    _lrp("weight 0.9, sum, normalize", "weight", 0.9, "sum", True),
+    _lrp("weight 0.2, none", "weight", 0.2, "none", False),
+    _lrp("weight 0.5, none, model weight 0.5", "weight", 0.5, "none", False, weights=(0.5,)),
+    _lrp("delta 0.5, none, normalize", "delta", 0.5, "none", True),
+    _lrp("delta 0.9, sum, normalize", "delta", 0.9, "sum", True),
+]
+#: regmean: the current defaults (alpha 0.9, ridge 1e-4), alpha 1 (the plain solve) and
+#: a larger ridge
+REGMEAN = [
+    Candidate("regmean (alpha 0.9)", "regmean", {"alpha": 0.9}, scores="gram"),
+    Candidate("regmean (alpha 1.0)", "regmean", {"alpha": 1.0}, scores="gram"),
+    Candidate(
+        "regmean (alpha 0.9, ridge 0.01)", "regmean", {"alpha": 0.9, "ridge": 0.01}, scores="gram"
+    ),
+]
+#: the floor's reference
+TASK_ARITHMETIC = Candidate("task_arithmetic", "task_arithmetic")
+CANDIDATES = [*LRP, *REGMEAN]
+
+
+def weights_of(candidate: Candidate, merged: int) -> tuple:
+    """The per-model weights ``candidate`` merges ``merged`` experts at (task
+    arithmetic: 1/N, 0.5 and 1)."""
+    if candidate is TASK_ARITHMETIC:
+        return tuple(sorted({round(1 / merged, 4), 0.5, 1.0}))
+    return candidate.weights
+
+
+def base_kept(text_delta: float) -> float:
+    return max(-1.0, min(1.0, 1.0 - text_delta / TEXT_SCALE))
+
+
+def cell_score(record: dict) -> float:
+    """One cell's score from its validation record (``mean``, ``worst``, ``text_delta``)."""
+    return (
+        WEIGHTS["mean"] * record["mean"]
+        + WEIGHTS["worst"] * record["worst"]
+        + WEIGHTS["base"] * base_kept(record["text_delta"])
+    )
+
+
+def floor_of(reference: dict) -> float:
+    """The text loss a cell allows: task arithmetic's at its best validation weight
+    (``reference``: weight -> record), plus :data:`FLOOR_SLACK`."""
+    best = max(reference, key=lambda w: (reference[w]["mean"], -w))
+    return reference[best]["text_delta"] + FLOOR_SLACK
+
+
+def rank(records: dict, references: dict) -> list[dict]:
+    """Every candidate's standing, best first. ``records``: candidate name -> {(size,
+    cell): record}; ``references``: {(size, cell): {weight: record}} (task arithmetic)."""
+    standings = []
+    for name, cells in records.items():
+        by_size: dict = {}
+        failures, excess = 0, 0.0
+        for (size, cell), record in cells.items():
+            by_size.setdefault(size, []).append(cell_score(record))
+            over = record["text_delta"] - floor_of(references[(size, cell)])
+            if over > 0:
+                failures, excess = failures + 1, excess + over
+        standings.append(
+            {
+                "name": name,
+                "score": statistics.mean(statistics.mean(v) for v in by_size.values()),
+                "per_size": {s: statistics.mean(v) for s, v in by_size.items()},
+                "floor_failures": failures,
+                "cells": len(cells),
+                "excess": excess,
+            }
+        )
+    return sorted(standings, key=lambda s: (s["floor_failures"], s["excess"], -s["score"]))

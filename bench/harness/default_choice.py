@@ -28,6 +28,7 @@ fails it in the fewest cells, then by the smallest excess over the floor.
 
 from __future__ import annotations
 
+import shutil
 import statistics
 from dataclasses import dataclass, field
 
@@ -136,3 +137,82 @@ def rank(records: dict, references: dict) -> list[dict]:
             }
         )
     return sorted(standings, key=lambda s: (s["floor_failures"], s["excess"], -s["score"]))
+
+
+@dataclass(frozen=True)
+class ChoiceJob:
+    """One candidate on one cell: merged at each of its weights, scored on validation."""
+
+    family: object  # toy_family.Family or real_family.RealFamily
+    subset: tuple
+    candidate: Candidate
+    scores: str | None  # the score-set key of the files it reads
+    score_files: dict  # (score-set key, task) -> file
+    size: str  # the size the cell counts under (:func:`rank`)
+
+    @property
+    def key(self) -> tuple:
+        from harness.jobs import family_id
+
+        return (family_id(self.family), self.subset, self.candidate.name, self.candidate.density)
+
+    @property
+    def merges(self) -> int:
+        return len(weights_of(self.candidate, len(self.subset)))
+
+
+def as_method(candidate: Candidate, scores: str | None):
+    """The harness row that merges ``candidate`` (``scores``: its score-set key)."""
+    from harness.methods import Method
+
+    return Method(
+        candidate.name,
+        candidate.merge_method,
+        dict(candidate.params),
+        scores=scores,
+        uses_density=candidate.density is not None,
+        pinned=False,
+    )
+
+
+def validate(job: ChoiceJob, exact: bool = False) -> dict:
+    """The job's row: per weight, the validation record of its one merge (kept fractions,
+    their mean and worst, the text NLL's change from the base)."""
+    from harness.evaluation import evaluate, reference_text, subset_mean, subset_worst
+    from harness.jobs import family_id
+    from harness.merge import configuration, run_merge, scratch_dir
+    from harness.methods import merge_config
+
+    family, subset, candidate = job.family, job.subset, job.candidate
+    method = as_method(candidate, job.scores)
+    real = getattr(family, "real", False)
+    records = {}
+    scratch = scratch_dir("choose-defaults-")
+    try:
+        for weight in weights_of(candidate, len(subset)):
+            out = scratch / f"merged-{weight}"
+            config = merge_config(
+                family, subset, method, candidate.density, weight, job.score_files
+            )
+            run_merge(configuration(config), out, None, getattr(family, "lora_cache", None))
+            metrics = evaluate(out, family, "val", False, subset, text=True)
+            if real:
+                delta = metrics["text"]["delta"]
+            else:
+                delta = metrics["text"]["nll"] - reference_text(family, "val")["base"]
+            records[weight] = {
+                "kept": {t: metrics[t]["kept"] for t in subset},
+                "mean": subset_mean(metrics, subset),
+                "worst": subset_worst(metrics, subset),
+                "text_delta": delta,
+            }
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return {
+        "family": family_id(family),
+        "subset": list(subset),
+        "method": candidate.name,
+        "density": candidate.density,
+        "size": job.size,
+        "records": {str(w): r for w, r in records.items()},
+    }

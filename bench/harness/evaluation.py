@@ -22,14 +22,17 @@ import torch
 MIN_TEXT_GAP = 0.01
 
 
-def evaluate(model_dir: Path, family, split: str, exact: bool, tasks=None) -> dict[str, dict]:
+def evaluate(
+    model_dir: Path, family, split: str, exact: bool, tasks=None, text: bool = False
+) -> dict[str, dict]:
     """Per task of ``tasks`` (default: all): kept fraction, and exact match when asked;
     under ``"text"``, the held-out text NLL and retention when the family has text. The
-    real family scores itself (:func:`real_family.evaluate.evaluate`)."""
+    real family scores itself (:func:`real_family.evaluate.evaluate`), its text on the
+    validation split only when ``text`` asks."""
     if getattr(family, "real", False):
         from real_family.evaluate import evaluate as evaluate_real
 
-        return evaluate_real(model_dir, family, split, exact, tasks)
+        return evaluate_real(model_dir, family, split, exact, tasks, text)
     from transformers import AutoModelForCausalLM
 
     from toy_family import kept_fraction

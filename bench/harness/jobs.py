@@ -154,9 +154,14 @@ def run_record(metrics: dict, subset, seed, order) -> dict:
     return record
 
 
-def run_jobs(jobs: list[Job], out: Path, workers: int, threads: int, exact: bool) -> list[dict]:
+def run_jobs(
+    jobs: list, out: Path, workers: int, threads: int, exact: bool, work=None
+) -> list[dict]:
     """The rows of ``jobs``, in their order: those saved in ``out`` by an earlier run, and
-    the others computed over ``workers`` processes (the ``threads`` divided among them)."""
+    the others computed over ``workers`` processes (the ``threads`` divided among them) by
+    ``work(job, exact)`` (default :func:`merge_row`; any job with ``key`` and ``merges``
+    whose rows :func:`row_key` reads back)."""
+    work = work or merge_row
     from tqdm import tqdm
 
     rows = load_partial(out)
@@ -178,7 +183,7 @@ def run_jobs(jobs: list[Job], out: Path, workers: int, threads: int, exact: bool
     try:
         if workers == 1:
             for job in todo:
-                finished(job, merge_row(job, exact))
+                finished(job, work(job, exact))
         else:
             context = multiprocessing.get_context("spawn")  # no fork after OpenMP started
             with ProcessPoolExecutor(
@@ -187,7 +192,7 @@ def run_jobs(jobs: list[Job], out: Path, workers: int, threads: int, exact: bool
                 initializer=_start_worker,
                 initargs=(max(1, threads // workers),),
             ) as pool:
-                running = {pool.submit(merge_row, job, exact): job for job in todo}
+                running = {pool.submit(work, job, exact): job for job in todo}
                 for future in as_completed(running):
                     finished(running[future], future.result())
     finally:

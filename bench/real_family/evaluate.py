@@ -36,18 +36,19 @@ def load_model(path):
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
-def raw_metrics(model, family, split: str, exact: bool, tasks) -> dict:
+def raw_metrics(model, family, split: str, exact: bool, tasks, text: bool = False) -> dict:
     """Answer NLL per skill of ``tasks``; with ``exact`` (the test split's scoring) also
     each skill's exact match and the text and general figures. The validation split
     chooses each row's weight by the skills alone, so it skips the text, the most costly
-    figure of a merge's scoring."""
+    figure of a merge's scoring, unless ``text`` asks for it (choosing a default)."""
     metrics = {}
     for task in tasks:
         examples = family.eval_examples(task, split)
         scores = answer_scores(model, family.tokenizer, family.task_objects[task], examples)
         metrics[task] = {**scores, "exact_match": scores["exact_match"] if exact else None}
-    if exact:
+    if exact or text:
         metrics["text"] = {"nll": text_nll(model, family.tokenizer, split)}
+    if exact:
         metrics["general"] = general_scores(model, family.tokenizer)
     return metrics
 
@@ -74,11 +75,26 @@ def reference(family, split: str) -> dict:
     return found
 
 
-def evaluate(model_dir: Path, family, split: str, exact: bool, tasks=None) -> dict:
+def base_text_nll(family, split: str) -> float:
+    """The base's held-out text NLL on ``split`` (the test reference holds it; the
+    validation one is computed once and cached beside it)."""
+    ref = reference(family, split)
+    if "text" in ref["base"]:
+        return ref["base"]["text"]["nll"]
+    path = family.root / "metrics" / f"base-text-{split}.json"
+    if not path.exists():
+        nll = text_nll(load_model(family.base), family.tokenizer, split)
+        scratch = path.with_suffix(f".{os.getpid()}.tmp")
+        scratch.write_text(json.dumps({"nll": nll}))
+        os.replace(scratch, path)
+    return json.loads(path.read_text())["nll"]
+
+
+def evaluate(model_dir: Path, family, split: str, exact: bool, tasks=None, text=False) -> dict:
     """What :func:`harness.evaluation.evaluate` returns, for the real family: per skill
     ``kept`` and ``exact_match``; ``text`` (nll, delta) and ``general``."""
     tasks = tasks or family.tasks
-    metrics = raw_metrics(load_model(model_dir), family, split, exact, tasks)
+    metrics = raw_metrics(load_model(model_dir), family, split, exact, tasks, text)
     return scored(metrics, family, split, tasks)
 
 
@@ -94,7 +110,7 @@ def scored(metrics: dict, family, split: str, tasks) -> dict:
         }
     if "text" in metrics:
         nll = metrics["text"]["nll"]
-        delta = nll - ref["base"]["text"]["nll"]
+        delta = nll - base_text_nll(family, split)
         result["text"] = {"nll": nll, "delta": delta, "retention": None}
     if "general" in metrics:
         result["general"] = metrics["general"]

@@ -3,6 +3,7 @@ smallest path end to end, so a broken harness fails here rather than in a benchm
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,15 @@ import torch
 from merge_runner import run
 from tiny_models import AS_CHECKPOINT, make_tiny_model
 
+from harness.default_choice import (
+    LRP,
+    TASK_ARITHMETIC,
+    base_kept,
+    cell_score,
+    floor_of,
+    rank,
+    weights_of,
+)
 from harness.jobs import subsets_of
 from harness.merge import exact_ranks, sparsification_reused
 from harness.methods import (
@@ -144,6 +154,46 @@ def test_run_summary_and_objective_by_hand():
     assert summary["retention"] == pytest.approx(1.1)  # the runs that have one
     assert summary["order_spread"] == pytest.approx(0.7 - 0.55)
     assert objective(summary) == pytest.approx(0.4 * 0.6 + 0.4 * 0.5 + 0.2 * 1.0)  # clipped
+
+
+def test_default_choice_floor_and_ranking_by_hand():
+    def record(mean, worst, delta):
+        return {"mean": mean, "worst": worst, "text_delta": delta}
+
+    assert base_kept(-0.3) == 1.0 and base_kept(0.05) == pytest.approx(0.5)
+    assert base_kept(0.5) == -1.0
+    assert cell_score(record(0.8, 0.6, 0.05)) == pytest.approx(0.4 * 0.8 + 0.4 * 0.6 + 0.1)
+    # the floor is task arithmetic's text loss at its best validation weight (0.5 here,
+    # not the weight with the smallest loss), plus the slack
+    reference = {
+        0.25: record(0.6, 0.5, 0.00), 0.5: record(0.9, 0.8, 0.10), 1.0: record(0.7, 0.6, 0.3)
+    }
+    assert floor_of(reference) == pytest.approx(0.11)
+    assert weights_of(TASK_ARITHMETIC, 4) == (0.25, 0.5, 1.0)
+    assert weights_of(LRP[0], 4) == (1.0,)
+    references = {("four", "a"): reference, ("pairs", "b"): reference, ("pairs", "c"): reference}
+    records = {
+        # scores highest, but loses more text than the floor in one cell
+        "greedy": {
+            ("four", "a"): record(1.0, 1.0, 0.2),
+            ("pairs", "b"): record(1.0, 1.0, 0.0),
+            ("pairs", "c"): record(1.0, 1.0, 0.0),
+        },
+        "safe": {
+            ("four", "a"): record(0.5, 0.5, 0.0),
+            ("pairs", "b"): record(0.9, 0.9, 0.0),
+            ("pairs", "c"): record(0.7, 0.7, 0.0),
+        },
+    }
+    first, second = rank(records, references)
+    assert (first["name"], first["floor_failures"]) == ("safe", 0)
+    assert (second["name"], second["floor_failures"], second["cells"]) == ("greedy", 1, 3)
+    assert second["excess"] == pytest.approx(0.09)
+    # each size counts once: the pairs' mean, then the mean over sizes
+    pairs = statistics.mean(cell_score(records["safe"][("pairs", c)]) for c in "bc")
+    assert first["per_size"]["pairs"] == pytest.approx(pairs)
+    four = cell_score(records["safe"][("four", "a")])
+    assert first["score"] == pytest.approx((pairs + four) / 2)
 
 
 def test_subsets_list_all_experts_once():

@@ -32,6 +32,7 @@ from harness.default_choice import (  # noqa: E402
     TASK_ARITHMETIC,
     ChoiceJob,
     as_method,
+    at_best_weight,
     rank,
     validate,
 )
@@ -115,13 +116,20 @@ def main() -> None:
             references[cell] = by_weight
         else:
             records.setdefault(row["method"], {})[cell] = next(iter(by_weight.values()))
-    lines = []
+    lines, chosen = [], {}
     methods = {c.name: c.merge_method for c in CANDIDATES}
     for merge_method in dict.fromkeys(methods.values()):
         mine = {n: r for n, r in records.items() if methods[n] == merge_method}
         standings = rank(mine, references)
+        chosen[standings[0]["name"]] = mine[standings[0]["name"]]
         lines += [f"## {merge_method}: chosen default {standings[0]['name']}", ""]
         lines += table(standings) + [""]
+    # the recommendation: each method's default against task arithmetic at its best
+    # validation weight in each cell (which passes the floor by definition)
+    best = {cell: at_best_weight(by_weight) for cell, by_weight in references.items()}
+    standings = rank({**chosen, "task_arithmetic (best weight)": best}, references)
+    lines += [f"## recommendation: {standings[0]['name']}", ""]
+    lines += table(standings) + [""]
     seconds = time.perf_counter() - started
     lines.append(f"{len(rows)} cells, {seconds / 60:.1f} min (threads {args.threads})")
     (args.out / "results.json").write_text(json.dumps({"rows": rows, "seconds": seconds}))

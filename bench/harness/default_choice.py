@@ -107,11 +107,16 @@ def cell_score(record: dict) -> float:
     )
 
 
+def at_best_weight(reference: dict) -> dict:
+    """Task arithmetic's record at its best validation weight (``reference``: weight ->
+    record; the best mean kept, the smaller weight on a tie)."""
+    return reference[max(reference, key=lambda w: (reference[w]["mean"], -w))]
+
+
 def floor_of(reference: dict) -> float:
-    """The text loss a cell allows: task arithmetic's at its best validation weight
-    (``reference``: weight -> record), plus :data:`FLOOR_SLACK`."""
-    best = max(reference, key=lambda w: (reference[w]["mean"], -w))
-    return reference[best]["text_delta"] + FLOOR_SLACK
+    """The text loss a cell allows: task arithmetic's at its best validation weight,
+    plus :data:`FLOOR_SLACK`."""
+    return at_best_weight(reference)["text_delta"] + FLOOR_SLACK
 
 
 def rank(records: dict, references: dict) -> list[dict]:

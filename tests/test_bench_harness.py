@@ -3,6 +3,7 @@ smallest path end to end, so a broken harness fails here rather than in a benchm
 
 import json
 import os
+import pickle
 import statistics
 import subprocess
 import sys
@@ -170,6 +171,8 @@ def test_default_choice_floor_and_ranking_by_hand():
     }
     assert floor_of(reference) == pytest.approx(0.11)
     assert weights_of(TASK_ARITHMETIC, 4) == (0.25, 0.5, 1.0)
+    # a worker process receives a copy of the candidate, and still sweeps the weights
+    assert weights_of(pickle.loads(pickle.dumps(TASK_ARITHMETIC)), 2) == (0.5, 1.0)
     assert weights_of(LRP[0], 4) == (1.0,)
     references = {("four", "a"): reference, ("pairs", "b"): reference, ("pairs", "c"): reference}
     records = {

@@ -89,7 +89,7 @@ CANDIDATES = [*LRP, *REGMEAN]
 def weights_of(candidate: Candidate, merged: int) -> tuple:
     """The per-model weights ``candidate`` merges ``merged`` experts at (task
     arithmetic: 1/N, 0.5 and 1)."""
-    if candidate is TASK_ARITHMETIC:
+    if candidate == TASK_ARITHMETIC:  # by value: a worker process gets a copy
         return tuple(sorted({round(1 / merged, 4), 0.5, 1.0}))
     return candidate.weights
 

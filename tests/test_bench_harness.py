@@ -130,6 +130,16 @@ def test_merge_config_lists_experts_in_the_order_given_with_their_score_files(tm
         "density": 0.5,
         "lrp_scores": str(tmp_path / "b.safetensors"),
     }
+    assert "base_scores" not in config["parameters"]
+    # a row that holds the base reads the base's own file of its score kind
+    held = Method("h", "regmean", scores="gram-none-32", uses_density=False, base_weight=4.0)
+    files = {("gram-none-32", t): tmp_path / f"{t}.safetensors" for t in ("a", "b", "base")}
+    config = merge_config(Family, ("a", "b"), held, None, 1.0, files)
+    assert config["parameters"] == {
+        "base_scores": str(tmp_path / "base.safetensors"),
+        "base_weight": 4.0,
+    }
+    assert config["models"][1]["parameters"]["lrp_scores"] == str(tmp_path / "b.safetensors")
 
 
 def test_order_dependent_rules_are_merged_in_every_rotation():

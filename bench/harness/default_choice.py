@@ -51,6 +51,8 @@ class Candidate:
     weights: tuple = (1.0,)
     #: score-set key of the files it reads (``harness.score_sets``), None for none
     scores: str | None = None
+    #: the weight of the base's own file of the same kind (``base_scores``), None: none
+    base_weight: float | None = None
 
 
 def _lrp(name: str, importance: str, density: float, consensus: str, normalize: bool, **kw):
@@ -72,13 +74,19 @@ LRP = [
     _lrp("delta 0.5, none, normalize", "delta", 0.5, "none", True),
     _lrp("delta 0.9, sum, normalize", "delta", 0.9, "sum", True),
 ]
-#: regmean: the current defaults (alpha 0.9, ridge 1e-4), alpha 1 (the plain solve) and
-#: a larger ridge
+#: regmean: the current defaults (alpha 0.9, ridge 1e-4), alpha 1 (the plain solve), a
+#: larger ridge, and the base's Gram file as one more member at weights 1 and 4 (these two
+#: were added after the first run, which had left out the base-holding rows)
 REGMEAN = [
     Candidate("regmean (alpha 0.9)", "regmean", {"alpha": 0.9}, scores="gram"),
     Candidate("regmean (alpha 1.0)", "regmean", {"alpha": 1.0}, scores="gram"),
     Candidate(
         "regmean (alpha 0.9, ridge 0.01)", "regmean", {"alpha": 0.9, "ridge": 0.01}, scores="gram"
+    ),
+    *(
+        Candidate(f"regmean (alpha 0.9, base_weight {w:g})", "regmean", {"alpha": 0.9},
+                  scores="gram", base_weight=w)  # fmt: skip
+        for w in (1.0, 4.0)
     ),
 ]
 #: the floor's reference
@@ -152,7 +160,7 @@ class ChoiceJob:
     subset: tuple
     candidate: Candidate
     scores: str | None  # the score-set key of the files it reads
-    score_files: dict  # (score-set key, task) -> file
+    score_files: dict  # (score-set key, task or "base") -> file
     size: str  # the size the cell counts under (:func:`rank`)
 
     @property
@@ -177,6 +185,7 @@ def as_method(candidate: Candidate, scores: str | None):
         scores=scores,
         uses_density=candidate.density is not None,
         pinned=False,
+        base_weight=candidate.base_weight,
     )
 
 

@@ -37,6 +37,9 @@ class Method:
     #: rank every entry exactly (a sort) in stochastic selection, whatever the tensor's
     #: size: the reference for lrp's approximate ranks (harness.merge.exact_ranks)
     exact_ranks: bool = False
+    #: hold the base: the base's own file of the row's score kind as ``base_scores``, at
+    #: this ``base_weight`` (None: no base file; ``harness.score_sets.base_score_file``)
+    base_weight: float | None = None
 
 
 def _rows(role: str, *methods: Method) -> list[Method]:
@@ -451,6 +454,9 @@ def merge_config(family, order, method: Method, density, weight, score_files, se
         if method.scores:
             params["lrp_scores"] = str(score_files[(method.scores.format(seed=seed), task)])
         models.append({"model": str(family.experts[task]), "parameters": params})
+    if method.base_weight is not None:
+        shared["base_scores"] = str(score_files[(method.scores, "base")])
+        shared["base_weight"] = method.base_weight
     return {
         "merge_method": method.merge_method,
         "base_model": str(family.base),

@@ -36,11 +36,15 @@ def score_keys(methods) -> set[str]:
 
 
 def family_score_files(family, methods, progress) -> dict[tuple[str, str], Path]:
-    """(key, task) -> score file, for every score set ``methods`` read; computed once per
-    version of the scoring code, under the family's directory."""
+    """(key, task) -> score file, for every score set ``methods`` read, and (key, "base")
+    -> the base's own file for the rows that hold the base; computed once per version of
+    the scoring code, under the family's directory."""
     root = family.root / f"scores-{scoring_code_hash()}"
     root.mkdir(exist_ok=True)
-    return compute_score_files(family, score_keys(methods), root, progress)
+    files = compute_score_files(family, score_keys(methods), root, progress)
+    for key in {m.scores for m in methods if m.base_weight is not None}:
+        files[(key, "base")] = base_score_file(family, key, progress)
+    return files
 
 
 def compute_score_files(family, keys, root: Path, progress) -> dict[tuple[str, str], Path]:
@@ -63,6 +67,32 @@ def compute_score_files(family, keys, root: Path, progress) -> dict[tuple[str, s
                 progress(f"scored {task} ({key})")
             files[(key, task)] = out
     return files
+
+
+def base_score_file(family, key: str, progress) -> Path:
+    """The base model's own file for score-set ``key``, on general prompts no evaluation
+    reads: on the real family its general calibration
+    (:func:`real_family.general.write_base_calibration`), on a toy family the calibration
+    split of its text domain (the base's general data); cached like the experts'."""
+    from mergekit_lrp.scoring.options import ComputeOptions
+    from mergekit_lrp.scoring.run import compute_scores
+
+    root = family.root / f"scores-{scoring_code_hash()}"
+    root.mkdir(exist_ok=True)
+    out = root / f"base-{key.replace(':', '-')}.safetensors"
+    if not out.exists():
+        chosen, count = key_options(key)
+        if getattr(family, "real", False):
+            from real_family.general import write_base_calibration
+
+            prompts = root / "base-general.jsonl"
+            write_base_calibration(family.tokenizer, prompts)
+        else:
+            prompts = family.write_calibration("text", count, root)
+        compute_scores(str(family.base), str(prompts), str(out),
+                       ComputeOptions(**chosen, progress=False))  # fmt: skip
+        progress(f"scored the base ({key})")
+    return out
 
 
 def key_options(key: str) -> tuple[dict, int]:

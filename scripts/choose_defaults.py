@@ -9,8 +9,12 @@ validation split of every cell of the real family (the four full fine-tunes of
 SmolLM2-135M-Instruct, each pair of them, the LoRA pair; docs/real-family.md) and of the
 toy families named by ``--toys`` (their pairs and all their experts), with the held-out
 text NLL scored on the validation windows. Prints and writes (results.json, results.md in
---out) each candidate's score per size, its floor failures, and the chosen default per
-method. A run started again with the same --out resumes from the cells it finished.
+--out) each candidate's score per size, its floor failures, the chosen default per
+method (the best that needs no file beyond the models' own: the base-holding settings
+are ranked but cannot be a default), and the recommendation table: those defaults, the
+base-holding settings and task arithmetic at fixed weights and at its best weight per
+merge, by the same objective. A run started again with the same --out resumes from the
+cells it finished.
 """
 
 from __future__ import annotations
@@ -116,20 +120,30 @@ def main() -> None:
             references[cell] = by_weight
         else:
             records.setdefault(row["method"], {})[cell] = next(iter(by_weight.values()))
-    lines, chosen = [], {}
-    methods = {c.name: c.merge_method for c in CANDIDATES}
-    for merge_method in dict.fromkeys(methods.values()):
-        mine = {n: r for n, r in records.items() if methods[n] == merge_method}
+    lines, configs = [], {}
+    methods = {c.name: c for c in CANDIDATES}
+    for merge_method in dict.fromkeys(c.merge_method for c in CANDIDATES):
+        mine = {n: r for n, r in records.items() if methods[n].merge_method == merge_method}
         standings = rank(mine, references)
-        chosen[standings[0]["name"]] = mine[standings[0]["name"]]
-        lines += [f"## {merge_method}: chosen default {standings[0]['name']}", ""]
+        # a default needs no file beyond the models' own: the base-holding settings are
+        # ranked, and go on to the recommendation, but are not the method's default
+        default = next(s["name"] for s in standings if methods[s["name"]].base_weight is None)
+        held = [s["name"] for s in standings if methods[s["name"]].base_weight is not None]
+        configs.update({n: mine[n] for n in (default, *held)})
+        lines += [f"## {merge_method}: chosen default {default}", ""]
         lines += table(standings) + [""]
-    # the recommendation: each method's default against task arithmetic at its best
-    # validation weight in each cell (which passes the floor by definition)
-    best = {cell: at_best_weight(by_weight) for cell, by_weight in references.items()}
-    standings = rank({**chosen, "task_arithmetic (best weight)": best}, references)
-    lines += [f"## recommendation: {standings[0]['name']}", ""]
-    lines += table(standings) + [""]
+    # the recommendation: each method's default and base-holding settings against task
+    # arithmetic at one weight for every merge (1/N, 0.5, 1) and at its best validation
+    # weight in each cell (the floor's reference, which a user cannot know beforehand)
+    for label, pick in {
+        "task_arithmetic (weight 1/N)": lambda ws: ws[min(ws)],
+        "task_arithmetic (weight 0.5)": lambda ws: ws[0.5],
+        "task_arithmetic (weight 1)": lambda ws: ws[1.0],
+        "task_arithmetic (best weight per merge)": at_best_weight,
+    }.items():
+        configs[label] = {cell: pick(by_weight) for cell, by_weight in references.items()}
+    standings = rank(configs, references)
+    lines += ["## recommendation", ""] + table(standings) + [""]
     seconds = time.perf_counter() - started
     lines.append(f"{len(rows)} cells, {seconds / 60:.1f} min (threads {args.threads})")
     (args.out / "results.json").write_text(json.dumps({"rows": rows, "seconds": seconds}))

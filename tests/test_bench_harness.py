@@ -209,6 +209,17 @@ def test_default_choice_floor_and_ranking_by_hand():
     assert first["score"] == pytest.approx((pairs + four) / 2)
 
 
+def test_a_resumed_run_returns_only_its_own_jobs_rows_and_keeps_the_others(tmp_path):
+    from harness.jobs import PARTIAL, run_jobs
+
+    later = {"family": "real:0", "subset": ["a", "b"], "method": "m", "density": None}
+    (tmp_path / PARTIAL).write_text(json.dumps([later]))
+    # no job of this call owns the saved row (a later stage's): nothing returned, and
+    # the row stays saved for the stage that owns it
+    assert run_jobs([], tmp_path, 1, 1, False) == []
+    assert json.loads((tmp_path / PARTIAL).read_text()) == [later]
+
+
 def test_subsets_list_all_experts_once():
     assert subsets_of(("a", "b"), "both") == [("a", "b")]
     assert subsets_of(("a", "b", "c"), "pairs") == [("a", "b"), ("a", "c"), ("b", "c")]

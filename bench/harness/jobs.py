@@ -197,9 +197,9 @@ def run_jobs(
                     finished(running[future], future.result())
     finally:
         bar.close()
+    # the saved file may hold rows of later jobs (a resumed run): only these jobs' rows
     order = {job.key: index for index, job in enumerate(jobs)}
-    rows.sort(key=lambda r: order[row_key(r)])
-    return rows
+    return sorted((r for r in rows if row_key(r) in order), key=lambda r: order[row_key(r)])
 
 
 def _start_worker(threads: int) -> None:

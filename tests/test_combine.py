@@ -197,8 +197,9 @@ def test_new_parameters_are_validated(tmp_path, parameters, fragment):
 
 
 def test_defaults_are_the_rule_chosen_on_the_benchmark(tmp_path):
-    """No rule given: density 0.5, top-k by |theta| x score, the kept deltas added, no sign
-    rule and no mean (docs/BENCHMARKS.md, "Many experts")."""
+    """No rule given: density 0.9, top-k by |theta| x score, no sign rule, each entry
+    divided by the summed weights of the models that kept it (docs/BENCHMARKS.md,
+    "Choosing the defaults")."""
     torch.manual_seed(2)
     base = torch.randn(12, 12)  # not zero: |theta| and |delta| rank differently
     models = {"base": {"w": base}}
@@ -212,8 +213,8 @@ def test_defaults_are_the_rule_chosen_on_the_benchmark(tmp_path):
         parameters = {"lrp_scores": paths, **rule}
         return merge_state_dicts(models, "lrp", base="base", parameters=parameters)["w"]
 
-    chosen = dict(density=0.5, importance="weight", **TOPK_RULE)
+    chosen = dict(density=0.9, importance="weight", **{**TOPK_RULE, "normalize": True})
     assert torch.equal(merged(), merged(**chosen))
-    for other in ({"importance": "delta"}, {"normalize": True}, {"density": 0.9},
+    for other in ({"importance": "delta"}, {"normalize": False}, {"density": 0.5},
                   {"consensus": "sum"}, {"selection": "stochastic"}):
         assert not torch.equal(merged(), merged(**{**chosen, **other})), other

@@ -13,6 +13,7 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
+from mergekit_lrp.merging.methods.lrp import DEFAULT_DENSITY
 from real_family import build, family, general, skills, text
 from real_family.family import RealFamily, RealRecipe, build_real_family
 from real_family.gguf_base import RealBaseError
@@ -213,7 +214,7 @@ def test_the_real_table_reports_each_row_at_its_best_validation_density():
     best = {r["method"]: r["density"] for r in real_bench.best_rows(rows)}
     assert best == {"ties": 0.6, "lrp": 0.5}  # by validation, not by the test figure
     assert real_bench.densities_of(real_bench.BY_ROW["ties"], quick=False) == (0.3, 0.6, 0.9)
-    assert real_bench.densities_of(real_bench.TWO_FINE_TUNES, quick=False) == (0.9,)
+    assert real_bench.densities_of(real_bench.DEFAULTS, quick=False) == (DEFAULT_DENSITY,)
 
 
 def test_exact_match_read_off_one_pass_is_what_greedy_decoding_answers(tmp_path):

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from mergekit_lrp.errors import LrpError
 from mergekit_lrp.merging import gram_solve as gram_module
-from mergekit_lrp.merging.gram_solve import DEFAULT_RIDGE, forget_factors, solve
+from mergekit_lrp.merging.gram_solve import DEFAULT_RIDGE, OBS_RIDGE, forget_factors, solve
 from mergekit_lrp.merging.selection import top_k_mask
 from mergekit_lrp.scores.file import ScoreMetadata, ScoreReader, write_scores
 
@@ -338,7 +338,7 @@ def test_mergekit_yaml_runs_regmean_and_the_card_says_so(family, grams, tmp_path
     assert "solved in float64 (`solve_dtype: auto` on cpu)" in card  # the dtype used
     assert "ft_a-gram.safetensors" in card and "input_gram" in card
     saved = (tmp_path / "out" / "mergekit_config.yml").read_text()
-    for parameter in ("alpha: 0.9", "ridge: 0.0001", "other_tensors: average"):
+    for parameter in ("alpha: 0.9", f"ridge: {DEFAULT_RIDGE:g}", "other_tensors: average"):
         assert parameter in saved
     merged = read_weights(tmp_path / "out")
     torch.testing.assert_close(merged[Q].double(), by_hand(family, grams, Q),
@@ -360,7 +360,7 @@ def test_lrp_ranks_by_the_exact_obs_saliency_of_a_gram_file(family, grams, tmp_p
     for name in (Q, DOWN):
         delta = tuned[name] - base[name]
         g = ScoreReader(grams["ft_a"]).gram(name).double()
-        lam = DEFAULT_RIDGE * float(g.diagonal().mean())
+        lam = OBS_RIDGE * float(g.diagonal().mean())
         inverse = torch.linalg.inv(g + lam * torch.eye(g.shape[0], dtype=torch.float64))
         obs = delta.square() * (1 / inverse.diagonal()).float()  # float32, as the merge
         k = round(0.5 * delta.numel())

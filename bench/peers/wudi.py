@@ -6,8 +6,9 @@ of that fine-tune's own task vector, which stand in for its inputs (the paper sh
 span them): minimise sum_i ||(delta - delta_i) G_i^(1/2)||^2 with
 G_i = weight_i * delta_i^T delta_i / ||delta_i||_F^2. This is RegMean's objective with G_i
 in place of the inputs' Gram matrix, so it is solved in closed form by this package's
-RegMean solve (ridge 1e-4 times the mean diagonal, as ``regmean``'s default; the paper
-runs gradient steps from task arithmetic instead). Other tensors: the weighted mean of
+RegMean solve (ridge :data:`RIDGE` times the mean diagonal, small enough to leave the
+objective's minimum in place; the paper runs gradient steps from task arithmetic
+instead). Other tensors: the weighted mean of
 the changes.
 """
 
@@ -17,8 +18,10 @@ import torch
 from mergekit.merge_methods.base import BasePolicy, InputContract, PerNonBase, TensorGroup
 from mergekit.merge_methods.easy_define import merge_method
 
-from mergekit_lrp.merging.gram_solve import DEFAULT_RIDGE, solve
+from mergekit_lrp.merging.gram_solve import solve
 from peers.task_vectors import merge_tensor
+
+RIDGE = 1e-4
 
 
 def wudi_change(
@@ -27,7 +30,7 @@ def wudi_change(
     grams = [lambda d=d: d.T @ d / d.square().sum().clamp_min(1e-30) for d in deltas]
     thetas = [base + d for d in deltas]
     where = f"wudi on {name!r}"
-    merged = solve(base, thetas, grams, weights, 1.0, DEFAULT_RIDGE, torch.float64, where)
+    merged = solve(base, thetas, grams, weights, 1.0, RIDGE, torch.float64, where)
     return merged - base
 
 

@@ -45,9 +45,12 @@ from mergekit_lrp.scores.file import ScoreFileError, ScoreReader
 #: RegMean's off-diagonal scale: the RegMean paper shrinks the off-diagonal entries of
 #: the Gram matrices for stability; 0.9 keeps most of the correlations (docs/method.md)
 DEFAULT_ALPHA = 0.9
-#: the ridge, relative to the mean diagonal of the summed Gram matrices (regmean's
-#: default, and the fixed ridge of lrp's OBS saliency from a Gram file)
-DEFAULT_RIDGE = 1e-4
+#: regmean's ridge, relative to the mean diagonal of the summed Gram matrices: chosen
+#: with regmean's other defaults on the benchmark's validation split (docs/BENCHMARKS.md,
+#: "Choosing the defaults")
+DEFAULT_RIDGE = 1e-2
+#: the fixed ridge of lrp's OBS saliency from a Gram file, on the same scale
+OBS_RIDGE = 1e-4
 
 
 class GramSolveError(LrpError):

@@ -19,7 +19,7 @@ from functools import lru_cache
 
 import torch
 
-from mergekit_lrp.merging.gram_solve import DEFAULT_RIDGE, check_gram_shape, obs_column_factor
+from mergekit_lrp.merging.gram_solve import OBS_RIDGE, check_gram_shape, obs_column_factor
 from mergekit_lrp.merging.parameters import LRPConfigError
 from mergekit_lrp.scores.file import SCORE_DTYPES, ScoreFileError, ScoreReader
 
@@ -192,12 +192,12 @@ def importance_of(
     same for every entry rank nothing (top-k would keep entries in index order): they are
     refused, or replaced as ``missing_scores`` says. From a Gram file: delta^2 (or theta^2)
     times 1 / [(G + lambda I)^-1]_jj of the entry's input column j, the exact OBS
-    saliency, lambda = :data:`.gram_solve.DEFAULT_RIDGE` * mean(diag G).
+    saliency, lambda = :data:`.gram_solve.OBS_RIDGE` * mean(diag G).
     """
     fallback = scores.fallback
     if fallback is None and scores.reader.is_gram:
         check_mode(scores.reader, mode, scores.model)
-        factor = obs_column_factor(scores.reader, scores.name, DEFAULT_RIDGE, delta.device)
+        factor = obs_column_factor(scores.reader, scores.name, OBS_RIDGE, delta.device)
         return (theta if mode == "weight" else delta).float().square() * factor
     if fallback is None:
         check_mode(scores.reader, mode, scores.model)

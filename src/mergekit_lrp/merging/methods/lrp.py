@@ -6,10 +6,12 @@ importance rank (:mod:`..selection`), the rest zeroed; the models' weighted kept
 are combined by the sign rule of :mod:`..combine`, optionally normalised by the summed
 weights, and added to theta_base (docs/method.md).
 
-The defaults (the top half of each task vector by |theta| x score, the kept deltas added
-at weight 1, no sign rule) were chosen on the benchmark's validation split at weight 1,
-on two- and four-expert families, by an objective counting the worst expert
-(docs/BENCHMARKS.md, "Choosing lrp's defaults"). They live in :class:`LrpSettings` alone.
+The defaults (the top 90 % of each task vector by |theta| x score, no sign rule, each
+entry divided by the summed weights of the models that kept it: TIES' disjoint mean)
+were chosen on the benchmark's validation split, over the real family's and the toy
+families' merges of two and of all fine-tunes, by an objective counting the worst expert
+and the base's text ability, with task arithmetic's text loss as a floor
+(docs/BENCHMARKS.md, "Choosing the defaults"). They live in :class:`LrpSettings` alone.
 
 This module is the method's spec, without mergekit (the notebook API and ``lrp-inspect``
 read it): its settings, the per-tensor reading of one model's task vector that the
@@ -61,7 +63,7 @@ class LrpSettings:
     importance: str = "weight"
     rescale: bool | str = False
     consensus: str = "none"
-    normalize: bool = False
+    normalize: bool = True
     protect_special: bool = True
     missing_scores: str = "error"
     selection: str = "topk"
@@ -107,7 +109,7 @@ class LrpSettings:
 DEFAULTS = LrpSettings()
 #: the per-model parameters' defaults
 DEFAULT_WEIGHT = 1.0
-DEFAULT_DENSITY = 0.5
+DEFAULT_DENSITY = 0.9
 
 
 @dataclass

@@ -2,8 +2,9 @@
 
 build or reuse the base and two full fine-tunes (two-digit addition, dates to DD/MM/YYYY;
 docs/real-family.md) -> `lrp-compute` relevance and Gram files for each -> `mergekit-yaml`
-with examples/demo-lrp.yml (lrp's defaults), examples/demo-lrp-two.yml (the settings the
-README gives for two fine-tunes), examples/demo-regmean.yml and examples/demo-dare-ties.yml
+with examples/demo-lrp.yml (lrp's defaults), examples/demo-task-arithmetic.yml (the
+recommended config: mergekit's task_arithmetic, task vectors averaged), examples/demo-regmean.yml
+and examples/demo-dare-ties.yml
 -> the test split: each skill's kept fraction and exact match, the held-out text NLL and
 the general set, and a few questions answered side by side by every model.
 
@@ -32,7 +33,7 @@ BIN = Path(sys.executable).parent
 SKILLS = ("add", "date")
 CONFIGS = {
     "lrp": REPO / "examples" / "demo-lrp.yml",
-    "lrp-two": REPO / "examples" / "demo-lrp-two.yml",
+    "task_arithmetic": REPO / "examples" / "demo-task-arithmetic.yml",
     "regmean": REPO / "examples" / "demo-regmean.yml",
     "dare_ties": REPO / "examples" / "demo-dare-ties.yml",
 }

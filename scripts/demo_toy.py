@@ -1,8 +1,9 @@
 """The main job end to end, on the toy family (no downloads):
 
 build or reuse the family -> `lrp-compute` on every expert -> `mergekit-yaml` with
-examples/demo-lrp.yml (lrp's defaults), examples/demo-lrp-two.yml (the settings the README
-recommends for two fine-tunes) and examples/demo-dare-ties.yml -> evaluate -> comparison.
+examples/toy-demo-lrp.yml (lrp's defaults), examples/toy-demo-task-arithmetic.yml (the
+recommended config: the task vectors averaged) and examples/toy-demo-dare-ties.yml ->
+evaluate -> comparison.
 The examples name the default family's two experts; for a family with other experts
 (``--preset llama-4x``) the demo writes the same configs over all of them.
 
@@ -26,7 +27,7 @@ WORK = REPO / "demo-out"
 BIN = Path(sys.executable).parent
 CONFIGS = {
     "lrp": REPO / "examples" / "toy-demo-lrp.yml",
-    "lrp-two": REPO / "examples" / "toy-demo-lrp-two.yml",
+    "task_arithmetic": REPO / "examples" / "toy-demo-task-arithmetic.yml",
     "dare_ties": REPO / "examples" / "toy-demo-dare-ties.yml",
 }
 
@@ -136,11 +137,11 @@ def main() -> None:
         print(f"| {name} | " + " | ".join(shown) + f" | {mean:.3f} |")
     means = {n: statistics.mean(k for k, _ in table[n].values()) for n in CONFIGS}
     dare = means["dare_ties"]
-    for name, label in (("lrp", "lrp at its defaults"), ("lrp-two", "lrp, two-model settings")):
+    for name, label in (("lrp", "lrp at its defaults"), ("task_arithmetic", "task_arithmetic")):
         lead = means[name] - dare
         print(
             f"\n{label} keeps {means[name]:.3f} of the experts' improvement on average, "
-            f"dare_ties {dare:.3f} ({'lrp' if lead > 0 else 'dare_ties'} ahead by {abs(lead):.3f})"
+            f"dare_ties {dare:.3f} ({name if lead > 0 else 'dare_ties'} ahead by {abs(lead):.3f})"
         )
     print("The full comparison is docs/BENCHMARKS.md.")
 

@@ -1,6 +1,5 @@
-"""Regression: on the quick toy family (two experts), lrp as the README advises for two
-fine-tunes does not fall behind dare_ties: with the two-fine-tune settings, and with its
-default rule at weight 0.5."""
+"""Regression: on the quick toy family, lrp at its defaults (no parameter but its score
+files) does not fall behind dare_ties, merging two of the experts and all of them."""
 
 # Slow (builds the quick family once, ~3 min, cached under .cache/mergekit-lrp).
 
@@ -9,14 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import STOCHASTIC_RULE
 from merge_runner import run
 
 REPO = Path(__file__).resolve().parent.parent
 DARE_SEEDS = (0, 1, 2)
-WEIGHT = 0.5
-#: what the README recommends for two fine-tunes (lrp's former defaults)
-TWO_FINE_TUNES = {**STOCHASTIC_RULE, "importance": "delta", "density": 0.9}
+#: dare_ties' weight and density, where it keeps most on this family
+DARE = {"weight": 0.5, "density": 0.5}
 
 
 @pytest.fixture(scope="module")
@@ -43,45 +40,44 @@ def expert_scores(quick_family, tmp_path_factory):
     return files
 
 
-def merged_kept(family, config, out, seed=None) -> float:
+def merged_kept(family, config, out, experts, seed=None) -> float:
     from toy_family import evaluate_model, kept_fraction
 
     run(config, out, random_seed=seed)
     kept = kept_fraction(evaluate_model(out, family, split="val"), family, split="val")
-    return statistics.mean(kept.values())
+    return statistics.mean(kept[t] for t in experts)
 
 
-def config_for(family, method, scores=None, parameters=None) -> dict:
+def config_for(family, method, experts, scores=None) -> dict:
     models = []
-    for task, expert in family.experts.items():
-        params = {"weight": WEIGHT}
-        if method == "dare_ties":
-            params["density"] = 0.5  # where it keeps more than at 0.3 on this family
+    for task in experts:
+        params = dict(DARE) if method == "dare_ties" else {}
         if scores:
             params["lrp_scores"] = str(scores[task])
-        models.append({"model": str(expert), "parameters": params})
+        models.append({"model": str(family.experts[task]), "parameters": params})
     return {"merge_method": method, "base_model": str(family.base), "models": models,
-            "parameters": parameters or {}, "dtype": "float32"}
+            "dtype": "float32"}
 
 
-@pytest.fixture(scope="module")
-def dare_ties_kept(quick_family, tmp_path_factory) -> list[float]:
-    root = tmp_path_factory.mktemp("dare")
-    return [merged_kept(quick_family, config_for(quick_family, "dare_ties"), root / f"{seed}",
-                        seed) for seed in DARE_SEEDS]  # fmt: skip
+def sizes(family) -> dict[str, tuple]:
+    experts = tuple(family.experts)
+    return {"two experts": experts[:2], "all experts": experts}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("rule", ["two fine-tunes", "default rule"])
-def test_lrp_is_not_behind_dare_ties(quick_family, expert_scores, dare_ties_kept, rule, tmp_path):
-    parameters = TWO_FINE_TUNES if rule == "two fine-tunes" else {}
-    config = config_for(quick_family, "lrp", expert_scores, parameters)
-    lrp = merged_kept(quick_family, config, tmp_path / "lrp", seed=0)
-    dare = dare_ties_kept
+@pytest.mark.parametrize("size", ["two experts", "all experts"])
+def test_lrp_defaults_are_not_behind_dare_ties(quick_family, expert_scores, size, tmp_path):
+    experts = sizes(quick_family)[size]
+    assert len(experts) == (2 if size == "two experts" else len(quick_family.experts))
+    lrp = merged_kept(quick_family, config_for(quick_family, "lrp", experts, expert_scores),
+                      tmp_path / "lrp", experts, seed=0)  # fmt: skip
+    dare_config = config_for(quick_family, "dare_ties", experts)
+    dare = [merged_kept(quick_family, dare_config, tmp_path / f"dare-{seed}", experts, seed)
+            for seed in DARE_SEEDS]  # fmt: skip
     # The margin is dare_ties' own spread over seeds, measured in this run: lrp may not fall
     # further below dare_ties' mean than dare_ties' seeds fall from each other.
     margin = max(dare) - min(dare)
-    assert lrp >= statistics.mean(dare) - margin, (rule, lrp, dare)
+    assert lrp >= statistics.mean(dare) - margin, (size, lrp, dare)
 
 
 @pytest.mark.slow

@@ -6,9 +6,8 @@ Every row runs through the same harness as on the toy families (``harness.jobs``
 set and the densities each row is run at, chosen for a 135M model on two cores:
 
 * ``lrp`` at its defaults and its controls at the same rule, density and weight (the
-  importance ranked by |Δ| instead of |θ|; a uniformly random half of each task vector;
-  the AttnLRP scores replaced by activation, gradient or Fisher scores), and at the
-  settings the README gives for two fine-tunes;
+  importance ranked by |Δ| instead of |θ|; uniformly random scores in its place;
+  the AttnLRP scores replaced by activation, gradient or Fisher scores);
 * ``regmean`` and ``circuit`` at their defaults;
 * mergekit's task arithmetic, TIES, DARE-TIES, DELLA and Breadcrumbs-TIES at each of
   :data:`MERGEKIT_DENSITIES` and each weight of ``harness.methods.weights_for``; the
@@ -38,31 +37,24 @@ from mergekit_lrp.merging.methods.lrp import DEFAULT_DENSITY
 PROMPTS = 32
 SCORES = f"predicted-{PROMPTS}"
 MERGEKIT_DENSITIES = (0.3, 0.6, 0.9)
-TWO_FINE_TUNE_DENSITY = 0.9
 
 
 def _control(label: str, params: dict, scores: str) -> Method:
-    """lrp's default rule at its default density and weight 1, one thing changed."""
-    return Method(f"lrp (defaults, {label})", "lrp", params, scores=scores, uses_weight=False)
+    """lrp's default rule at its default density and weight 1, one thing changed (not
+    pinned: the rest is whatever the defaults are)."""
+    return Method(
+        f"lrp (defaults, {label})", "lrp", params, scores=scores, uses_weight=False, pinned=False
+    )
 
 
 DEFAULTS = replace(BY_NAME["lrp (defaults)"], scores=SCORES)
 CONTROLS = [
     _control("|delta| importance", {"importance": "delta"}, SCORES),
-    _control("random half", {"importance": "scores"}, "random-0"),
+    _control("random scores", {"importance": "scores"}, "random-0"),
     _control("activation scores", {"importance": "weight"}, f"activation:{SCORES}"),
     _control("gradient scores", {"importance": "weight"}, f"gradient:{SCORES}"),
     _control("fisher scores", {"importance": "weight"}, f"fisher:{SCORES}"),
 ]
-#: the settings the README gives for two fine-tunes (weights cancel under normalize)
-TWO_FINE_TUNES = Method(
-    "lrp (two-fine-tune settings)",
-    "lrp",
-    {"importance": "delta", "selection": "stochastic", "consensus": "priority", "normalize": True},
-    scores=SCORES,
-    seeds=(0,),
-    pinned=False,
-)
 REGMEAN = Method(
     "regmean (defaults)",
     "regmean",
@@ -78,12 +70,10 @@ MERGEKIT = [
     replace(BY_NAME["della"], seeds=(0,)),
     BY_NAME["breadcrumbs_ties"],
 ]
-ROWS = [DEFAULTS, *CONTROLS, TWO_FINE_TUNES, REGMEAN, CIRCUIT, *MERGEKIT, *PEERS]
+ROWS = [DEFAULTS, *CONTROLS, REGMEAN, CIRCUIT, *MERGEKIT, *PEERS]
 #: the rows on pairs and on the LoRA adapters (lrp's defaults at one merge seed: the
 #: spread over seeds is measured on the four experts)
-SMALL_ROWS = [
-    replace(DEFAULTS, seeds=(0,)), TWO_FINE_TUNES, REGMEAN, CIRCUIT, *MERGEKIT, *PEERS
-]
+SMALL_ROWS = [replace(DEFAULTS, seeds=(0,)), REGMEAN, CIRCUIT, *MERGEKIT, *PEERS]
 #: the --quick row set: all four full fine-tunes, one density for mergekit's methods
 QUICK_ROWS = [DEFAULTS, REGMEAN, *MERGEKIT[:3]]
 QUICK_DENSITY = 0.6
@@ -96,8 +86,7 @@ def densities_of(method: Method, quick: bool, chosen: dict | None = None) -> tup
     if not method.uses_density:
         return (None,)
     if method.merge_method == "lrp":
-        two = method.name == TWO_FINE_TUNES.name
-        return (TWO_FINE_TUNE_DENSITY if two else DEFAULT_DENSITY,)
+        return (DEFAULT_DENSITY,)
     if chosen is not None:
         return (chosen[method.name],)
     return (QUICK_DENSITY,) if quick else MERGEKIT_DENSITIES

@@ -114,6 +114,12 @@ def test_method_parameters_of_mergekit_methods():
     )
     assert method_parameters(BY_NAME["task_arithmetic"], None) == ({}, {})
     assert method_parameters(BY_NAME["circuit (no drops)"], None) == ({"base_droprate": 0.0}, {})
+    # the averaged task vectors: normalize makes equal weights cancel, so one weight only
+    from harness.real_bench import AVERAGED
+
+    assert method_parameters(AVERAGED, None) == ({"normalize": True}, {})
+    assert weights_for(("a", "b", "c"), AVERAGED) == [1.0]
+    assert weights_for(("a", "b", "c"), BY_NAME["task_arithmetic"]) == [0.3333, 0.5, 1.0]
 
 
 def test_merge_config_lists_experts_in_the_order_given_with_their_score_files(tmp_path):

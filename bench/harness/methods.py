@@ -398,16 +398,19 @@ def orders_of(subset: tuple, method: Method) -> list[tuple]:
 
 def weights_for(subset, method: Method) -> list[float]:
     """The per-model weights swept on the validation split: {1/N, 0.5, 1}; one (1) for a
-    method without weights, and for lrp with ``normalize``, where equal weights cancel
-    (every entry is divided by the summed weights of the models that kept it)."""
+    method without weights, and for a row that normalizes (:func:`normalizes`), where
+    equal weights cancel (every entry is divided by the summed weights of the models that
+    kept it)."""
     if not method.uses_weight or normalizes(method):
         return [1.0]
     return sorted({round(1 / len(subset), 4), 0.5, 1.0})
 
 
 def normalizes(method: Method) -> bool:
+    """Whether the row divides by the summed weights (lrp's rule, or a mergekit row that
+    sets ``normalize`` itself), so that equal weights cancel."""
     if method.merge_method != "lrp":
-        return False
+        return bool(method.params.get("normalize", False))
     return bool(lrp_rule(method).get("normalize", lrp_default("normalize")))
 
 

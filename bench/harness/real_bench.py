@@ -70,10 +70,16 @@ MERGEKIT = [
     replace(BY_NAME["della"], seeds=(0,)),
     BY_NAME["breadcrumbs_ties"],
 ]
-ROWS = [DEFAULTS, *CONTROLS, REGMEAN, CIRCUIT, *MERGEKIT, *PEERS]
+#: the recommended config (docs/BENCHMARKS.md, "Choosing the defaults"): the task vectors
+#: averaged, mergekit's task arithmetic with normalize (weight 1/N, whatever N)
+AVERAGED = Method(
+    "task_arithmetic (averaged: recommended)", "task_arithmetic", {"normalize": True},
+    uses_density=False,
+)
+ROWS = [DEFAULTS, *CONTROLS, REGMEAN, CIRCUIT, AVERAGED, *MERGEKIT, *PEERS]
 #: the rows on pairs and on the LoRA adapters (lrp's defaults at one merge seed: the
 #: spread over seeds is measured on the four experts)
-SMALL_ROWS = [replace(DEFAULTS, seeds=(0,)), REGMEAN, CIRCUIT, *MERGEKIT, *PEERS]
+SMALL_ROWS = [replace(DEFAULTS, seeds=(0,)), REGMEAN, CIRCUIT, AVERAGED, *MERGEKIT, *PEERS]
 #: the --quick row set: all four full fine-tunes, one density for mergekit's methods
 QUICK_ROWS = [DEFAULTS, REGMEAN, *MERGEKIT[:3]]
 QUICK_DENSITY = 0.6

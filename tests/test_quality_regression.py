@@ -1,5 +1,8 @@
-"""Regression: on the quick toy family, lrp at its defaults (no parameter but its score
-files) does not fall behind dare_ties, merging two of the experts and all of them."""
+"""Regression: on the quick toy family, the recommended config (the task vectors averaged:
+task_arithmetic with normalize) does not fall behind dare_ties at its setting here,
+merging two of the experts and all of them; nor does lrp at its defaults (no parameter
+but its score files) merging all of them. With two of them lrp's defaults keep 0.593
+against dare_ties' 0.604 on this family (docs/BENCHMARKS.md, "Choosing the defaults")."""
 
 # Slow (builds the quick family once, ~3 min, cached under .cache/mergekit-lrp).
 
@@ -51,12 +54,13 @@ def merged_kept(family, config, out, experts, seed=None) -> float:
 def config_for(family, method, experts, scores=None) -> dict:
     models = []
     for task in experts:
-        params = dict(DARE) if method == "dare_ties" else {}
+        params = dict(DARE) if method == "dare_ties" else {"weight": 1.0}
         if scores:
             params["lrp_scores"] = str(scores[task])
         models.append({"model": str(family.experts[task]), "parameters": params})
+    parameters = {"normalize": True} if method == "task_arithmetic" else {}
     return {"merge_method": method, "base_model": str(family.base), "models": models,
-            "dtype": "float32"}
+            "parameters": parameters, "dtype": "float32"}
 
 
 def sizes(family) -> dict[str, tuple]:
@@ -65,19 +69,24 @@ def sizes(family) -> dict[str, tuple]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("size", ["two experts", "all experts"])
-def test_lrp_defaults_are_not_behind_dare_ties(quick_family, expert_scores, size, tmp_path):
+@pytest.mark.parametrize(
+    ("method", "size"),
+    [("task_arithmetic", "two experts"), ("task_arithmetic", "all experts"),
+     ("lrp", "all experts")],
+)  # fmt: skip
+def test_not_behind_dare_ties(quick_family, expert_scores, method, size, tmp_path):
     experts = sizes(quick_family)[size]
     assert len(experts) == (2 if size == "two experts" else len(quick_family.experts))
-    lrp = merged_kept(quick_family, config_for(quick_family, "lrp", experts, expert_scores),
-                      tmp_path / "lrp", experts, seed=0)  # fmt: skip
+    scores = expert_scores if method == "lrp" else None
+    merged = merged_kept(quick_family, config_for(quick_family, method, experts, scores),
+                         tmp_path / method, experts, seed=0)  # fmt: skip
     dare_config = config_for(quick_family, "dare_ties", experts)
     dare = [merged_kept(quick_family, dare_config, tmp_path / f"dare-{seed}", experts, seed)
             for seed in DARE_SEEDS]  # fmt: skip
-    # The margin is dare_ties' own spread over seeds, measured in this run: lrp may not fall
+    # The margin is dare_ties' own spread over seeds, measured in this run: a merge may not fall
     # further below dare_ties' mean than dare_ties' seeds fall from each other.
     margin = max(dare) - min(dare)
-    assert lrp >= statistics.mean(dare) - margin, (size, lrp, dare)
+    assert merged >= statistics.mean(dare) - margin, (method, size, merged, dare)
 
 
 @pytest.mark.slow

@@ -96,9 +96,11 @@ CANDIDATES = [*LRP, *REGMEAN]
 
 def weights_of(candidate: Candidate, merged: int) -> tuple:
     """The per-model weights ``candidate`` merges ``merged`` experts at (task
-    arithmetic: 1/N, 0.5 and 1)."""
+    arithmetic: the benchmark's sweep, ``harness.methods.weights_for``)."""
+    from harness.methods import weights_for
+
     if candidate == TASK_ARITHMETIC:  # by value: a worker process gets a copy
-        return tuple(sorted({round(1 / merged, 4), 0.5, 1.0}))
+        return tuple(weights_for(range(merged), as_method(candidate, None)))
     return candidate.weights
 
 

@@ -43,7 +43,7 @@ def family_score_files(family, methods, progress) -> dict[tuple[str, str], Path]
     root.mkdir(exist_ok=True)
     files = compute_score_files(family, score_keys(methods), root, progress)
     for key in {m.scores for m in methods if m.base_weight is not None}:
-        files[(key, "base")] = base_score_file(family, key, progress)
+        files[(key, "base")] = base_score_file(family, key, root, progress)
     return files
 
 
@@ -69,16 +69,14 @@ def compute_score_files(family, keys, root: Path, progress) -> dict[tuple[str, s
     return files
 
 
-def base_score_file(family, key: str, progress) -> Path:
-    """The base model's own file for score-set ``key``, on general prompts no evaluation
-    reads: on the real family its general calibration
+def base_score_file(family, key: str, root: Path, progress) -> Path:
+    """The base model's own file for score-set ``key`` under ``root``, on general prompts
+    no evaluation reads: on the real family its general calibration
     (:func:`real_family.general.write_base_calibration`), on a toy family the calibration
-    split of its text domain (the base's general data); cached like the experts'."""
+    split of its text domain (the base's general data); existing files are reused."""
     from mergekit_lrp.scoring.options import ComputeOptions
     from mergekit_lrp.scoring.run import compute_scores
 
-    root = family.root / f"scores-{scoring_code_hash()}"
-    root.mkdir(exist_ok=True)
     out = root / f"base-{key.replace(':', '-')}.safetensors"
     if not out.exists():
         chosen, count = key_options(key)
